@@ -1,0 +1,45 @@
+"""Command-line entry points: absl flags, and user errors as one line instead of a traceback."""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Callable
+
+from absl import app, flags, logging
+
+
+class UserError(ValueError):
+  """Bad input (config, data, checkpoint) whose message names the problem and the fix."""
+
+
+def _one_line(message: str) -> str:
+  lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
+  line = lines[-1] if lines else "invalid arguments"
+  # Drop a 'package.module.SomeError: ' prefix left by wrapped tracebacks.
+  return re.sub(r"^[\w.]*(Error|Exception): ", "", line)
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """`app.run(main)` that turns flag/config and UserError failures into `error: <one line>`, exit 2."""
+
+  def parse_flags(argv: list[str]) -> list[str]:
+    try:
+      return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+      sys.stderr.write(f"error: unknown config field in an override: {e}; run with --helpfull to list flags.\n")
+      sys.exit(2)
+    except flags.Error as e:
+      # config_flags wraps errors raised inside get_config() with their traceback; keep the message.
+      sys.stderr.write(f"error: {_one_line(str(e))}\n")
+      sys.exit(2)
+
+  def guarded(argv: list[str]) -> None:
+    logging.set_verbosity(logging.WARNING)
+    try:
+      main(argv)
+    except UserError as e:
+      sys.stderr.write(f"error: {_one_line(str(e))}\n")
+      sys.exit(2)
+
+  app.run(guarded, flags_parser=parse_flags)

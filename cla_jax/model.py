@@ -1,0 +1,306 @@
+"""The CLA transformer: a Llama-style decoder whose layer stack scans over KV-sharing groups.
+
+Shapes: b = batch, t = query length, s = key length, d = d_model, n = query heads,
+k = KV heads, h = head_dim, f = mlp_dim, v = vocab.
+
+Param tree (scanned): `embed`, `segment_<i>/{kv, layer_0, ..., layer_<g-1>}` with a
+leading `layers` axis of length num_groups in segment i, `final_norm`, `lm_head`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cla_jax import patterns
+from cla_jax.cli import UserError
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+NORMS = ("rmsnorm", "layernorm")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+class ConfigError(UserError):
+  """A model configuration that cannot be built; the message names the field and a fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyper-parameters of the CLA transformer (hashable, so it can sit on a Flax module)."""
+
+  num_layers: int = 4
+  d_model: int = 256
+  num_heads: int = 4
+  num_kv_heads: int = 1
+  head_dim: int = 64
+  mlp_dim: int = 704
+  vocab_size: int = 4096
+  pattern: str = "cla2"
+  dtype: str = "auto"
+  norm: str = "rmsnorm"
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  tie_embeddings: bool = False
+  init_std: float = 0.01275
+  remat: str = "none"
+  scan_layers: bool = True
+  attention_impl: str = "auto"
+
+  @classmethod
+  def from_config(cls, model_config: Any) -> "ModelConfig":
+    """Builds and validates a ModelConfig from a mapping (e.g. `config.model`)."""
+    values = dict(model_config.items()) if hasattr(model_config, "items") else dict(model_config)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ConfigError(f"unknown model field(s) {unknown}; valid fields: {sorted(known)}.")
+    cfg = cls(**values)
+    cfg.validate()
+    return cfg
+
+  def validate(self) -> None:
+    """Raises ConfigError, naming the field and a valid alternative, for impossible configs."""
+    for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_size"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"model.{name} must be a positive integer, got {value!r}.")
+    if self.num_heads % self.num_kv_heads:
+      divisors = [k for k in range(1, self.num_heads + 1) if self.num_heads % k == 0]
+      raise ConfigError(
+          f"model.num_heads={self.num_heads} is not divisible by model.num_kv_heads={self.num_kv_heads}; "
+          f"choose num_kv_heads from {divisors}.")
+    if self.head_dim % 2:
+      raise ConfigError(f"model.head_dim={self.head_dim} must be even for RoPE; try {self.head_dim + 1}.")
+    for name, allowed in (("norm", NORMS), ("dtype", DTYPES), ("remat", tuple(REMAT_POLICIES)),
+                          ("attention_impl", ATTENTION_IMPLS)):
+      if getattr(self, name) not in allowed:
+        raise ConfigError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}.")
+    if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
+      raise ConfigError("model.init_std, model.norm_eps and model.rope_theta must be positive.")
+    try:
+      self.group_sizes
+    except patterns.PatternError as e:
+      raise ConfigError(str(e)) from None
+
+  @functools.cached_property
+  def group_sizes(self) -> tuple[int, ...]:
+    return patterns.group_sizes(self.pattern, self.num_layers)
+
+  @property
+  def segments(self) -> tuple[tuple[int, int], ...]:
+    return patterns.segments(self.group_sizes)
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    if self.dtype == "auto":
+      # bf16 on accelerators; fp32 on CPU, where bf16 matmuls are emulated and slow.
+      return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(self.dtype)
+
+  @property
+  def resolved_attention_impl(self) -> str:
+    if self.attention_impl != "auto":
+      return self.attention_impl
+    cudnn_ok = (jax.default_backend() == "gpu" and self.compute_dtype in (jnp.bfloat16, jnp.float16)
+                and self.head_dim % 8 == 0 and self.head_dim <= 128)
+    return "cudnn" if cudnn_ok else "xla"
+
+
+def _param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str], init) -> Array:
+  """Declares an fp32 param whose dimensions carry logical axis names for sharding."""
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), jnp.float32)
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary embedding in the rotate-half layout (Hugging Face Llama's): x [b, t, heads, h]."""
+  head_dim = x.shape[-1]
+  half = head_dim // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / head_dim)  # [h/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, h/2]
+  sin = jnp.sin(angles)[:, :, None, :]  # [b, t, 1, h/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Norm(nn.Module):
+  """Affine pre-norm: RMSNorm (scale) or LayerNorm (scale and bias), computed in fp32."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    scale = _param(self, "scale", (x.shape[-1],), ("embed",), nn.initializers.ones)
+    if self.cfg.norm == "layernorm":
+      bias = _param(self, "bias", (x.shape[-1],), ("embed",), nn.initializers.zeros)
+      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+      y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+      return (y * scale + bias).astype(x.dtype)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return (y * scale).astype(x.dtype)
+
+
+class KVBlock(nn.Module):
+  """The group's one K/V projection: its own norm, K and V, RoPE applied to keys once."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array) -> tuple[Array, Array]:
+    cfg, dtype = self.cfg, self.cfg.compute_dtype
+    init = nn.initializers.normal(cfg.init_std)
+    shape, axes = (cfg.d_model, cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim")
+    w_key = _param(self, "key", shape, axes, init)
+    w_value = _param(self, "value", shape, axes, init)
+    h = Norm(cfg, name="norm")(x)
+    key = jnp.einsum("btd,dkh->btkh", h, w_key.astype(dtype))  # [b, s, k, h]
+    value = jnp.einsum("btd,dkh->btkh", h, w_value.astype(dtype))  # [b, s, k, h]
+    key = apply_rope(key, positions, cfg.rope_theta)
+    kv_axes = ("activation_batch", "activation_length", "activation_kv_heads", None)
+    return nn.with_logical_constraint(key, kv_axes), nn.with_logical_constraint(value, kv_axes)
+
+
+def attention(query: Array, key: Array, value: Array, segment_ids: Array | None, impl: str) -> Array:
+  """Causal attention of query [b,t,n,h] over shared key/value [b,s,k,h]; GQA without repeating K/V."""
+  mask = None
+  if segment_ids is not None:
+    # Packed examples: a token attends only within its own document.
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [b, 1, t, s]
+    impl = "xla"
+  return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=True, implementation=impl)
+
+
+class DecoderLayer(nn.Module):
+  """One layer: its own norms, Q and output projections, attention over the group's K/V, SwiGLU."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, key: Array, value: Array, positions: Array,
+               segment_ids: Array | None) -> Array:
+    cfg, dtype = self.cfg, self.cfg.compute_dtype
+    init = nn.initializers.normal(cfg.init_std)
+    w_query = _param(self, "query", (cfg.d_model, cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), init)
+    w_out = _param(self, "out", (cfg.num_heads, cfg.head_dim, cfg.d_model), ("heads", "head_dim", "embed"), init)
+    w_gate = _param(self, "gate", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), init)
+    w_up = _param(self, "up", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), init)
+    w_down = _param(self, "down", (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), init)
+
+    h = Norm(cfg, name="attn_norm")(x)
+    query = jnp.einsum("btd,dnh->btnh", h, w_query.astype(dtype))  # [b, t, n, h]
+    query = apply_rope(query, positions, cfg.rope_theta)
+    attended = attention(query, key, value, segment_ids, cfg.resolved_attention_impl)  # [b, t, n, h]
+    x = x + jnp.einsum("btnh,nhd->btd", attended, w_out.astype(dtype))
+
+    h = Norm(cfg, name="mlp_norm")(x)
+    gate = jnp.einsum("btd,df->btf", h, w_gate.astype(dtype))
+    up = jnp.einsum("btd,df->btf", h, w_up.astype(dtype))
+    hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+    x = x + jnp.einsum("btf,fd->btd", hidden, w_down.astype(dtype))
+    return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+
+class LayerGroup(nn.Module):
+  """A CLA group: one KV block computed from the group's input, then `group_size` consumer layers."""
+
+  cfg: ModelConfig
+  group_size: int
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, segment_ids: Array | None) -> Array:
+    key, value = KVBlock(self.cfg, name="kv")(x, positions)
+    for i in range(self.group_size):
+      x = DecoderLayer(self.cfg, name=f"layer_{i}")(x, key, value, positions, segment_ids)
+    return x
+
+
+class _ScannedGroup(LayerGroup):
+  """LayerGroup with the (carry, out) signature nn.scan wants."""
+
+  def __call__(self, x, positions, segment_ids):  # pytype: disable=signature-mismatch
+    return super().__call__(x, positions, segment_ids), None
+
+
+class Transformer(nn.Module):
+  """CLA decoder: tokens [b, t] int32 -> logits [b, t, vocab] float32."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens: Array, positions: Array | None = None,
+               segment_ids: Array | None = None) -> Array:
+    cfg, dtype = self.cfg, self.cfg.compute_dtype
+    init = nn.initializers.normal(cfg.init_std)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    embedding = _param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), init)
+    x = jnp.take(embedding, tokens, axis=0).astype(dtype)  # [b, t, d]
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+    policy = REMAT_POLICIES[cfg.remat]
+    for s, (group_size, num_groups) in enumerate(cfg.segments):
+      if cfg.scan_layers:
+        group_cls = _ScannedGroup
+        if cfg.remat != "none":
+          group_cls = nn.remat(group_cls, policy=policy, prevent_cse=False)
+        scanned = nn.scan(
+            group_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast), length=num_groups,
+            metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = scanned(cfg, group_size, name=f"segment_{s}")(x, positions, segment_ids)
+      else:
+        group_cls = nn.remat(LayerGroup, policy=policy) if cfg.remat != "none" else LayerGroup
+        for g in range(num_groups):
+          x = group_cls(cfg, group_size, name=f"segment_{s}_group_{g}")(x, positions, segment_ids)
+
+    x = Norm(cfg, name="final_norm")(x)
+    if cfg.tie_embeddings:
+      head = embedding.T  # [d, v]
+    else:
+      head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), init)
+    logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def abstract_params(cfg: ModelConfig) -> Any:
+  """Boxed param shapes (with logical axis metadata) without allocating anything."""
+  model = Transformer(cfg)
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(tokens.shape, tokens.dtype)))["params"]
+
+
+def init_params(cfg: ModelConfig, rng: Array) -> Any:
+  """Unboxed fp32 params (single device; training builds them sharded instead)."""
+  variables = Transformer(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))
+  return nn.meta.unbox(variables["params"])
+
+
+def unstack_params(params: Any, cfg: ModelConfig) -> dict:
+  """Converts scanned params (stacked per segment) into the unscanned (`scan_layers=False`) layout."""
+  out = {k: v for k, v in params.items() if not k.startswith("segment_")}
+  for s, (_, num_groups) in enumerate(cfg.segments):
+    for g in range(num_groups):
+      out[f"segment_{s}_group_{g}"] = jax.tree.map(lambda a, g=g: a[g], params[f"segment_{s}"])
+  return out
+
+
+def stack_params(params: Any, cfg: ModelConfig) -> dict:
+  """Inverse of `unstack_params`: per-group params stacked into each segment's `layers` axis."""
+  out = {k: v for k, v in params.items() if not k.startswith("segment_")}
+  for s, (_, num_groups) in enumerate(cfg.segments):
+    groups = [params[f"segment_{s}_group_{g}"] for g in range(num_groups)]
+    out[f"segment_{s}"] = jax.tree.map(lambda *a: jnp.stack(a), *groups)
+  return out

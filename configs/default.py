@@ -1,0 +1,80 @@
+"""Default config: a small MQA+CLA2 model that trains on a laptop CPU in minutes.
+
+Every other config starts from this one. Load with `--config=configs/default.py` and override any
+field on the command line, e.g. `--config.model.num_layers=8 --config.train.steps=50`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The default, locked so that a mistyped override fails loudly."""
+  config = ml_collections.ConfigDict()
+  config.name = "default"
+
+  config.model = model = ml_collections.ConfigDict()
+  model.num_layers = 4          # decoder layers
+  model.d_model = 256           # residual width
+  model.num_heads = 4           # query heads
+  model.num_kv_heads = 1        # KV heads per KV block (1 = MQA, num_heads = MHA)
+  model.head_dim = 64           # per-head width; num_heads * head_dim need not equal d_model
+  model.mlp_dim = 688           # SwiGLU hidden width
+  model.vocab_size = 2048       # must match the tokenizer (see data.tokenizer)
+  model.pattern = "cla2"        # KV sharing: none | cla<N> | keep_ends | dense_front | dense_back | "1,2,1"
+  model.dtype = "auto"          # compute dtype: auto (bf16 on accelerators, fp32 on CPU) | float32 | bfloat16
+  model.norm = "rmsnorm"        # rmsnorm | layernorm
+  model.norm_eps = 1e-5
+  model.rope_theta = 10000.0
+  model.tie_embeddings = False
+  model.init_std = 0.01275      # N(0, std) for every linear layer and the embedding (paper)
+  model.remat = "none"          # none | full | save_dots
+  model.scan_layers = True      # nn.scan over layer groups (False: unrolled, for debugging)
+  model.attention_impl = "auto"  # auto (cuDNN on GPU when it applies, else XLA) | xla | cudnn
+
+  config.data = data = ml_collections.ConfigDict()
+  data.source = "python_docs"   # python_docs (embedded default) | tfds | text
+  data.tfds_name = ""           # for source=tfds, e.g. "lm1b", "c4/en", "wiki40b/en"
+  data.train_split = "train"
+  data.eval_split = "validation"
+  data.text_key = "text"        # feature (tfds) or field (.jsonl) holding the text
+  data.text_glob = ""           # for source=text: a glob of .txt / .jsonl files
+  data.eval_fraction = 0.05     # share of local files held out for validation
+  data.data_dir = "~/.cache/cla_jax"  # TFDS data dir, tokenizer and token caches (a gs:// path works on pods)
+  data.tokenizer = "sentencepiece"  # sentencepiece (trained on the train split) | path to .model | path to tokenizer.json
+  data.packing = False          # True: segment ids keep attention inside each document
+  data.seed = 0                 # shuffling seed (data order is a pure function of seed and step)
+  data.prefetch = 2             # batches prepared ahead of the step
+
+  config.train = train = ml_collections.ConfigDict()
+  train.steps = 300
+  train.batch_size = 16         # global batch, in sequences
+  train.seq_len = 128           # tokens per sequence
+  train.grad_accum_steps = 1    # micro-batches per step (batch_size must divide by it)
+  train.lr = 3e-3               # peak learning rate
+  train.warmup_frac = 0.05      # linear warmup over this share of steps (paper: 5%)
+  train.min_lr_ratio = 0.1      # cosine decays to this share of the peak (paper: 10%)
+  train.b1 = 0.9
+  train.b2 = 0.95
+  train.weight_decay = 0.1      # not applied to norms
+  train.clip_norm = 1.0         # global-norm gradient clipping
+  train.seed = 0                # parameter init seed
+  train.log_every = 10
+  train.eval_every = 100        # validation loss every N steps (0: never)
+  train.eval_batches = 4        # batches per periodic validation
+
+  config.checkpoint = ckpt = ml_collections.ConfigDict()
+  ckpt.every_steps = 100
+  ckpt.keep = 3                 # keep the newest N checkpoints
+  ckpt.async_save = True
+
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.batch_size = 8             # sequences per eval batch
+  ev.max_tokens = 262144        # validation tokens scored by eval.py
+
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1                # -1: all devices not used by the other axes
+  mesh.fsdp = 1
+  mesh.tensor = 1
+
+  config.lock()
+  return config

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets up .venv and runs the whole test suite on CPU (8 fake devices for the sharding tests).
+set -euo pipefail
+cd "$(dirname "$0")"
+bash scripts/setup_env.sh
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
+export JAX_PLATFORMS=cpu
+exec .venv/bin/python -m pytest -q -n 2 tests "$@"

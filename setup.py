@@ -19,6 +19,7 @@ setup(
         "absl-py",
         "numpy",
         "tensorflow-datasets>=4.9.10",
+        "importlib_resources",  # tfds 4.9.10 imports it to prepare datasets, but only declares it for Python < 3.9
         "sentencepiece>=0.2.0",
         "tokenizers",
         "safetensors",

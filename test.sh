@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup_env.sh
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
+# 8 fake CPU devices for the sharding tests; no LLVM optimisation (tiny programs, compile-bound).
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 export JAX_PLATFORMS=cpu
 exec .venv/bin/python -m pytest -q -n 2 tests "$@"

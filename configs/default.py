@@ -32,18 +32,22 @@ def get_config() -> ml_collections.ConfigDict:
   model.attention_impl = "auto"  # auto (cuDNN on GPU when it applies, else XLA) | xla | cudnn
 
   config.data = data = ml_collections.ConfigDict()
-  data.source = "python_docs"   # python_docs (embedded default) | tfds | text
-  data.tfds_name = ""           # for source=tfds, e.g. "lm1b", "c4/en", "wiki40b/en"
-  data.train_split = "train"
+  data.source = "python_docs"   # python_docs (embedded default: Debian's python3.11-doc reST) | tfds | text
+  data.tfds_name = ""           # for source=tfds, e.g. "lm1b", "c4/en", "wiki40b/en" (prepared as array_record)
+  data.train_split = "train"    # split names; TFDS slicing like "train[:10%]" works for source=tfds
   data.eval_split = "validation"
   data.text_key = "text"        # feature (tfds) or field (.jsonl) holding the text
-  data.text_glob = ""           # for source=text: a glob of .txt / .jsonl files
-  data.eval_fraction = 0.05     # share of local files held out for validation
-  data.data_dir = "~/.cache/cla_jax"  # TFDS data dir, tokenizer and token caches (a gs:// path works on pods)
+  data.text_glob = ""           # for source=text: a glob of .txt (one document each) / .jsonl (one per line) files
+  data.eval_fraction = 0.05     # source=text: share of documents held out for validation (fixed, by name hash)
+  data.data_dir = "~/.cache/cla_jax"  # TFDS data dir and default cache dir (a gs:// path works for TFDS on pods)
+  data.cache_dir = ""           # local dir for tokenizers and token caches; "" = data_dir (or ~/.cache/cla_jax if remote)
+  data.max_cache_tokens = 0     # cap on tokens cached per split (0: whole split); bounds disk/time for big TFDS sets
   data.tokenizer = "sentencepiece"  # sentencepiece (trained on the train split) | path to .model | path to tokenizer.json
-  data.packing = False          # True: segment ids keep attention inside each document
+  data.tokenizer_train_chars = 3_000_000  # characters of the train split sentencepiece trains on (0: all)
+  data.pad_vocab = False        # True: set model.vocab_size to the tokenizer's, rounded up to a multiple of 128
+  data.packing = False          # True: segment ids and positions keep attention inside each document
   data.seed = 0                 # shuffling seed (data order is a pure function of seed and step)
-  data.prefetch = 2             # batches prepared ahead of the step
+  data.prefetch = 2             # batches prepared ahead of the step (background thread)
 
   config.train = train = ml_collections.ConfigDict()
   train.steps = 300
@@ -61,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.log_every = 10
   train.eval_every = 100        # validation loss every N steps (0: never)
   train.eval_batches = 4        # batches per periodic validation
+  train.peak_flops_per_device = 0.0  # MFU denominator; 0: bf16 table per device kind (TPU/GPU), measured on CPU
 
   config.checkpoint = ckpt = ml_collections.ConfigDict()
   ckpt.every_steps = 100
@@ -75,6 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.data = -1                # -1: all devices not used by the other axes
   mesh.fsdp = 1
   mesh.tensor = 1
+  mesh.num_devices = -1         # -1: all devices; N: only the first N (single-process debugging and tests)
 
   config.lock()
   return config

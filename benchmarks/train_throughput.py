@@ -1,0 +1,73 @@
+"""Train-step throughput and MFU on random tokens (no data pipeline), on whatever devices are present.
+
+  python benchmarks/train_throughput.py                                    # default config, CPU
+  python benchmarks/train_throughput.py --config=configs/paper_1b.py:H128-MQA-CLA2 \\
+      --config.train.batch_size=8 --config.model.remat=save_dots           # 1B row, reduced batch, GPU/TPU
+
+Prints tokens/s, achieved TFLOP/s, MFU against the device's peak (bf16 table on TPU/GPU, a measured fp32
+matmul on CPU) and, on CPU, the ratio of achieved to measured peak matmul FLOP/s.
+"""
+
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from cla_jax import cli, config_lib, metrics, optim, sharding, train_step
+from cla_jax.model import Transformer
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file[:row].", lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step).")
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  cfg = config_lib.model_config(config)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_model_fits(cfg, mesh)
+  model, tx = Transformer(cfg), optim.make_optimizer(config.train)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+  param_sh = sharding.logical_shardings(boxed, mesh)
+  opt_sh = sharding.logical_shardings(jax.eval_shape(tx.init, boxed), mesh)
+
+  def init(rng):
+    params = nn.meta.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+    return params, tx.init(params)
+
+  with jax.set_mesh(mesh):
+    params, opt_state = jax.jit(init, out_shardings=(param_sh, opt_sh))(jax.random.key(0))
+  step = train_step.jit_train_step(model, tx, config.train.grad_accum_steps, mesh, param_sh, opt_sh)
+  b, t = config.train.batch_size, config.train.seq_len
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.vocab_size, size=(b, t + 1), dtype=np.int32)
+  batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                                 "weights": np.ones((b, t), np.float32)}, mesh)
+  start = time.perf_counter()
+  params, opt_state, m = step(params, opt_state, batch)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  for _ in range(_STEPS.value):
+    params, opt_state, m = step(params, opt_state, batch)
+  jax.block_until_ready(m)
+  step_s = (time.perf_counter() - start) / _STEPS.value
+  flops = metrics.flops_per_token(cfg, t) * b * t / step_s
+  devices = list(mesh.devices.flat)
+  peak, source = metrics.total_peak_flops(devices, float(config.train.peak_flops_per_device))
+  print(f"config {config.name}: {cfg.num_layers} layers, d={cfg.d_model}, pattern={cfg.pattern}, "
+        f"dtype={jnp.dtype(cfg.compute_dtype).name}, batch {b} x {t}, accum {config.train.grad_accum_steps}")
+  print(f"devices: {len(devices)} x {devices[0].device_kind}; mesh {sharding.describe(mesh)}")
+  print(f"first step (compile) {compile_s:.1f} s; step {step_s * 1e3:.1f} ms; {b * t / step_s:,.0f} tokens/s")
+  print(f"model FLOPs/token {metrics.flops_per_token(cfg, t) / 1e6:.1f} M; achieved {flops / 1e12:.3f} TFLOP/s; "
+        f"peak {peak / 1e12:.3f} TFLOP/s ({source}); MFU {100 * flops / peak:.1f}%")
+  if devices[0].platform == "cpu":
+    print(f"CPU: achieved / measured peak matmul FLOP/s = {flops / metrics.measured_cpu_peak():.2f}")
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,427 @@
+"""Imports a Hugging Face `LlamaForCausalLM` checkpoint as a CLA workdir.
+
+    python -m cla_jax.convert_hf --hf_dir=DIR --workdir=OUT [--pattern=cla2] [--config.train.lr=3e-4 ...]
+
+With `--pattern=none` (the default) the converted model computes the same function as the original.
+With sharing, each KV group keeps the K/V projections of its first layer and initialises its KV norm
+from that layer's pre-attention norm (`input_layernorm`); the other layers' K/V weights are dropped
+and listed in OUT/convert_report.json. See docs/convert_hf.md.
+
+Weight mapping (HF [out, in] matrices become [in, ...] einsum operands):
+  model.embed_tokens [v, d]              -> embed [v, d]
+  layers.i.self_attn.q_proj [n*h, d]     -> layer.query [d, n, h]
+  layers.i.self_attn.k_proj/v_proj [k*h, d] -> kv.key/value [d, k, h]   (group's first layer only)
+  layers.i.self_attn.o_proj [d, n*h]     -> layer.out [n, h, d]
+  layers.i.mlp.gate_proj/up_proj [f, d]  -> layer.gate/up [d, f]
+  layers.i.mlp.down_proj [d, f]          -> layer.down [f, d]
+  layers.i.input_layernorm               -> layer.attn_norm (and kv.norm for a group's first layer)
+  layers.i.post_attention_layernorm      -> layer.mlp_norm
+  model.norm                             -> final_norm;  lm_head [v, d] -> lm_head [d, v] (untied only)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import pathlib
+import shutil
+from typing import Any, Iterator, Mapping
+
+import flax.linen as nn
+import jax
+import ml_collections
+import ml_dtypes  # noqa: F401  (registers numpy's 'bfloat16' dtype, which safetensors needs for BF16 tensors)
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+from safetensors import safe_open
+
+from cla_jax import cli
+from cla_jax import config_lib
+from cla_jax import model as model_lib
+from cla_jax import patterns
+from cla_jax.cli import UserError
+
+REPORT_FILE = "convert_report.json"
+ROPE_LAYOUTS = ("half", "interleaved")
+# Buffers some older exports saved next to the weights; recomputed from rope_theta, so safe to skip.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# Model fields that come from the checkpoint; the rest of config.model (dtype, remat, ...) stays the user's.
+ARCH_FIELDS = ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_size",
+               "norm", "norm_eps", "rope_theta", "tie_embeddings")
+
+
+class ConvertError(UserError):
+  """A checkpoint that cannot be converted; the message names the field or tensor at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaArch:
+  """The architecture fields of a Llama `config.json`, validated and in cla_jax's terms."""
+
+  num_layers: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  vocab_size: int
+  norm_eps: float
+  rope_theta: float
+  tie_embeddings: bool
+  max_position_embeddings: int | None = None
+
+  def model_fields(self) -> dict[str, Any]:
+    """The `config.model` fields this architecture fixes."""
+    fields = {name: getattr(self, name) for name in ARCH_FIELDS if name != "norm"}
+    return dict(fields, norm="rmsnorm")
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def read_hf_config(hf_dir: str | pathlib.Path) -> dict[str, Any]:
+  """The parsed `config.json` of a Hugging Face model directory."""
+  path = pathlib.Path(hf_dir) / "config.json"
+  if not path.is_file():
+    raise ConvertError(f"{path} not found; --hf_dir must be a Hugging Face model directory "
+                       "(config.json + *.safetensors), e.g. the output of save_pretrained().")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConvertError(f"{path} is not valid JSON ({e}).") from None
+
+
+def _rope_theta_and_type(hf: Mapping[str, Any]) -> tuple[float, str]:
+  # transformers >= 5 nests RoPE settings in `rope_parameters`; older files use `rope_theta`/`rope_scaling`.
+  params = hf.get("rope_parameters") or {}
+  scaling = hf.get("rope_scaling") or {}
+  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+  rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+  return float(theta), rope_type
+
+
+def parse_llama_config(hf: Mapping[str, Any]) -> LlamaArch:
+  """Validates a Llama `config.json` dict; raises ConvertError naming the unsupported field."""
+  architectures = hf.get("architectures") or []
+  if hf.get("model_type") != "llama":
+    raise ConvertError(f"config.json model_type={hf.get('model_type')!r} is not supported; only Llama "
+                       "(model_type='llama', LlamaForCausalLM) checkpoints can be converted.")
+  if architectures and "LlamaForCausalLM" not in architectures:
+    raise ConvertError(f"config.json architectures={architectures} is not supported; "
+                       "only LlamaForCausalLM checkpoints can be converted.")
+  theta, rope_type = _rope_theta_and_type(hf)
+  if rope_type != "default":
+    raise ConvertError(f"config.json rope type {rope_type!r} (rope_parameters/rope_scaling) is not supported; "
+                       "only the default RoPE (no scaling, e.g. not Llama 3.1's 'llama3') can be converted.")
+  for field in ("attention_bias", "mlp_bias"):
+    if hf.get(field, False):
+      raise ConvertError(f"config.json {field}=true is not supported: cla_jax projections have no biases.")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise ConvertError(f"config.json hidden_act={hf.get('hidden_act')!r} is not supported; "
+                       "cla_jax's MLP is SwiGLU (hidden_act='silu').")
+  for field in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+    if not isinstance(hf.get(field), int) or hf[field] <= 0:
+      raise ConvertError(f"config.json {field}={hf.get(field)!r} must be a positive integer.")
+  num_heads = hf["num_attention_heads"]
+  num_kv_heads = hf.get("num_key_value_heads") or num_heads
+  head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+  if num_heads % num_kv_heads:
+    raise ConvertError(f"config.json num_attention_heads={num_heads} is not divisible by "
+                       f"num_key_value_heads={num_kv_heads}.")
+  return LlamaArch(
+      num_layers=hf["num_hidden_layers"], d_model=hf["hidden_size"], num_heads=num_heads,
+      num_kv_heads=num_kv_heads, head_dim=head_dim, mlp_dim=hf["intermediate_size"],
+      vocab_size=hf["vocab_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      max_position_embeddings=hf.get("max_position_embeddings"))
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+
+class SafetensorsReader:
+  """Lazy, name-addressed access to a (possibly sharded) safetensors checkpoint, as float32 numpy."""
+
+  def __init__(self, hf_dir: str | pathlib.Path, stack: contextlib.ExitStack):
+    hf_dir = pathlib.Path(hf_dir)
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+      weight_map = json.loads(index.read_text()).get("weight_map")
+      if not weight_map:
+        raise ConvertError(f"{index} has no 'weight_map'; re-save the model with save_pretrained().")
+      files = sorted(set(weight_map.values()))
+    else:
+      files = sorted(p.name for p in hf_dir.glob("*.safetensors"))
+    if not files:
+      raise ConvertError(f"no *.safetensors files in {hf_dir}; re-save the model with "
+                         "save_pretrained(..., safe_serialization=True) (PyTorch .bin files are not read).")
+    self._handles: dict[str, Any] = {}
+    self.dtypes: set[str] = set()
+    for name in files:
+      if not (hf_dir / name).is_file():
+        raise ConvertError(f"{hf_dir / name} (listed in model.safetensors.index.json) is missing.")
+      handle = stack.enter_context(safe_open(str(hf_dir / name), framework="np"))
+      for key in handle.keys():
+        self._handles[key] = handle
+
+  @property
+  def names(self) -> list[str]:
+    return sorted(self._handles)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._handles
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._handles[name].get_slice(name).get_shape())
+
+  def get(self, name: str) -> np.ndarray:
+    """The tensor as float32 (bf16/fp16 checkpoints are upcast exactly)."""
+    if name not in self._handles:
+      raise ConvertError(f"tensor {name!r} is missing from the checkpoint; is this a LlamaForCausalLM export?")
+    self.dtypes.add(self._handles[name].get_slice(name).get_dtype())
+    return np.asarray(self._handles[name].get_tensor(name), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def interleaved_to_half(w: np.ndarray) -> np.ndarray:
+  """Reorders the head_dim (last) axis of a Q/K weight from interleaved RoPE pairs to rotate-half pairs.
+
+  Meta's original Llama weights rotate pairs (2i, 2i+1) of each head; cla_jax (like Hugging Face) rotates
+  pairs (i, i + h/2). Output feature i takes input feature 2i and i + h/2 takes 2i + 1, so
+  `rope_half(x @ interleaved_to_half(W)) == rope_interleaved(x @ W)[..., perm]` and q.k scores are unchanged.
+  """
+  *lead, head_dim = w.shape
+  return w.reshape(*lead, head_dim // 2, 2).swapaxes(-1, -2).reshape(*lead, head_dim)
+
+
+def _check_shape(reader: SafetensorsReader, name: str, shape: tuple[int, ...], field: str) -> None:
+  """Raises ConvertError, naming the config.json fields involved, unless tensor `name` has `shape`."""
+  if name not in reader:
+    raise ConvertError(f"tensor {name!r} is missing from the checkpoint; is this a LlamaForCausalLM export?")
+  actual = reader.shape(name)
+  if actual != shape:
+    raise ConvertError(f"tensor {name!r} has shape {list(actual)} but config.json ({field}) implies "
+                       f"{list(shape)}; fix config.json or the checkpoint.")
+
+
+def _expect(reader: SafetensorsReader, name: str, shape: tuple[int, ...], field: str) -> np.ndarray:
+  _check_shape(reader, name, shape, field)
+  return reader.get(name)
+
+
+def _layer_tensors(reader: SafetensorsReader, arch: LlamaArch, i: int, rope_layout: str,
+                   with_kv: bool) -> tuple[dict, dict | None]:
+  """(layer params, kv params or None) of HF layer i in cla_jax's layout."""
+  d, n, k, h, f = arch.d_model, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.mlp_dim
+  p = f"model.layers.{i}."
+  heads = "num_attention_heads x head_dim, hidden_size"
+  query = _expect(reader, p + "self_attn.q_proj.weight", (n * h, d), heads).T.reshape(d, n, h)
+  out = _expect(reader, p + "self_attn.o_proj.weight", (d, n * h), heads).T.reshape(n, h, d)
+  attn_norm = _expect(reader, p + "input_layernorm.weight", (d,), "hidden_size")
+  if rope_layout == "interleaved":
+    query = interleaved_to_half(query)
+  layer = {
+      "attn_norm": {"scale": attn_norm},
+      "query": query,
+      "out": out,
+      "mlp_norm": {"scale": _expect(reader, p + "post_attention_layernorm.weight", (d,), "hidden_size")},
+      "gate": _expect(reader, p + "mlp.gate_proj.weight", (f, d), "intermediate_size, hidden_size").T,
+      "up": _expect(reader, p + "mlp.up_proj.weight", (f, d), "intermediate_size, hidden_size").T,
+      "down": _expect(reader, p + "mlp.down_proj.weight", (d, f), "hidden_size, intermediate_size").T,
+  }
+  kv_heads = "num_key_value_heads x head_dim, hidden_size"
+  if not with_kv:
+    # Dropped, but still shape-checked so that a malformed file never converts silently.
+    for w in ("k", "v"):
+      _check_shape(reader, p + f"self_attn.{w}_proj.weight", (k * h, d), kv_heads)
+    return layer, None
+  key = _expect(reader, p + "self_attn.k_proj.weight", (k * h, d), kv_heads).T.reshape(d, k, h)
+  value = _expect(reader, p + "self_attn.v_proj.weight", (k * h, d), kv_heads).T.reshape(d, k, h)
+  if rope_layout == "interleaved":
+    key = interleaved_to_half(key)  # values are not rotated, so they keep their layout
+  return layer, {"norm": {"scale": attn_norm.copy()}, "key": key, "value": value}
+
+
+def _check_unused(reader: SafetensorsReader, arch: LlamaArch) -> None:
+  """Rejects tensors the mapping does not know (biases, extra modules) rather than silently dropping them."""
+  known = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+  for i in range(arch.num_layers):
+    for suffix in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
+                   "post_attention_layernorm"):
+      known.add(f"model.layers.{i}.{suffix}.weight")
+  unknown = [n for n in reader.names if n not in known and not n.endswith(_IGNORED_SUFFIXES)]
+  if unknown:
+    more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
+    raise ConvertError(f"checkpoint tensor(s) {unknown[:3]}{more} have no place in a cla_jax Llama "
+                       "(biases? more layers than config.json num_hidden_layers?); they are not supported.")
+
+
+def convert_params(reader: SafetensorsReader, arch: LlamaArch, cfg: model_lib.ModelConfig,
+                   rope_layout: str = "half") -> tuple[dict, dict]:
+  """(scanned params as float32 numpy, report of dropped K/V) for the CLA model `cfg`."""
+  if rope_layout not in ROPE_LAYOUTS:
+    raise ConvertError(f"rope_layout={rope_layout!r} is not one of {ROPE_LAYOUTS}: 'half' for Hugging Face "
+                       "checkpoints, 'interleaved' for Meta-layout Q/K weights.")
+  _check_unused(reader, arch)
+  d, v = arch.d_model, arch.vocab_size
+  params: dict[str, Any] = {
+      "embed": _expect(reader, "model.embed_tokens.weight", (v, d), "vocab_size, hidden_size"),
+      "final_norm": {"scale": _expect(reader, "model.norm.weight", (d,), "hidden_size")},
+  }
+  ignored = [n for n in reader.names if n.endswith(_IGNORED_SUFFIXES)]
+  if arch.tie_embeddings and "lm_head.weight" in reader:
+    ignored.append("lm_head.weight")  # transformers also ties it to the embedding on load, ignoring the file's
+  if not arch.tie_embeddings:
+    if "lm_head.weight" not in reader:
+      raise ConvertError("tensor 'lm_head.weight' is missing but config.json tie_word_embeddings is false; "
+                         "set tie_word_embeddings=true if the head shares the embedding.")
+    params["lm_head"] = _expect(reader, "lm_head.weight", (v, d), "vocab_size, hidden_size").T
+
+  groups = patterns.layer_groups(cfg.group_sizes)
+  dropped = []
+  segments: list[list[dict]] = [[] for _ in cfg.segments]  # per segment, its groups' params
+  segment_of_group = [s for s, (_, num_groups) in enumerate(cfg.segments) for _ in range(num_groups)]
+  for layers, s in zip(groups, segment_of_group):
+    group = {}
+    for j, i in enumerate(layers):
+      layer, kv = _layer_tensors(reader, arch, i, rope_layout, with_kv=(j == 0))
+      group[f"layer_{j}"] = layer
+      if kv is not None:
+        group["kv"] = kv
+      else:
+        names = [f"model.layers.{i}.self_attn.{w}_proj.weight" for w in ("k", "v")]
+        dropped.append({"layer": i, "kv_from_layer": layers[0], "tensors": names})
+    segments[s].append(group)
+  for s, segment in enumerate(segments):
+    # The numpy twin of model.stack_params: host memory only, so no accelerator ever holds the checkpoint.
+    params[f"segment_{s}"] = jax.tree.map(lambda *a: np.stack(a), *segment)
+  kv_size = 2 * arch.d_model * arch.num_kv_heads * arch.head_dim
+  report = {
+      "pattern": cfg.pattern,
+      "groups": groups,
+      "kv_source_layers": [layers[0] for layers in groups],
+      "dropped_kv": dropped,
+      "dropped_parameters": kv_size * len(dropped),
+      "rope_layout": rope_layout,
+      "ignored_tensors": ignored,
+  }
+  return params, report
+
+
+def check_against_model(params: dict, cfg: model_lib.ModelConfig) -> None:
+  """Raises ConvertError if the converted tree differs (paths or shapes) from what `Transformer(cfg)` declares."""
+  shapes = lambda tree: {jax.tree_util.keystr(path): tuple(leaf.shape)
+                         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  expected = shapes(nn.meta.unbox(model_lib.abstract_params(cfg)))
+  got = shapes(params)
+  for path in sorted(set(expected) | set(got)):
+    if expected.get(path) != got.get(path):
+      raise ConvertError(f"converted param {path} has shape {got.get(path)} but the model expects "
+                         f"{expected.get(path)}.")
+
+
+# ----------------------------------------------------------------------------- workdir
+
+
+def build_config(arch: LlamaArch, pattern: str, base: ml_collections.ConfigDict | None = None
+                 ) -> ml_collections.ConfigDict:
+  """`base` (default: configs/default.py) with the model architecture taken from the checkpoint."""
+  if base is None:
+    from configs import default  # pylint: disable=g-import-not-at-top
+    base = default.get_config()
+  config = ml_collections.ConfigDict(base.to_dict())  # a private, unlocked copy
+  config.model.update(arch.model_fields())
+  config.model.pattern = pattern
+  if "pad_vocab" in config.data:
+    config.data.pad_vocab = False  # the checkpoint fixes the embedding size; padding would change it
+  model_lib.ModelConfig.from_config(config.model)  # fails early, naming the field, e.g. a bad pattern
+  return config
+
+
+def convert(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, *, pattern: str = "none",
+            config: ml_collections.ConfigDict | None = None, rope_layout: str = "half") -> dict:
+  """Converts `hf_dir` into a params-only CLA workdir; returns the report also written to REPORT_FILE."""
+  from cla_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax is slow to import)
+
+  hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
+  ckpt_dir = workdir / "checkpoints"
+  if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+    raise ConvertError(f"{workdir} already holds checkpoints; pass an empty or new --workdir.")
+  arch = parse_llama_config(read_hf_config(hf_dir))
+  config = build_config(arch, pattern, config)
+  cfg = model_lib.ModelConfig.from_config(config.model)
+  with contextlib.ExitStack() as stack:
+    reader = SafetensorsReader(hf_dir, stack)
+    params, report = convert_params(reader, arch, cfg, rope_layout)
+    source_dtypes = sorted(reader.dtypes)
+  check_against_model(params, cfg)
+
+  workdir.mkdir(parents=True, exist_ok=True)
+  tokenizer = hf_dir / "tokenizer.json"
+  if tokenizer.is_file():
+    # A copy keeps the workdir self-contained; the config points at the copy.
+    shutil.copyfile(tokenizer, workdir / "tokenizer.json")
+    config.data.tokenizer = str((workdir / "tokenizer.json").resolve())
+  config.lock()
+  checkpoint.save_params_only(str(workdir), params, config, step=0)
+
+  report = dict(report, hf_dir=str(hf_dir.resolve()), source_dtypes=source_dtypes,
+                num_layers=arch.num_layers, tokenizer=config.data.tokenizer,
+                max_position_embeddings=arch.max_position_embeddings)
+  (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+  return report
+
+
+def describe_report(report: dict) -> Iterator[str]:
+  """Human-readable lines summarising a conversion."""
+  yield f"pattern {report['pattern']}: KV groups {report['groups']}"
+  if report["dropped_kv"]:
+    layers = [d["layer"] for d in report["dropped_kv"]]
+    yield (f"dropped K/V projections of layers {layers} ({report['dropped_parameters']:,} parameters); "
+           f"their groups use the K/V of layers {report['kv_source_layers']}")
+  else:
+    yield "no K/V weights dropped: the converted model computes the same function as the original"
+  if report["tokenizer"].endswith("tokenizer.json"):
+    yield f"tokenizer: {report['tokenizer']}"
+  else:
+    yield (f"warning: no tokenizer.json in the checkpoint, so data.tokenizer={report['tokenizer']!r}; the model "
+           "only makes sense with its own tokenizer: pass --config.data.tokenizer=PATH (tokenizer.json or .model).")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def define_flags() -> None:
+  """The CLI flags; defined on demand so importing this module as a library adds no global flags."""
+  flags.DEFINE_string("hf_dir", None, "Hugging Face LlamaForCausalLM directory (config.json + *.safetensors).")
+  flags.DEFINE_string("workdir", None, "Output workdir (new or empty).")
+  flags.DEFINE_string("pattern", "none", "KV sharing pattern of the converted model, e.g. none, cla2, keep_ends, "
+                      "'1,2,1'; 'none' keeps the original function exactly.")
+  flags.DEFINE_enum("rope_layout", "half", ROPE_LAYOUTS, "Q/K RoPE layout of the checkpoint: 'half' for Hugging "
+                    "Face exports, 'interleaved' for Meta-layout weights.")
+  config_flags.DEFINE_config_file(
+      "config", str(config_lib.REPO_ROOT / "configs" / "default.py"), "Base config for the workdir (training "
+      "and eval settings; the model architecture comes from the checkpoint), e.g. --config.train.lr=3e-4.")
+
+
+def main(argv: list[str]) -> None:
+  """CLI entry point."""
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}; use --hf_dir=DIR --workdir=OUT.")
+  args = flags.FLAGS
+  if not args.hf_dir or not args.workdir:
+    raise UserError("--hf_dir and --workdir are required, e.g. --hf_dir=llama-hf --workdir=runs/llama_cla2.")
+  report = convert(args.hf_dir, args.workdir, pattern=args.pattern, config=args.config,
+                   rope_layout=args.rope_layout)
+  for line in describe_report(report):
+    print(line)
+  print(f"wrote {args.workdir} (report: {pathlib.Path(args.workdir) / REPORT_FILE})")
+
+
+if __name__ == "__main__":
+  define_flags()
+  cli.run(main)

@@ -1,0 +1,184 @@
+"""Model FLOPs, peak FLOP/s per device kind, MFU, and the metric writers (TensorBoard, JSONL, console).
+
+FLOPs per trained token (forward + backward = 3x forward, 2 FLOPs per multiply-add):
+  6 * N_matmul + 6 * L * n * h * T
+where N_matmul counts every weight used in a matmul, read from the actual param shapes (so CLA's
+fewer K/V projections are counted exactly, and the embedding lookup is excluded unless the
+embedding doubles as the output head), and the second term is causal self-attention: per layer
+QK^T and AV each cost 2 * n * h FLOPs per (query, key) pair, and a causal query sees T/2 keys on
+average. L = layers, n = query heads, h = head dim, T = sequence length. (PaLM's convention counts
+the full T x T square, i.e. twice our attention term.)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cla_jax import model as model_lib
+
+# Dense bf16 peak FLOP/s per device (chip), from vendor spec sheets; matched by substring of
+# `device.device_kind`, most specific first.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("TPU v6 lite", 918e12),  # v6e (Trillium)
+    ("TPU v6e", 918e12),
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+    ("H200", 989e12),
+    ("H100", 989e12),  # SXM; PCIe parts are ~756e12
+    ("A100", 312e12),
+)
+NOT_MATMUL = ("scale", "bias", "embed")
+
+
+def matmul_params(cfg: model_lib.ModelConfig) -> int:
+  """Number of weights that take part in a matmul per token (embedding lookup excluded)."""
+  params = model_lib.abstract_params(cfg)
+  total = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: hasattr(x, "value")):
+    name = getattr(path[-1], "key", str(path[-1]))
+    if name not in NOT_MATMUL:
+      total += math.prod(getattr(leaf, "value", leaf).shape)
+  if cfg.tie_embeddings:
+    total += cfg.vocab_size * cfg.d_model  # the embedding is also the output head
+  return total
+
+
+def flops_per_token(cfg: model_lib.ModelConfig, seq_len: int) -> float:
+  """Training FLOPs (forward + backward) per token; see the module docstring for the formula."""
+  attention = 6 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+  return 6.0 * matmul_params(cfg) + attention
+
+
+def device_peak_flops(device: jax.Device) -> float | None:
+  """Table peak bf16 FLOP/s of one accelerator, or None when unknown (CPU, new chips)."""
+  kind = getattr(device, "device_kind", "")
+  for key, flops in PEAK_FLOPS:
+    if key.lower() in kind.lower():
+      return flops
+  return None
+
+
+@functools.cache
+def measured_cpu_peak(size: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of a jitted fp32 [size x size] matmul on this host, best of `repeats` (the CPU 'peak')."""
+  x = jax.device_put(jnp.ones((size, size), jnp.float32), jax.devices("cpu")[0])
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(x).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size ** 3 / best
+
+
+def total_peak_flops(devices: list[jax.Device], override_per_device: float = 0.0) -> tuple[float, str]:
+  """(peak FLOP/s of all `devices` together, where it came from)."""
+  if override_per_device > 0:
+    return override_per_device * len(devices), "config"
+  if devices[0].platform == "cpu":
+    # Fake CPU devices (--xla_force_host_platform_device_count) share the same cores: the host is one peak.
+    return measured_cpu_peak() * jax.process_count(), "measured fp32 matmul"
+  per_device = device_peak_flops(devices[0])
+  if per_device is None:
+    return math.nan, f"unknown device kind {devices[0].device_kind!r}"
+  return per_device * len(devices), f"{devices[0].device_kind} bf16 table"
+
+
+class MetricWriter:
+  """Writes metrics of process 0: TensorBoard events, DIR/metrics.jsonl (appended) and a console line."""
+
+  def __init__(self, workdir: str, total_steps: int, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.total_steps = total_steps
+    self._start_time = time.time()
+    self._start_step: int | None = None
+    self._tb = None
+    self._jsonl = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      os.makedirs(workdir, exist_ok=True)
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    """Logs one step: every numeric value to TensorBoard, one JSON line, one console line."""
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
+    self._jsonl.flush()
+    for key, value in record.items():
+      if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+        group = "eval" if key.startswith("eval_") else "train"
+        self._tb.add_scalar(f"{group}/{key}", value, step)
+    print(self._console_line(record), flush=True)
+
+  def _console_line(self, r: dict[str, Any]) -> str:
+    if self._start_step is None:
+      self._start_step, self._start_time = r["step"], time.time()
+    parts = [f"step {r['step']}/{self.total_steps}", f"loss {r['loss']:.4f}"]
+    if "eval_loss" in r:
+      parts.append(f"val {r['eval_loss']:.4f}")
+    parts += [f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}", f"{r['tokens_per_s'] / 1e3:.1f}k tok/s",
+              f"mfu {100 * r['mfu']:.1f}%" if math.isfinite(r["mfu"]) else "mfu n/a",
+              f"{r['step_time']:.3f} s/step"]
+    done = r["step"] - self._start_step
+    if done > 0 and r["step"] < self.total_steps:
+      eta = (time.time() - self._start_time) / done * (self.total_steps - r["step"])
+      parts.append(f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+    return " | ".join(parts)
+
+  def message(self, text: str) -> None:
+    """A console message from process 0 (startup, checkpoints, preemption)."""
+    if self.enabled:
+      print(text, flush=True)
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    """Flushes and closes the files."""
+    if self._tb is not None:
+      self._tb.close()
+      self._jsonl.close()
+      self._tb = self._jsonl = None
+
+
+def _plain(value: Any) -> Any:
+  """numpy / jax scalars -> Python numbers."""
+  if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+    value = np.asarray(value).item()
+  return value
+
+
+def _json_safe(value: Any) -> Any:
+  """Strict JSON has no NaN/inf: write them as the strings "nan", "inf"."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """The records of a metrics.jsonl; for steps logged twice (resumed run), the later record wins."""
+  by_step: dict[int, dict[str, Any]] = {}
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      if line.strip():
+        record = json.loads(line)
+        by_step[record["step"]] = record
+  return [by_step[s] for s in sorted(by_step)]
+

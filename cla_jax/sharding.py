@@ -1,0 +1,154 @@
+"""Device mesh, the one logical-axis rule table, and the shardings of params and batches.
+
+The mesh has three named axes:
+  data    pure data parallelism: params replicated, batch split.
+  fsdp    data parallelism that also shards params and optimizer state (ZeRO-3 style) over `embed`.
+  tensor  Megatron-style model parallelism over query heads, the MLP hidden width and the vocabulary.
+
+Axis types are `Auto` on purpose: the model is Flax linen, whose logical partitioning emits
+`with_sharding_constraint` hints that GSPMD propagates; jax's `Explicit` sharding-in-types mode is
+not supported by linen's logical constraints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from cla_jax.cli import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axes. Weights first, then the activation names that model.py constrains.
+# `kv_heads` stays replicated: MQA has one KV head, which cannot be split, and K/V are small anyway.
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", None),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_kv_heads", None),
+    ("activation_vocab", "tensor"),
+)
+
+
+class MeshError(UserError):
+  """A mesh shape that does not fit the devices or the model."""
+
+
+def maybe_initialize_distributed() -> None:
+  """Calls `jax.distributed.initialize()` when this is one process of a multi-process job.
+
+  Must run before anything touches a jax backend. TPU pods set TPU_WORKER_HOSTNAMES (one per host);
+  GPU clusters set JAX_COORDINATOR_ADDRESS (plus JAX_NUM_PROCESSES / JAX_PROCESS_ID) or run under
+  SLURM / Open MPI, all of which jax's initialize() auto-detects.
+  """
+  if jax.distributed.is_initialized():
+    return
+  multi = (
+      "JAX_COORDINATOR_ADDRESS" in os.environ
+      or len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+      or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+      or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+  if multi:
+    jax.distributed.initialize()
+
+
+def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
+  """Resolves `mesh.{data,fsdp,tensor}` (one may be -1) against the device count, or raises MeshError."""
+  sizes = [int(mesh_config[name]) for name in MESH_AXES]
+  wild = [name for name, s in zip(MESH_AXES, sizes) if s == -1]
+  bad = [f"mesh.{name}={s}" for name, s in zip(MESH_AXES, sizes) if s == 0 or s < -1]
+  if bad or len(wild) > 1:
+    raise MeshError(f"invalid mesh {', '.join(bad) or 'with several -1 axes'}: each axis is a positive size, "
+                    f"and at most one may be -1 (all remaining devices).")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if wild:
+    if num_devices % fixed:
+      raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))} needs a multiple of {fixed} devices, but there are "
+                      f"{num_devices}; pick sizes whose product divides {num_devices}.")
+    sizes[sizes.index(-1)] = num_devices // fixed
+  if math.prod(sizes) != num_devices:
+    raise MeshError(f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} does not match "
+                    f"the {num_devices} devices; set one axis to -1 or make the product {num_devices}.")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config: Any) -> Mesh:
+  """The (data, fsdp, tensor) mesh over all devices, or the first `mesh.num_devices` (single process)."""
+  devices = jax.devices()
+  wanted = int(mesh_config.get("num_devices", -1))
+  if wanted not in (-1, len(devices)):
+    if wanted <= 0 or wanted > len(devices) or jax.process_count() > 1:
+      raise MeshError(f"mesh.num_devices={wanted} must be -1 (all) or between 1 and {len(devices)} "
+                      f"(single-process runs only).")
+    devices = devices[:wanted]
+  shape = mesh_shape(mesh_config, len(devices))
+  if len(devices) == len(jax.devices()):
+    # make_mesh picks a device order that matches the physical topology (ICI rings on TPU).
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def batch_parallelism(mesh: Mesh) -> int:
+  """How many ways a batch is split (data * fsdp)."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_model_fits(model_cfg: Any, mesh: Mesh) -> None:
+  """Raises MeshError when a sharded model dimension is not divisible by its mesh axis."""
+  tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
+  for name, value, axis, size in (("num_heads", model_cfg.num_heads, "tensor", tensor),
+                                  ("mlp_dim", model_cfg.mlp_dim, "tensor", tensor),
+                                  ("vocab_size", model_cfg.vocab_size, "tensor", tensor),
+                                  ("d_model", model_cfg.d_model, "fsdp", fsdp)):
+    if value % size:
+      raise MeshError(f"model.{name}={value} is not divisible by mesh.{axis}={size}; choose a mesh.{axis} "
+                      f"that divides {value}.")
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a tree of boxed (nn.Partitioned) abstract values; unboxed leaves replicate."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """A fully replicated sharding on `mesh`."""
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Leading (batch) axis split over (data, fsdp); the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles this host's rows of each field into global arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in local.items()}
+
+
+def shardings_like(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree` carrying `shardings` (abstract restore / AOT compile targets)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def describe(mesh: Mesh) -> str:
+  """'data=2 fsdp=2 tensor=2 (8 cpu devices, 1 process)'."""
+  axes = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
+  platform = mesh.devices.flat[0].platform
+  return f"{axes} ({mesh.devices.size} {platform} devices, {jax.process_count()} process(es))"
+

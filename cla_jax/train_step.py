@@ -1,0 +1,117 @@
+"""Loss, the jitted train step (gradient accumulation, fp32 grads) and the eval step."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cla_jax import sharding
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def loss_fn(params: Any, batch: Batch, model: nn.Module) -> tuple[jax.Array, jax.Array]:
+  """(sum of weighted token cross-entropies, number of weighted target tokens), both fp32.
+
+  Sums rather than means so that micro-batches, hosts and eval batches combine exactly:
+  the mean loss is always sum_loss / num_tokens over everything that was summed.
+  """
+  with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    logits = model.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
+                         segment_ids=batch.get("segment_ids"))
+  token_loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
+  weights = batch["weights"].astype(jnp.float32)
+  return jnp.sum(token_loss * weights), jnp.sum(weights)
+
+
+def _micro_batches(batch: Batch, accum_steps: int) -> Batch:
+  """[B, ...] -> [accum, B / accum, ...] where micro-batch a takes rows a, a+accum, a+2*accum, ...
+
+  Strided rather than contiguous so that every device's rows contribute to every micro-batch:
+  the batch axis keeps its (data, fsdp) sharding and no data moves between devices.
+  """
+
+  def split(x):
+    x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+    x = jnp.swapaxes(x, 0, 1)
+    return jax.lax.with_sharding_constraint(x, P(None, sharding.BATCH_AXES, *([None] * (x.ndim - 2))))
+
+  return {k: split(v) for k, v in batch.items()}
+
+
+def grads_and_loss(params: Any, batch: Batch, model: nn.Module, accum_steps: int) -> tuple[Any, jax.Array, jax.Array]:
+  """(summed fp32 grads, summed loss, token count) over `accum_steps` micro-batches, scanned."""
+  grad_fn = jax.value_and_grad(lambda p, b: loss_fn(p, b, model), has_aux=True)
+  if accum_steps == 1:
+    (loss_sum, tokens), grads = grad_fn(params, batch)
+    return grads, loss_sum, tokens
+
+  def body(carry, micro):
+    grads_acc, loss_acc, tokens_acc = carry
+    (loss_sum, tokens), grads = grad_fn(params, micro)
+    grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+    return (grads_acc, loss_acc + loss_sum, tokens_acc + tokens), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+  (grads, loss_sum, tokens), _ = jax.lax.scan(body, init, _micro_batches(batch, accum_steps))
+  return grads, loss_sum, tokens
+
+
+def train_step(params: Any, opt_state: Any, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
+               accum_steps: int) -> tuple[Any, Any, Metrics]:
+  """One optimizer step on a global batch: mean-token-loss gradients, clipped AdamW update."""
+  grads, loss_sum, tokens = grads_and_loss(params, batch, model, accum_steps)
+  denom = jnp.maximum(tokens, 1.0)
+  grads = jax.tree.map(lambda g: g / denom, grads)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  metrics = {"loss": loss_sum / denom, "num_tokens": tokens, "grad_norm": optax.tree.norm(grads),
+             "param_norm": optax.tree.norm(params)}
+  return params, opt_state, metrics
+
+
+def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> Metrics:
+  """Summed validation loss and token count of one batch (combine across batches by summing)."""
+  loss_sum, tokens = loss_fn(params, batch, model)
+  return {"loss_sum": loss_sum, "num_tokens": tokens}
+
+
+def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, accum_steps: int, mesh: Mesh,
+                   param_shardings: Any, opt_shardings: Any) -> Callable[..., tuple[Any, Any, Metrics]]:
+  """`train_step` as one jax.jit with explicit shardings; params and optimizer state are donated."""
+
+  def step(params, opt_state, batch):
+    return train_step(params, opt_state, batch, model=model, tx=tx, accum_steps=accum_steps)
+
+  jitted = jax.jit(step, in_shardings=(param_shardings, opt_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(param_shardings, opt_shardings, NamedSharding(mesh, P())), donate_argnums=(0, 1))
+  return _with_mesh(jitted, mesh)
+
+
+def jit_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Callable[[Any, Batch], Metrics]:
+  """`eval_step` as one jax.jit with explicit shardings."""
+
+  def step(params, batch):
+    return eval_step(params, batch, model=model)
+
+  jitted = jax.jit(step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=NamedSharding(mesh, P()))
+  return _with_mesh(jitted, mesh)
+
+
+def _with_mesh(jitted: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+  """Calls (and so traces) `jitted` under `mesh`: linen's logical constraints are no-ops without one."""
+
+  def call(*args):
+    with jax.set_mesh(mesh):
+      return jitted(*args)
+
+  call.jitted = jitted  # for .lower() / cost analysis in benchmarks
+  return call

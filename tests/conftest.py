@@ -1,0 +1,30 @@
+"""Shared test fixtures: small configs that run in seconds on CPU."""
+
+import os
+import sys
+
+# The sharding tests need several devices; test.sh sets this too, but keep a direct `pytest` honest.
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# Test programs are tiny: LLVM optimisation costs far more compile time than it saves at run time.
+if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def tiny_config():
+  """The default config shrunk to a model and run that finish in seconds."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.model.update(num_layers=4, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
+                      vocab_size=256, dtype="float32")
+  config.train.update(steps=20, batch_size=8, seq_len=32, log_every=5, eval_every=0)
+  config.checkpoint.update(every_steps=10)
+  return config

@@ -1,0 +1,83 @@
+"""Checkpoint API: params-only save/restore, fallback past an unreadable latest checkpoint, clear errors."""
+
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+import train_helpers as th
+from cla_jax import checkpoint, config_lib, model as model_lib, trainer
+
+
+def _params(config, seed):
+  return model_lib.init_params(config_lib.model_config(config), jax.random.key(seed))
+
+
+def _corrupt(step_dir: pathlib.Path) -> None:
+  """Overwrites every file of a checkpoint's params with garbage (a torn write / bad disk)."""
+  for path in (step_dir / "params").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"\x00garbage")
+
+
+def _assert_tree_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_params_only_roundtrip_and_fallback(tmp_path, tiny_config):
+  workdir = tmp_path / "run"
+  p0, p1 = _params(tiny_config, 0), _params(tiny_config, 1)
+  checkpoint.save_params_only(workdir, p0, tiny_config, step=5)
+  manager = checkpoint.make_manager(workdir, async_save=False)
+  checkpoint.save(manager, 9, p1, None, {})
+  manager.wait_until_finished()
+  manager.close()
+  params, config, step = checkpoint.restore_params(workdir)
+  assert step == 9 and config.model.to_dict() == tiny_config.model.to_dict()
+  _assert_tree_equal(params, p1)
+
+  _corrupt(workdir / "checkpoints" / "9")
+  params, _, step = checkpoint.restore_params(workdir)  # falls back, warns, deletes nothing
+  assert step == 5
+  _assert_tree_equal(params, p0)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["5", "9"]
+  with pytest.raises(checkpoint.CheckpointError, match="checkpoint step 9 .* is unreadable"):
+    checkpoint.restore_params(workdir, step=9)
+
+
+def test_clear_errors(tmp_path, tiny_config):
+  with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+    checkpoint.restore_params(tmp_path / "missing")
+  checkpoint.write_config(tmp_path, tiny_config)
+  with pytest.raises(checkpoint.CheckpointError, match="no checkpoints/ directory"):
+    checkpoint.restore_params(tmp_path)
+  checkpoint.save_params_only(tmp_path / "run", _params(tiny_config, 0), tiny_config)
+  with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint for step 3 .* available steps: \[0\]"):
+    checkpoint.restore_params(tmp_path / "run", step=3)
+  # A config.json whose model no longer matches the stored params.
+  bigger = tiny_config.copy_and_resolve_references()
+  bigger.model.d_model = 96
+  checkpoint.write_config(tmp_path / "run", bigger)
+  with pytest.raises(checkpoint.CheckpointError, match="does not match the model config"):
+    checkpoint.restore_params(tmp_path / "run")
+
+
+def test_trainer_resumes_past_a_corrupted_latest_checkpoint(tmp_path_factory, tiny_config):
+  root = tmp_path_factory.mktemp("corrupt")
+  th.enable_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache")
+  config = th.use_corpus(tiny_config, (th.write_corpus(root / "text"), str(root / "cache")))
+  config.train.update(steps=4, log_every=1)
+  config.checkpoint.update(every_steps=2)
+  workdir = root / "run"
+  trainer.run(config, str(workdir))
+  first = th.losses(workdir)
+  _corrupt(workdir / "checkpoints" / "4")
+  trainer.run(config, str(workdir))  # warns, moves step 4 aside, resumes from step 2
+  again = th.losses(workdir)
+  assert [again[s] for s in (3, 4)] == [first[s] for s in (3, 4)]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  (moved,) = os.listdir(workdir / checkpoint.CORRUPT_DIR)
+  assert moved.startswith("4-") and (workdir / checkpoint.CORRUPT_DIR / moved / "params").is_dir()

@@ -1,0 +1,348 @@
+"""Input pipeline: sources, the Python-docs TFDS builder, token caches, batching, hosts, resumption, eval."""
+
+import hashlib
+import json
+import math
+import os
+import pathlib
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from cla_jax import input_pipeline, python_docs, tokenizer as tokenizer_lib
+from cla_jax.cli import UserError
+
+WORDS = ("the a an of to in is and for with that this module function class object value return "
+         "list dict string file path error exception import data type call method default argument "
+         "python interpreter thread lock socket buffer bytes encoding iterator generator context manager "
+         "when which may be can not if else raise see also note example version changed added").split()
+
+
+def prose(rng: np.random.Generator, paragraphs: int) -> str:
+  """reST-shaped English-like text: a title, paragraphs, an indented directive block."""
+  title = " ".join(rng.choice(WORDS, 3)).title()
+  parts = [title, "=" * len(title), ""]
+  for _ in range(paragraphs):
+    sentences = [" ".join(rng.choice(WORDS, rng.integers(4, 12))).capitalize() + "." for _ in range(4)]
+    parts += [" ".join(sentences), ""]
+  parts += [".. note::", "", "   " + " ".join(rng.choice(WORDS, 8)) + ".", ""]
+  return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def rst_tree(tmp_path_factory):
+  """A small directory shaped like python3.11-doc's html/_sources (subdirs, *.rst.txt)."""
+  root = tmp_path_factory.mktemp("sources")
+  rng = np.random.default_rng(0)
+  for i, rel in enumerate(["about.rst.txt", "bugs.rst.txt"] + [f"{d}/{name}{j}.rst.txt"
+                          for d, name in (("library", "mod"), ("tutorial", "part"), ("c-api", "api"))
+                          for j in range(8)]):
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_text(prose(rng, 3 + i % 4), encoding="utf-8")
+  return root
+
+
+@pytest.fixture(scope="module")
+def docs_data_dir(tmp_path_factory, rst_tree):
+  """A data dir with cla_python_docs prepared from rst_tree (shared: preparing takes a second)."""
+  data_dir = tmp_path_factory.mktemp("data")
+  python_docs.prepare(str(data_dir), source_dir=str(rst_tree))
+  return data_dir
+
+
+@pytest.fixture
+def config(tiny_config, docs_data_dir, tmp_path):
+  """tiny_config reading the test corpus; caches in a fresh dir (shared tokenizer via the data dir)."""
+  tiny_config.data.update(data_dir=str(docs_data_dir), cache_dir=str(docs_data_dir / "cache"), prefetch=2)
+  return tiny_config
+
+
+@pytest.fixture
+def tok(config):
+  return tokenizer_lib.get_tokenizer(config)
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+def test_python_docs_builder_split_and_checksum(rst_tree, docs_data_dir):
+  files = sorted(os.path.relpath(os.path.join(d, f), rst_tree) for d, _, fs in os.walk(rst_tree) for f in fs)
+  # Independent reference for the fixed split: 5% of files, rounded up, smallest sha256 of the path.
+  held_out = sorted(files, key=lambda f: hashlib.sha256(f.encode()).digest())[:math.ceil(0.05 * len(files))]
+  checksum = hashlib.sha256()
+  for f in files:
+    checksum.update(f.encode() + b"\0" + (rst_tree / f).read_bytes() + b"\0")
+
+  # Read through plain TFDS by name, as any other TFDS dataset (no tensorflow needed).
+  sources = tfds.data_source(python_docs.NAME, data_dir=str(docs_data_dir))
+  got = {split: {ex["path"].decode(): ex["text"].decode() for ex in ds} for split, ds in sources.items()}
+  assert sorted(got["validation"]) == sorted(held_out)
+  assert sorted(got["train"]) == sorted(set(files) - set(held_out))
+  assert got["train"]["about.rst.txt"] == (rst_tree / "about.rst.txt").read_text()
+  info = tfds.builder(python_docs.NAME, data_dir=str(docs_data_dir)).info
+  assert info.metadata["checksum"] == checksum.hexdigest()
+
+
+def test_python_docs_detects_changed_sources(tmp_path, rst_tree):
+  tree = tmp_path / "src"
+  tree.mkdir()
+  for f in rst_tree.rglob("*.txt"):
+    (tree / f.relative_to(rst_tree)).parent.mkdir(parents=True, exist_ok=True)
+    (tree / f.relative_to(rst_tree)).write_bytes(f.read_bytes())
+  python_docs.prepare(str(tmp_path / "d"), source_dir=str(tree))
+  python_docs.prepare(str(tmp_path / "d"), source_dir=str(tree))  # unchanged: fine, idempotent
+  (tree / "about.rst.txt").write_text("edited")
+  with pytest.raises(UserError, match="different"):
+    python_docs.prepare(str(tmp_path / "d"), source_dir=str(tree))
+
+
+def test_text_source_txt_and_jsonl(tiny_config, tmp_path):
+  rng = np.random.default_rng(1)
+  txt = {f"t{i}.txt": prose(rng, 1) for i in range(6)}
+  for name, text in txt.items():
+    (tmp_path / name).write_text(text)
+  rows = [{"text": prose(rng, 1), "id": i} for i in range(14)]
+  (tmp_path / "sub").mkdir()
+  (tmp_path / "sub" / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  tiny_config.data.update(source="text", text_glob=str(tmp_path / "**" / "*"), eval_fraction=0.1)
+  source = input_pipeline.get_source(tiny_config)
+  train, val = list(source.documents("train")), list(source.documents("validation"))
+  assert len(val) == math.ceil(0.1 * 20) and len(train) == 18
+  assert sorted(train + val) == sorted(list(txt.values()) + [r["text"] for r in rows])
+  assert list(source.documents("validation")) == val  # fixed
+
+  tiny_config.data.text_key = "body"
+  with pytest.raises(UserError, match="no field 'body'"):
+    list(input_pipeline.get_source(tiny_config).documents("train"))
+  tiny_config.data.text_glob = str(tmp_path / "nothing*.txt")
+  with pytest.raises(UserError, match="matches no files"):
+    input_pipeline.get_source(tiny_config)
+
+
+class ClaTestToyText(tfds.core.GeneratorBasedBuilder):
+  """A toy TFDS text dataset, prepared in the test, read through data.source=tfds."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"body": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(0, 30), "test": self._generate_examples(30, 5)}
+
+  def _generate_examples(self, start, n):
+    rng = np.random.default_rng(start)
+    for i in range(start, start + n):
+      yield i, {"body": f"doc{i} " + prose(rng, 1)}
+
+
+def test_tfds_source_by_name(tiny_config, tmp_path):
+  tiny_config.data.update(source="tfds", tfds_name="cla_test_toy_text", data_dir=str(tmp_path), text_key="body",
+                          eval_split="test")
+  with pytest.raises(UserError, match=r"not prepared.*python -m cla_jax\.input_pipeline"):
+    input_pipeline.get_source(tiny_config)
+  tfds.display_progress_bar(False)
+  ClaTestToyText(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  source = input_pipeline.get_source(tiny_config)
+  docs = list(source.documents("train"))
+  assert sorted(int(d.split()[0][3:]) for d in docs) == list(range(30))
+  assert len(list(source.documents("test"))) == 5
+  assert len(list(source.documents("train[:10]"))) == 10
+  with pytest.raises(UserError, match="no split 'validation'"):
+    list(source.documents("validation"))
+  tiny_config.data.text_key = "text"
+  with pytest.raises(UserError, match="no feature 'text'"):
+    input_pipeline.get_source(tiny_config)
+
+
+def test_tfds_unknown_name(tiny_config, tmp_path):
+  tiny_config.data.update(source="tfds", tfds_name="no_such_dataset_xyz", data_dir=str(tmp_path))
+  with pytest.raises(UserError, match="not a TFDS dataset"):
+    input_pipeline.get_source(tiny_config)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizers
+
+
+def test_sentencepiece_trained_cached_and_round_trips(config, tok, rst_tree, tmp_path):
+  text = (rst_tree / "library" / "mod3.rst.txt").read_text()
+  ids = tok.encode(text)
+  assert tok.decode(ids) == text  # exact, including newlines and reST indentation
+  assert len(ids) < len(text) / 1.5  # it learned multi-character pieces
+  assert tok.vocab_size <= config.model.vocab_size and 0 <= tok.eos_id < tok.vocab_size
+  models = list(pathlib.Path(config.data.cache_dir, "tokenizers").glob("*.model"))
+  assert len(models) == 1
+  mtime = models[0].stat().st_mtime_ns
+  again = tokenizer_lib.get_tokenizer(config)  # cached: loaded, not retrained
+  assert again.checksum == tok.checksum and models[0].stat().st_mtime_ns == mtime
+
+  config.data.tokenizer = str(models[0])  # an explicit .model path
+  assert tokenizer_lib.get_tokenizer(config).encode(text) == ids
+  config.data.tokenizer = str(tok.save(tmp_path))  # a copy kept in a workdir
+  assert config.data.tokenizer.endswith("tokenizer.model") and tokenizer_lib.get_tokenizer(config).encode(text) == ids
+
+
+def test_hf_tokenizer_json(tiny_config, tmp_path):
+  import tokenizers
+  from tokenizers import models, pre_tokenizers, trainers, decoders
+  hf = tokenizers.Tokenizer(models.BPE())
+  hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  hf.decoder = decoders.ByteLevel()
+  rng = np.random.default_rng(2)
+  hf.train_from_iterator([prose(rng, 2) for _ in range(20)],
+                         trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  hf.save(str(tmp_path / "tokenizer.json"))
+  tiny_config.data.tokenizer = str(tmp_path / "tokenizer.json")
+  tok = tokenizer_lib.get_tokenizer(tiny_config)
+  text = "Unseen text, with ünïcode → and  two spaces.\n  Indented."
+  assert tok.decode(tok.encode(text)) == text
+  assert tok.eos_id == hf.token_to_id("<|endoftext|>") and tok.vocab_size == hf.get_vocab_size()
+  tiny_config.data.tokenizer = str(tok.save(tmp_path / "workdir"))
+  assert tokenizer_lib.get_tokenizer(tiny_config).encode(text) == tok.encode(text)
+
+
+def test_vocab_size_check_and_padding(config, tok):
+  config.model.vocab_size = tok.vocab_size - 1
+  with pytest.raises(UserError, match="smaller than the tokenizer"):
+    tokenizer_lib.check_vocab_size(config, tok)
+  config.data.pad_vocab = True
+  assert tokenizer_lib.check_vocab_size(config, tok) == config.model.vocab_size == 128 * math.ceil(tok.vocab_size / 128)
+
+
+def test_missing_tokenizer_file(tiny_config):
+  tiny_config.data.tokenizer = "/nonexistent/tok.model"
+  with pytest.raises(UserError, match="no such file"):
+    tokenizer_lib.get_tokenizer(tiny_config)
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+def reference_stream(config, tok, split):
+  """The EOS-joined token stream, rebuilt from the documents with plain encode calls."""
+  stream = []
+  for doc in input_pipeline.get_source(config).documents(split):
+    stream += tok.encode(doc) + [tok.eos_id]
+  return np.array(stream)
+
+
+def test_token_cache_matches_reference(config, tok):
+  tokens = input_pipeline.load_tokens(config, tok, "train")
+  assert tokens.dtype == np.uint16
+  np.testing.assert_array_equal(tokens, reference_stream(config, tok, "train"))
+
+
+def test_train_batches_cover_each_window_once_per_epoch(config, tok):
+  batches = input_pipeline.TrainBatches(config, tok, process_index=0, process_count=1)
+  stream = reference_stream(config, tok, "train")
+  seq_len, width = config.train.seq_len, config.train.batch_size
+  num_windows = (len(stream) - 1) // seq_len
+  assert batches.num_windows == num_windows
+  starts = []
+  for step in range(math.ceil(num_windows / width)):
+    b = batches.batch(step)
+    assert b["inputs"].shape == b["targets"].shape == b["weights"].shape == (width, seq_len)
+    assert b["inputs"].dtype == np.int32 and b["weights"].dtype == np.float32 and (b["weights"] == 1).all()
+    for inputs, targets in zip(b["inputs"], b["targets"]):
+      # Locate the row in the reference stream: windows start at multiples of seq_len.
+      matches = [s for s in range(0, num_windows * seq_len, seq_len) if (stream[s:s + seq_len] == inputs).all()
+                 and (stream[s + 1:s + seq_len + 1] == targets).all()]
+      assert matches
+      starts.append(matches[0])
+  first_epoch = starts[:num_windows]
+  assert sorted(first_epoch) == list(range(0, num_windows * seq_len, seq_len))
+
+
+def test_deterministic_seeded_and_resumable(config, tok):
+  a = input_pipeline.TrainBatches(config, tok, process_index=0, process_count=1)
+  b = input_pipeline.TrainBatches(config, tok, process_index=0, process_count=1)
+  for step in (0, 3, 1000):
+    np.testing.assert_array_equal(a.batch(step)["inputs"], b.batch(step)["inputs"])
+  # Resumption: the state is the step. An uninterrupted run vs one stopped after k batches and restarted.
+  k = 5
+  it = a.iterator(0)
+  straight = [next(it) for _ in range(k + 4)]
+  resumed_it = b.iterator(k)
+  resumed = [next(resumed_it) for _ in range(4)]
+  for x, y in zip(straight[k:], resumed):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+  assert not np.array_equal(straight[0]["inputs"], straight[1]["inputs"])
+  config.data.seed = 1
+  other = input_pipeline.TrainBatches(config, tok, process_index=0, process_count=1)
+  assert not np.array_equal(other.batch(0)["inputs"], a.batch(0)["inputs"])
+
+
+@pytest.mark.parametrize("hosts", [2, 4])
+def test_hosts_together_give_the_one_host_batch(config, tok, hosts):
+  config.data.packing = True
+  single = input_pipeline.TrainBatches(config, tok, process_index=0, process_count=1)
+  parts = [input_pipeline.TrainBatches(config, tok, process_index=p, process_count=hosts) for p in range(hosts)]
+  for step in (0, 7, 123):
+    whole = single.batch(step)
+    for key in whole:
+      np.testing.assert_array_equal(np.concatenate([p.batch(step)[key] for p in parts]), whole[key])
+  config.train.batch_size = 6
+  with pytest.raises(UserError, match="divisible by the number of hosts"):
+    input_pipeline.TrainBatches(config, tok, process_index=0, process_count=4)
+
+
+def test_packing_features_by_hand():
+  eos = 1
+  inputs = np.array([[5, 6, 1, 7, 8, 9, 1, 1, 4], [1, 2, 3, 4, 5, 6, 7, 8, 9]])
+  segment_ids, positions = input_pipeline.packing_features(inputs, eos)
+  np.testing.assert_array_equal(segment_ids, [[1, 1, 2, 2, 2, 2, 3, 4, 4], [1, 1, 1, 1, 1, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(positions, [[0, 1, 0, 1, 2, 3, 0, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
+
+
+def test_packed_batches_segments_follow_eos(config, tok):
+  config.data.packing = True
+  b = input_pipeline.TrainBatches(config, tok, process_index=0, process_count=1).batch(2)
+  for inputs, seg, pos in zip(b["inputs"], b["segment_ids"], b["positions"]):
+    expected_seg, expected_pos, current = [], [], 1  # plain loop reference
+    for i, token in enumerate(inputs):
+      if i > 0 and token == tok.eos_id:
+        current += 1
+      expected_seg.append(current)
+      expected_pos.append(0 if i == 0 or token == tok.eos_id else expected_pos[-1] + 1)
+    assert list(seg) == expected_seg and list(pos) == expected_pos
+
+
+@pytest.mark.parametrize("max_tokens,hosts", [(100, 1), (0, 1), (0, 2)])
+def test_eval_batches(config, tok, max_tokens, hosts):
+  config.data.packing = True
+  stream = reference_stream(config, tok, "validation")
+  total = min(len(stream) - 1, max_tokens) if max_tokens else len(stream) - 1
+  per_host = [list(input_pipeline.eval_batches(config, tok, batch_size=4, max_tokens=max_tokens,
+                                               process_index=p, process_count=hosts)) for p in range(hosts)]
+  batches = [{k: np.concatenate([h[i][k] for h in per_host]) for k in per_host[0][i]} for i in range(len(per_host[0]))]
+  assert all(b["inputs"].shape == (4, config.train.seq_len) for b in batches)
+  targets = np.concatenate([b["targets"].reshape(-1) for b in batches])
+  weights = np.concatenate([b["weights"].reshape(-1) for b in batches])
+  inputs = np.concatenate([b["inputs"].reshape(-1) for b in batches])
+  assert weights.sum() == total and len(batches) == math.ceil(math.ceil(total / config.train.seq_len) / 4)
+  np.testing.assert_array_equal(targets[weights == 1], stream[1:total + 1])
+  np.testing.assert_array_equal(inputs[weights == 1], stream[:total])
+  segments = np.concatenate([b["segment_ids"].reshape(-1) for b in batches])
+  assert (segments[weights == 0] == 0).all() and (segments[weights == 1] > 0).all()
+
+
+def test_too_little_data_is_a_clear_error(config, tok):
+  config.train.seq_len = 10**6
+  with pytest.raises(UserError, match="fewer than train.seq_len"):
+    input_pipeline.TrainBatches(config, tok, process_index=0, process_count=1)
+
+
+def test_prefetch_iterator_reraises(config, tok):
+  batches = input_pipeline.TrainBatches(config, tok, process_index=0, process_count=1)
+  it = batches.iterator(-1)  # batch(-1) raises in the prefetch thread
+  with pytest.raises(ValueError, match="step must be"):
+    next(it)
+
+
+def test_max_cache_tokens_caps_the_stream(config, tok):
+  config.data.max_cache_tokens = 300
+  tokens = input_pipeline.load_tokens(config, tok, "train")
+  np.testing.assert_array_equal(tokens, reference_stream(config, tok, "train")[:300])

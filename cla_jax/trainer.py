@@ -116,6 +116,9 @@ class Trainer:
     sharding.check_model_fits(self.cfg, self.mesh)
     _check_workdir_config(self.workdir, config)
     checkpoint.write_config(self.workdir, config)
+    if jax.process_index() == 0:
+      # A copy in the workdir keeps eval.py independent of the tokenizer cache (evaluate.load_tokenizer).
+      self.tokenizer.save(self.workdir)
     self._input_pipeline = input_pipeline
 
     self.model = Transformer(self.cfg)

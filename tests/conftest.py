@@ -21,10 +21,5 @@ import pytest  # noqa: E402
 @pytest.fixture
 def tiny_config():
   """The default config shrunk to a model and run that finish in seconds."""
-  from configs import default  # pylint: disable=g-import-not-at-top
-  config = default.get_config()
-  config.model.update(num_layers=4, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
-                      vocab_size=256, dtype="float32")
-  config.train.update(steps=20, batch_size=8, seq_len=32, log_every=5, eval_every=0)
-  config.checkpoint.update(every_steps=10)
-  return config
+  import train_helpers  # pylint: disable=g-import-not-at-top
+  return train_helpers.tiny_config()

@@ -29,7 +29,7 @@ def write_corpus(directory: pathlib.Path, num_docs: int = 10, sentences: int = 3
 
 
 def tiny_config():
-  """conftest's `tiny_config`, for module-scoped fixtures (which cannot use a function-scoped one)."""
+  """The default config shrunk to run in seconds (also conftest's `tiny_config` fixture)."""
   from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   config.model.update(num_layers=4, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,

@@ -1,11 +1,16 @@
 """Mesh construction, the rule table, and sharded training equal to single-device training."""
 
+import re
+
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 import train_helpers as th
-from cla_jax import checkpoint, model as model_lib, sharding, trainer
+from cla_jax import checkpoint, model as model_lib, sharding, train_step, trainer
 
 
 @pytest.mark.parametrize("axes, devices, expected", [
@@ -99,3 +104,20 @@ def test_resume_on_a_different_mesh_continues_the_run(runs, tmp_path):
   trainer.run(config, str(resumed))
   got, want = th.losses(resumed), th.losses(runs["single"][1])
   np.testing.assert_allclose([got[3], got[4]], [want[3], want[4]], rtol=2e-6)
+
+
+def test_bf16_compute_reduces_gradients_across_devices_in_fp32():
+  """The paper's recipe: bf16 matmuls, but the data-parallel gradient all-reduce carries fp32."""
+  cfg = model_lib.ModelConfig(num_layers=2, d_model=64, num_heads=4, num_kv_heads=1, head_dim=16, mlp_dim=128,
+                              vocab_size=256, dtype="bfloat16")
+  mesh = jax.make_mesh((8, 1, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  params = nn.meta.unbox(model_lib.abstract_params(cfg))
+  rows = jax.ShapeDtypeStruct((16, 32), jnp.int32, sharding=sharding.batch_sharding(mesh))
+  batch = {"inputs": rows, "targets": rows,
+           "weights": jax.ShapeDtypeStruct((16, 32), jnp.float32, sharding=sharding.batch_sharding(mesh))}
+  grad = jax.grad(lambda p, b: train_step.loss_fn(p, b, model_lib.Transformer(cfg))[0])
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(grad, out_shardings=NamedSharding(mesh, PartitionSpec())).lower(params, batch).compile().as_text()
+  reduces = [line.split("all-reduce(")[0] for line in hlo.splitlines() if re.search(r"= .*all-reduce\(", line)]
+  assert reduces, "expected a gradient all-reduce over the data axis"
+  assert all("bf16" not in r for r in reduces) and any("f32" in r for r in reduces), reduces

@@ -10,7 +10,6 @@ matmul on CPU) and, on CPU, the ratio of achieved to measured peak matmul FLOP/s
 
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cla_jax import cli, config_lib, metrics, optim, sharding, train_step
+from cla_jax import model as model_lib
 from cla_jax.model import Transformer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file[:row].", lock_config=True)
@@ -31,16 +31,8 @@ def main(argv):
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_model_fits(cfg, mesh)
   model, tx = Transformer(cfg), optim.make_optimizer(config.train)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-  param_sh = sharding.logical_shardings(boxed, mesh)
-  opt_sh = sharding.logical_shardings(jax.eval_shape(tx.init, boxed), mesh)
-
-  def init(rng):
-    params = nn.meta.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
-    return params, tx.init(params)
-
-  with jax.set_mesh(mesh):
-    params, opt_state = jax.jit(init, out_shardings=(param_sh, opt_sh))(jax.random.key(0))
+  param_sh, opt_sh = train_step.state_shardings(model_lib.abstract_params(cfg), tx, mesh)
+  params, opt_state = train_step.init_state(model, tx, mesh, param_sh, opt_sh, jax.random.key(0))
   step = train_step.jit_train_step(model, tx, config.train.grad_accum_steps, mesh, param_sh, opt_sh)
   b, t = config.train.batch_size, config.train.seq_len
   rng = np.random.default_rng(0)

@@ -284,9 +284,10 @@ def convert_params(reader: SafetensorsReader, arch: LlamaArch, cfg: model_lib.Mo
 
   groups = patterns.layer_groups(cfg.group_sizes)
   dropped = []
-  segments: list[list[dict]] = [[] for _ in cfg.segments]  # per segment, its groups' params
-  segment_of_group = [s for s, (_, num_groups) in enumerate(cfg.segments) for _ in range(num_groups)]
-  for layers, s in zip(groups, segment_of_group):
+  # Group names of the unscanned layout, in layer order; model.stack_params stacks them per segment.
+  group_names = [f"segment_{s}_group_{g}"
+                 for s, (_, num_groups) in enumerate(cfg.segments) for g in range(num_groups)]
+  for layers, group_name in zip(groups, group_names):
     group = {}
     for j, i in enumerate(layers):
       layer, kv = _layer_tensors(reader, arch, i, rope_layout, with_kv=(j == 0))
@@ -296,10 +297,8 @@ def convert_params(reader: SafetensorsReader, arch: LlamaArch, cfg: model_lib.Mo
       else:
         names = [f"model.layers.{i}.self_attn.{w}_proj.weight" for w in ("k", "v")]
         dropped.append({"layer": i, "kv_from_layer": layers[0], "tensors": names})
-    segments[s].append(group)
-  for s, segment in enumerate(segments):
-    # The numpy twin of model.stack_params: host memory only, so no accelerator ever holds the checkpoint.
-    params[f"segment_{s}"] = jax.tree.map(lambda *a: np.stack(a), *segment)
+    params[group_name] = group
+  params = model_lib.stack_params(params, cfg)
   kv_size = 2 * arch.d_model * arch.num_kv_heads * arch.head_dim
   report = {
       "pattern": cfg.pattern,

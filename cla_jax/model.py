@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cla_jax import patterns
 from cla_jax.cli import UserError
@@ -298,9 +299,13 @@ def unstack_params(params: Any, cfg: ModelConfig) -> dict:
 
 
 def stack_params(params: Any, cfg: ModelConfig) -> dict:
-  """Inverse of `unstack_params`: per-group params stacked into each segment's `layers` axis."""
+  """Inverse of `unstack_params`: per-group params stacked into each segment's `layers` axis.
+
+  Stacks with numpy, on the host: converters build whole checkpoints this way, and no accelerator
+  should have to hold one unsharded.
+  """
   out = {k: v for k, v in params.items() if not k.startswith("segment_")}
   for s, (_, num_groups) in enumerate(cfg.segments):
     groups = [params[f"segment_{s}_group_{g}"] for g in range(num_groups)]
-    out[f"segment_{s}"] = jax.tree.map(lambda *a: jnp.stack(a), *groups)
+    out[f"segment_{s}"] = jax.tree.map(lambda *a: np.stack(a), *groups)
   return out

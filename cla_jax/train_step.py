@@ -83,6 +83,24 @@ def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> Metrics:
   return {"loss_sum": loss_sum, "num_tokens": tokens}
 
 
+def state_shardings(boxed_params: Any, tx: optax.GradientTransformation, mesh: Mesh) -> tuple[Any, Any]:
+  """(param, optimizer-state) NamedShardings from the logically annotated abstract params."""
+  opt_shardings = sharding.logical_shardings(jax.eval_shape(tx.init, boxed_params), mesh)
+  return sharding.logical_shardings(boxed_params, mesh), opt_shardings
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, param_shardings: Any,
+               opt_shardings: Any, rng: jax.Array) -> tuple[Any, Any]:
+  """Params and optimizer state created directly sharded by one jitted init (never whole on a host)."""
+
+  def init(rng):
+    params = nn.meta.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+    return params, tx.init(params)
+
+  with jax.set_mesh(mesh):
+    return jax.jit(init, out_shardings=(param_shardings, opt_shardings))(rng)
+
+
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, accum_steps: int, mesh: Mesh,
                    param_shardings: Any, opt_shardings: Any) -> Callable[..., tuple[Any, Any, Metrics]]:
   """`train_step` as one jax.jit with explicit shardings; params and optimizer state are donated."""

@@ -17,12 +17,12 @@ from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from cla_jax import checkpoint, config_lib, metrics as metrics_lib, optim, sharding
 from cla_jax import train_step as train_step_lib
 from cla_jax.cli import UserError
+from cla_jax import model as model_lib
 from cla_jax.model import Transformer
 
 
@@ -125,9 +125,8 @@ class Trainer:
     self.tx = optim.make_optimizer(config.train)
     # Jitted once: evaluating the optax schedule eagerly would compile a few small ops per new shape.
     self.schedule = jax.jit(optim.learning_rate_schedule(config.train))
-    boxed_params = jax.eval_shape(lambda: self.model.init(jax.random.key(0), _dummy_tokens()))["params"]
-    self.param_shardings = sharding.logical_shardings(boxed_params, self.mesh)
-    self.opt_shardings = sharding.logical_shardings(jax.eval_shape(self.tx.init, boxed_params), self.mesh)
+    boxed_params = model_lib.abstract_params(self.cfg)
+    self.param_shardings, self.opt_shardings = train_step_lib.state_shardings(boxed_params, self.tx, self.mesh)
     unboxed = nn.meta.unbox(boxed_params)
     self.abstract_params = sharding.shardings_like(unboxed, self.param_shardings)
     self.abstract_opt_state = sharding.shardings_like(jax.eval_shape(self.tx.init, unboxed), self.opt_shardings)
@@ -142,17 +141,6 @@ class Trainer:
 
   # -- state -------------------------------------------------------------------------------------
 
-  def _init_state(self) -> tuple[Any, Any]:
-    """Params and optimizer state created directly sharded by one jitted init (never whole on a host)."""
-
-    def init(rng):
-      params = nn.meta.unbox(self.model.init(rng, _dummy_tokens())["params"])
-      return params, self.tx.init(params)
-
-    with jax.set_mesh(self.mesh):
-      return jax.jit(init, out_shardings=(self.param_shardings, self.opt_shardings))(
-          jax.random.key(self.config.train.seed))
-
   def _fresh_opt_state(self, params: Any) -> Any:
     with jax.set_mesh(self.mesh):
       return jax.jit(self.tx.init, in_shardings=(self.param_shardings,), out_shardings=self.opt_shardings)(params)
@@ -161,7 +149,8 @@ class Trainer:
     """(start step, params, opt_state) from the newest readable checkpoint, or freshly initialised."""
     restored = checkpoint.restore(self.manager, self.abstract_params, self.abstract_opt_state, quarantine=True)
     if restored is None:
-      params, opt_state = self._init_state()
+      params, opt_state = train_step_lib.init_state(self.model, self.tx, self.mesh, self.param_shardings,
+                                                    self.opt_shardings, jax.random.key(self.config.train.seed))
       self.writer.message(f"initialised {self.cfg.num_layers}-layer model from seed {self.config.train.seed}")
       return 0, params, opt_state
     if restored.opt_state is None:
@@ -272,10 +261,6 @@ class Trainer:
     self.manager.wait_until_finished()
     self.manager.close()
     self.writer.close()
-
-
-def _dummy_tokens() -> jax.Array:
-  return jnp.zeros((1, 1), jnp.int32)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -51,7 +51,9 @@ class Restored:
 
 
 def _path(workdir: str | os.PathLike) -> epath.Path:
-  return epath.Path(os.fspath(workdir))
+  """The workdir as an absolute path (orbax refuses relative ones); bucket URLs (gs://...) as given."""
+  path = os.fspath(workdir)
+  return epath.Path(path if "://" in path else os.path.abspath(os.path.expanduser(path)))
 
 
 def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:

@@ -81,3 +81,13 @@ def test_trainer_resumes_past_a_corrupted_latest_checkpoint(tmp_path_factory, ti
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
   (moved,) = os.listdir(workdir / checkpoint.CORRUPT_DIR)
   assert moved.startswith("4-") and (workdir / checkpoint.CORRUPT_DIR / moved / "params").is_dir()
+
+
+def test_relative_workdir_restores(tmp_path, tiny_config, monkeypatch):
+  """`eval.py --workdir=runs/default` (the README's quick start) passes a relative path."""
+  monkeypatch.chdir(tmp_path)
+  params = _params(tiny_config, 0)
+  checkpoint.save_params_only("runs/rel", params, tiny_config, step=3)
+  restored, _, step = checkpoint.restore_params("runs/rel")
+  assert step == 3
+  _assert_tree_equal(restored, params)

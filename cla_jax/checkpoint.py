@@ -29,7 +29,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cla_jax import config_lib, model as model_lib, sharding
-from cla_jax.cli import UserError
+from cla_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"

@@ -8,9 +8,7 @@ from typing import Callable
 
 from absl import app, flags, logging
 
-
-class UserError(ValueError):
-  """Bad input (config, data, checkpoint) whose message names the problem and the fix."""
+from cla_jax.errors import UserError  # re-exported: entry points raise cli.UserError
 
 
 def _one_line(message: str) -> str:

@@ -41,7 +41,7 @@ from cla_jax import cli
 from cla_jax import config_lib
 from cla_jax import model as model_lib
 from cla_jax import patterns
-from cla_jax.cli import UserError
+from cla_jax.errors import UserError
 
 REPORT_FILE = "convert_report.json"
 ROPE_LAYOUTS = ("half", "interleaved")

@@ -31,7 +31,7 @@ import tqdm
 from cla_jax import checkpoint, config_lib, input_pipeline, sharding, train_step
 from cla_jax import tokenizer as tokenizer_lib
 from cla_jax import model as model_lib
-from cla_jax.cli import UserError
+from cla_jax.errors import UserError
 
 # Fields of a workdir's config that evaluation may change: what to read and how to run, never the weights.
 OVERRIDABLE = ("data.", "eval.", "mesh.", "train.seq_len", "model.dtype", "model.attention_impl", "model.remat")

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from cla_jax import python_docs
-from cla_jax.cli import UserError
+from cla_jax.errors import UserError
 from cla_jax.tokenizer import Tokenizer, cache_dir_of
 
 Batch = dict[str, np.ndarray]

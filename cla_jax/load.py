@@ -13,7 +13,7 @@ import numpy as np
 from cla_jax import checkpoint
 from cla_jax import config_lib
 from cla_jax import model as model_lib
-from cla_jax.cli import UserError
+from cla_jax.errors import UserError
 
 
 class LoadedModel:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cla_jax import patterns
-from cla_jax.cli import UserError
+from cla_jax.errors import UserError
 
 Array = jax.Array
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from cla_jax.cli import UserError
+from cla_jax.errors import UserError
 
 NAMED_PATTERNS = ("none", "cla<N>", "keep_ends", "dense_front", "dense_back", "<comma-separated sizes>")
 

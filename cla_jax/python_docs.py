@@ -24,7 +24,7 @@ from typing import Iterator
 
 import tensorflow_datasets as tfds
 
-from cla_jax.cli import UserError
+from cla_jax.errors import UserError
 
 NAME = "cla_python_docs"
 PACKAGE = "python3.11-doc"

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Sequence
 import ml_collections
 import sentencepiece as spm
 
-from cla_jax.cli import UserError
+from cla_jax.errors import UserError
 
 # Bump when the sentencepiece trainer options below change, so cached tokenizers are retrained.
 _SPM_RECIPE_VERSION = 1

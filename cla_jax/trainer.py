@@ -21,7 +21,7 @@ import ml_collections
 
 from cla_jax import checkpoint, config_lib, metrics as metrics_lib, optim, sharding
 from cla_jax import train_step as train_step_lib
-from cla_jax.cli import UserError
+from cla_jax.errors import UserError
 from cla_jax import model as model_lib
 from cla_jax.model import Transformer
 

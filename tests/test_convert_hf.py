@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 import cla_jax  # noqa: E402
 from cla_jax import convert_hf  # noqa: E402
-from cla_jax.cli import UserError  # noqa: E402
+from cla_jax.errors import UserError  # noqa: E402
 from tests import numpy_reference  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent

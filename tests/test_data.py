@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from cla_jax import input_pipeline, python_docs, tokenizer as tokenizer_lib
-from cla_jax.cli import UserError
+from cla_jax.errors import UserError
 
 WORDS = ("the a an of to in is and for with that this module function class object value return "
          "list dict string file path error exception import data type call method default argument "

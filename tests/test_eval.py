@@ -15,7 +15,7 @@ import pytest
 from cla_jax import checkpoint, config_lib, evaluate
 from cla_jax import model as model_lib
 from cla_jax import tokenizer as tokenizer_lib
-from cla_jax.cli import UserError
+from cla_jax.errors import UserError
 from tests import numpy_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -112,11 +113,16 @@ def resolve(run: Run, global_overrides: dict[str, Any]) -> ml_collections.Config
   return config
 
 
+@functools.lru_cache(maxsize=None)
+def _describe(cfg) -> dict[str, Any]:
+  from cla_jax import describe  # pylint: disable=g-import-not-at-top  (imports jax)
+  return describe.describe(cfg)
+
+
 def describe_run(run: Run, config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The static part of a result row: shape, KV bytes and params (from describe), lr, seed, steps."""
-  from cla_jax import describe  # pylint: disable=g-import-not-at-top  (imports jax)
   m = config.model
-  d = describe.describe(config_lib.model_config(config))
+  d = _describe(config_lib.model_config(config))  # once per model: the runs of a row share it
   return {"name": run.name, "row": run.row, "family": family(m.num_heads, m.num_kv_heads, m.pattern),
           "config": run.config, "d_head": m.head_dim, "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads,
           "num_layers": m.num_layers, "kv_layers": d["kv_layers"], "kv_bytes_per_token": d["kv_bytes_per_token"],
@@ -315,13 +321,15 @@ class Runner:
 
 def format_dry_run(runner: Runner) -> str:
   """One line per run: name, row, overrides, KV bytes/token, params (or its error)."""
-  lines = [f"{'name':<32} {'row':<18} {'KV B/tok':>9} {'params':>14}  overrides"]
+  width = max([len(r.name) for r, _, _ in runner.entries] + [4])
+  row_width = max([len(r.row) for r, _, _ in runner.entries] + [3])
+  lines = [f"{'name':<{width}} {'row':<{row_width}} {'KV B/tok':>9} {'params':>14}  config and overrides"]
   for run, config, row in runner.entries:
     if config is None:
-      lines.append(f"{run.name:<32} {run.row:<18} {'INVALID':>9} {'':>14}  {row['error']}")
+      lines.append(f"{run.name:<{width}} {run.row:<{row_width}} {'INVALID':>9} {'':>14}  {row['error']}")
     else:
-      overrides = " ".join(f"{k}={v}" for k, v in run.overrides.items())
-      lines.append(f"{run.name:<32} {run.row:<18} {row['kv_bytes_per_token']:>9} {row['params']:>14,}  "
+      overrides = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in run.overrides.items())
+      lines.append(f"{run.name:<{width}} {run.row:<{row_width}} {row['kv_bytes_per_token']:>9} {row['params']:>14,}  "
                    f"{run.config} seed={run.seed} {overrides}")
   return "\n".join(lines)
 

@@ -269,7 +269,7 @@ class Runner:
       self.stopping = True
       for child in self._children.values():
         child.send_signal(signal.SIGTERM)
-    print(f"stopping: running workers save a checkpoint and exit; rerun the same command to resume.", flush=True)
+    print("stopping: running workers save a checkpoint and exit; rerun the same command to resume.", flush=True)
 
   def run(self, log=print) -> list[dict[str, Any]]:
     """Trains every pending run, `parallel` at a time; returns the final result rows."""
@@ -296,7 +296,8 @@ class Runner:
           return
         done_count[0] += 1
         rate = (time.time() - started) / done_count[0] / self.parallel
-        status = "done" if ok else "FAILED: " + json.loads((self.workdir / run.name / "failed.json").read_text())["error"]
+        failure = self.workdir / run.name / "failed.json"
+        status = "done" if ok else "FAILED: " + json.loads(failure.read_text())["error"]
         log(f"{status} {run.name} in {time.time() - t0:.0f}s ({done_count[0]}/{len(todo)}; about "
             f"{rate * (len(todo) - done_count[0]) / 60:.0f} min left)")
       finally:

@@ -102,6 +102,16 @@ def test_bad_overrides_and_flags_are_one_line_errors():
     sweep.load_sweep("configs/sweeps/nope.py", seeds=None)
 
 
+def test_parallel_workers_split_the_gpus(monkeypatch):
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+  assert sweep.device_env(2, 1)["CUDA_VISIBLE_DEVICES"] == "2,3"
+  assert sweep.device_env(4, 0)["CUDA_VISIBLE_DEVICES"] == "0"
+  assert sweep.device_env(1, 0)["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+  sweep.check_parallel(2)
+  with pytest.raises(UserError, match="cannot split 4 GPUs"):
+    sweep.check_parallel(3)
+
+
 def test_last_error_line():
   assert sweep.last_error("I0 noise\nerror: need train.lr > 0.\n") == "need train.lr > 0."
   assert sweep.last_error("Traceback (most recent call last):\n  x\nValueError: boom\n") == "ValueError: boom"
@@ -160,8 +170,9 @@ def test_sweep_trains_reports_skips_and_records_failures(tmp_path, corpus):
       ("T-MQA", {"model.pattern": "none"}), ("T-MQA-CLA2", {"model.pattern": "cla2"}),
       ("T-BAD", {"train.lr": -1.0})])  # valid as a config, refused by the trainer
   workdir = tmp_path / "sweep"
-  out = _run_sweep(sweep_file, workdir)
+  out = _run_sweep(sweep_file, workdir, "--parallel=2")
   assert out.returncode == 0, out.stdout + out.stderr
+  assert "(2 at a time)" in out.stdout
   rows = _rows(workdir)
   for name, kv_layers in (("T-MQA_lr0.003_s0", 4), ("T-MQA-CLA2_lr0.003_s0", 2)):
     assert rows[name]["status"] == "done", rows[name]

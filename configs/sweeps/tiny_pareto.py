@@ -10,7 +10,8 @@ trains at each learning rate with several init seeds (same data order) on the em
 
 Budget: 8 rows x 2 learning rates x 3 seeds = 48 runs of 100 steps (205k tokens each), about 70 s per run
 (training ~45 s + process start, compile and evaluation on 64k validation tokens) on an idle 2-core CPU:
-about an hour in all (estimated from FLOPs per token; a loaded shared VM took 5-6 min per run). More steps or seeds: --config.train.steps=300 --seeds=5.
+about an hour in all (estimated from FLOPs per token; a loaded shared VM took 5-6 min per run).
+More steps or seeds: --config.train.steps=300 --seeds=5 (with a new --workdir).
 """
 
 from cla_jax.sweep import Run, grid

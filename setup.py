@@ -25,6 +25,7 @@ setup(
         "safetensors",
         "tensorboardX",
         "tqdm",
+        "matplotlib",  # the sweep's pareto.png / lr_sweep.png, written after every run (Agg backend, no display)
     ],
     extras_require={
         # torch only for the Hugging Face parity tests; 2.13.0 is the CPU build.

@@ -162,32 +162,48 @@ def find_tokenizer(workdir: pathlib.Path, config: Any) -> pathlib.Path | None:
   return path if path.suffix in (".json", ".model") and path.is_file() else None
 
 
+def sentencepiece_to_tokenizers(model_file: pathlib.Path) -> Any:
+  """A `tokenizers.Tokenizer` that encodes exactly like cla_jax's sentencepiece model (Unigram, no dummy prefix).
+
+  transformers' LlamaTokenizer would re-read tokenizer.model with Llama's normaliser (a dummy-prefix space),
+  which cla_jax's models were not trained with; this keeps sentencepiece's pieces, scores and whitespace
+  splitting as they are.
+  """
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+
+  sp = spm.SentencePieceProcessor(model_file=str(model_file))
+  ids = range(sp.get_piece_size())
+  byte_fallback = any(sp.is_byte(i) for i in ids)
+  tok = tokenizers.Tokenizer(models.Unigram([(sp.id_to_piece(i), sp.get_score(i)) for i in ids],
+                                            unk_id=sp.unk_id(), byte_fallback=byte_fallback))
+  # Sentencepiece splits at whitespace, which it writes as U+2581 at the start of the following piece.
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)
+  metaspace = decoders.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)
+  tok.decoder = decoders.Sequence([decoders.ByteFallback(), metaspace]) if byte_fallback else metaspace
+  tok.add_special_tokens([tokenizers.AddedToken(sp.id_to_piece(i), special=True, normalized=False)
+                          for i in ids if sp.is_control(i)])
+  return tok
+
+
 def write_tokenizer(path: pathlib.Path, out: pathlib.Path) -> dict[str, int | None]:
-  """Copies the tokenizer with a tokenizer_config.json transformers reads; returns its bos/eos/pad ids."""
+  """Writes tokenizer.json (+ tokenizer.model for sentencepiece) and tokenizer_config.json; returns special ids."""
   if path.suffix == ".json":
-    import tokenizers  # pylint: disable=g-import-not-at-top
-    vocab = tokenizers.Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
-    eos = next((t for t in _EOS_CANDIDATES if t in vocab), None)
     shutil.copyfile(path, out / "tokenizer.json")
-    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "add_bos_token": False,
-                  "add_eos_token": False, "clean_up_tokenization_spaces": False,
-                  "model_max_length": 1_000_000_000}
-    ids = {"bos_token_id": None, "eos_token_id": vocab.get(eos) if eos else None, "pad_token_id": None}
   else:
-    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-    sp = spm.SentencePieceProcessor(model_file=str(path))
-    piece = lambda i: sp.id_to_piece(i) if i >= 0 else None
     shutil.copyfile(path, out / "tokenizer.model")
-    # cla_jax's sentencepiece models add no dummy prefix and no BOS/EOS; `legacy=False, add_prefix_space=False`
-    # make LlamaTokenizer encode exactly as sentencepiece does.
-    tok_config = {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()),
-                  "unk_token": piece(sp.unk_id()), "pad_token": piece(sp.pad_id()), "add_bos_token": False,
-                  "add_eos_token": False, "add_prefix_space": False, "legacy": False,
-                  "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000_000}
-    ids = {"bos_token_id": sp.bos_id() if sp.bos_id() >= 0 else None, "eos_token_id": sp.eos_id(),
-           "pad_token_id": sp.pad_id() if sp.pad_id() >= 0 else None}
+    sentencepiece_to_tokenizers(path).save(str(out / "tokenizer.json"))
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  vocab = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab(with_added_tokens=True)
+  eos = next((t for t in _EOS_CANDIDATES if t in vocab), None)
+  unk = next((t for t in ("<unk>", "[UNK]") if t in vocab), None)
+  # cla_jax adds no BOS/EOS when encoding, and neither does this config.
+  tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "unk_token": unk,
+                "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+                "model_max_length": 1_000_000_000}
   (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-  return ids
+  return {"bos_token_id": None, "eos_token_id": vocab.get(eos) if eos else None, "pad_token_id": None}
 
 
 # ----------------------------------------------------------------------------- export

@@ -131,3 +131,128 @@ def test_every_pattern_matches_cla_jax_in_transformers(kind, tmp_path):
     np.testing.assert_array_equal(generated.sequences.numpy(), greedy_reference(loaded, prompts, NEW_TOKENS),
                                   err_msg=f"{kind} {pattern}")
     assert len(generated.past_key_values.layers) == info["kv_layers"], pattern
+
+
+@pytest.fixture(scope="module")
+def keep_ends_workdir(tmp_path_factory):
+  """An untied GQA keep_ends workdir, shared by the tests below."""
+  return _workdir(tmp_path_factory.mktemp("keep_ends") / "work", "keep_ends", 2, seed=3)
+
+
+def _restored(workdir):
+  params, config, _ = checkpoint.restore_params(workdir)
+  return jax.tree.map(np.asarray, params), config
+
+
+@pytest.mark.parametrize("pattern,llama_norms,expected_format", [
+    ("keep_ends", False, "cla"), ("none", True, "llama"), ("none", False, "cla")])
+def test_export_then_import_is_bitwise(tmp_path, keep_ends_workdir, pattern, llama_norms, expected_format):
+  """export_hf (fp32, sharded) -> convert_hf gives the same params bit for bit and the same model config."""
+  work = keep_ends_workdir if pattern == "keep_ends" else _workdir(tmp_path / "work", pattern, 2, tie=True,
+                                                                    llama_norms=llama_norms, seed=4)
+  summary = export_hf.export(work, tmp_path / "hf", dtype="float32", max_shard_bytes=20_000)
+  assert summary["format"] == expected_format
+  assert len(summary["weight_files"]) > 1 and (tmp_path / "hf" / export_hf.INDEX_FILE).is_file()
+  report = convert_hf.convert(tmp_path / "hf", tmp_path / "back")
+  assert report["dropped_kv"] == []
+  before, config_before = _restored(work)
+  after, config_after = _restored(tmp_path / "back")
+  assert jax.tree.structure(before) == jax.tree.structure(after)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(before), jax.tree.leaves(after)):
+    assert a.dtype == b.dtype and np.array_equal(a, b), jax.tree_util.keystr(path)
+  model_before, model_after = config_before.model.to_dict(), config_after.model.to_dict()
+  for field in convert_hf.ARCH_FIELDS + ("pattern",):
+    assert model_before[field] == model_after[field], field
+
+
+def test_sharded_bf16_export_loads_and_its_cache_is_describes_bytes(tmp_path, keep_ends_workdir):
+  """The default bf16 export, sharded: logits close to cla_jax's, and a bf16 cache of kv_bytes_per_token x tokens."""
+  summary = export_hf.export(keep_ends_workdir, tmp_path / "hf", max_shard_bytes=20_000)
+  index = json.loads((tmp_path / "hf" / export_hf.INDEX_FILE).read_text())
+  assert sorted(set(index["weight_map"].values())) == summary["weight_files"]
+  assert json.loads((tmp_path / "hf" / "config.json").read_text())["kv_group_sizes"] == [1, 2, 2, 1]
+  hf_model = _hf_model(tmp_path / "hf", dtype=torch.bfloat16)
+  tokens = _tokens()
+  with torch.no_grad():
+    out = hf_model(torch.tensor(tokens, dtype=torch.long), use_cache=True)
+  loaded = cla_jax.load_model(keep_ends_workdir)
+  info = describe.describe(loaded.model_config)
+  assert len(out.past_key_values.layers) == 4 and out.past_key_values.layers[0].keys.dtype == torch.bfloat16
+  assert _cache_bytes(out.past_key_values) == info["kv_bytes_per_token"] * tokens.size
+  expected = np.asarray(loaded(tokens))
+  assert np.abs(out.logits.float().numpy() - expected).max() < 0.1 * np.abs(expected).max()
+
+
+def _word_tokenizer(path: pathlib.Path, words: list[str]) -> None:
+  tokenizers = pytest.importorskip("tokenizers")
+  vocab = {"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tok.add_special_tokens(["</s>"])
+  tok.save(str(path))
+
+
+def test_tokenizers_export_and_encode_like_cla_jax(tmp_path, keep_ends_workdir):
+  """A workdir's tokenizer.model (sentencepiece) or tokenizer.json loads with AutoTokenizer and encodes the same."""
+  from cla_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+
+  text = "the cat sees the ball.\n\n  a dog likes the river, 42 times!  "
+  corpus = [f"the cat sees the ball {i}.\n  a dog likes the river, my friend calls {i * 7} times!" for i in range(300)]
+  spm_dir = tmp_path / "spm"
+  spm_dir.mkdir()
+  (spm_dir / "tokenizer.model").write_bytes(tokenizer_lib.train_sentencepiece(corpus, vocab_size=VOCAB))
+  json_dir = tmp_path / "json"
+  json_dir.mkdir()
+  _word_tokenizer(json_dir / "tokenizer.json", sorted(set(" ".join(corpus).split()))[:VOCAB - 2])
+  for name, tokenizer_dir in (("tokenizer.model", spm_dir), ("tokenizer.json", json_dir)):
+    config = ml_collections.ConfigDict(checkpoint.read_config(keep_ends_workdir).to_dict())
+    config.data.tokenizer = str(tokenizer_dir / name)
+    ours = tokenizer_lib.get_tokenizer(config)
+    work = tmp_path / f"work_{name}"
+    work.mkdir()
+    (work / "checkpoints").symlink_to(keep_ends_workdir / "checkpoints", target_is_directory=True)
+    checkpoint.write_config(work, config)
+    export_hf.export(work, tmp_path / f"hf_{name}")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / f"hf_{name}"), trust_remote_code=True)
+    assert theirs(text)["input_ids"] == ours.encode(text), name
+    assert theirs.decode(ours.encode(text)) == ours.decode(ours.encode(text)), name
+    assert theirs.eos_token_id == ours.eos_id, name
+    generation = json.loads((tmp_path / f"hf_{name}" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == ours.eos_id, name
+
+
+def test_errors_are_one_clear_line(tmp_path, keep_ends_workdir):
+  out = tmp_path / "hf"
+  with pytest.raises(UserError, match="does not exist"):
+    export_hf.export(tmp_path / "nowhere", out)
+  with pytest.raises(UserError, match="no checkpoint for step 7"):
+    export_hf.export(keep_ends_workdir, out, step=7)
+  with pytest.raises(UserError, match="dtype"):
+    export_hf.export(keep_ends_workdir, out, dtype="float16")
+  with pytest.raises(UserError, match="overlaps"):
+    export_hf.export(keep_ends_workdir, keep_ends_workdir / "hf", overwrite=True)
+  out.mkdir()
+  (out / "keep.txt").write_text("mine")
+  with pytest.raises(UserError, match="not empty.*--overwrite"):
+    export_hf.export(keep_ends_workdir, out)
+  assert (out / "keep.txt").read_text() == "mine"
+  export_hf.export(keep_ends_workdir, out, overwrite=True)
+  assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+  layernorm = _workdir(tmp_path / "layernorm", "cla2", 1, norm="layernorm")
+  with pytest.raises(UserError, match="model.norm='layernorm' cannot be exported"):
+    export_hf.export(layernorm, tmp_path / "hf_layernorm")
+  assert not (tmp_path / "hf_layernorm").exists()
+  with pytest.raises(UserError, match="omit --pattern"):
+    convert_hf.convert(out, tmp_path / "back", pattern="cla2")
+
+
+def test_cli_writes_and_refuses_in_one_line(tmp_path, keep_ends_workdir):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  command = [sys.executable, "-m", "cla_jax.export_hf", f"--workdir={keep_ends_workdir}", f"--out={tmp_path / 'hf'}"]
+  result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert "cla" in result.stdout and (tmp_path / "hf" / "modeling_cla.py").is_file()
+  assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+  result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2 and result.stderr.startswith("error:") and "--overwrite" in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1

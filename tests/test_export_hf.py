@@ -256,3 +256,18 @@ def test_cli_writes_and_refuses_in_one_line(tmp_path, keep_ends_workdir):
   result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2 and result.stderr.startswith("error:") and "--overwrite" in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_left_padded_batch_generates_like_single_prompts(tmp_path, keep_ends_workdir):
+  """Batched generate with left padding (attention_mask zeros) gives each prompt's unpadded greedy tokens."""
+  export_hf.export(keep_ends_workdir, tmp_path / "hf", dtype="float32")
+  hf_model = _hf_model(tmp_path / "hf")
+  long, short = _tokens(1, PROMPT, seed=5)[0], _tokens(1, PROMPT - 3, seed=6)[0]
+  batch = torch.tensor(np.stack([long, np.concatenate([np.zeros(3, np.int32), short])]), dtype=torch.long)
+  mask = torch.ones_like(batch)
+  mask[1, :3] = 0
+  padded = hf_model.generate(batch, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+  for row, prompt in enumerate((long, short)):
+    single = hf_model.generate(torch.tensor(prompt[None], dtype=torch.long), max_new_tokens=NEW_TOKENS,
+                               do_sample=False, pad_token_id=0)
+    np.testing.assert_array_equal(padded[row, -NEW_TOKENS:].numpy(), single[0, -NEW_TOKENS:].numpy())

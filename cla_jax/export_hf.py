@@ -53,6 +53,12 @@ class ExportError(UserError):
 # ----------------------------------------------------------------------------- weights
 
 
+def _per_group(params: dict, cfg: model_lib.ModelConfig) -> list[dict]:
+  """Each group's params (kv, layer_0, ...) in layer order, from the scanned or the unscanned layout."""
+  flat = model_lib.unstack_params(params, cfg) if cfg.scan_layers else params
+  return [flat[f"segment_{s}_group_{g}"] for s, (_, count) in enumerate(cfg.segments) for g in range(count)]
+
+
 def is_plain_llama(params: dict, cfg: model_lib.ModelConfig) -> bool:
   """Whether `LlamaForCausalLM` computes this model: no sharing, each KV norm equal to its layer's attention norm.
 
@@ -62,25 +68,18 @@ def is_plain_llama(params: dict, cfg: model_lib.ModelConfig) -> bool:
   """
   if any(size != 1 for size in cfg.group_sizes) or cfg.d_model % cfg.num_heads:
     return False
-  for s in range(len(cfg.segments)):
-    segment = params[f"segment_{s}"]
-    if not np.array_equal(np.asarray(segment["kv"]["norm"]["scale"]),
-                          np.asarray(segment["layer_0"]["attn_norm"]["scale"])):
-      return False
-  return True
+  return all(np.array_equal(np.asarray(group["kv"]["norm"]["scale"]), np.asarray(group["layer_0"]["attn_norm"]["scale"]))
+             for group in _per_group(params, cfg))
 
 
 def hf_tensors(params: dict, cfg: model_lib.ModelConfig, llama: bool) -> dict[str, np.ndarray]:
   """The float32 tensors of the export under Hugging Face names and layouts (KV norms only when not `llama`)."""
   d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   params = jax.tree.map(np.asarray, params)
-  flat = model_lib.unstack_params(params, cfg) if cfg.scan_layers else params
-  tensors = {"model.embed_tokens.weight": flat["embed"], "model.norm.weight": flat["final_norm"]["scale"]}
+  tensors = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["final_norm"]["scale"]}
   if not cfg.tie_embeddings:
-    tensors["lm_head.weight"] = flat["lm_head"].T
-  group_names = [f"segment_{s}_group_{g}" for s, (_, count) in enumerate(cfg.segments) for g in range(count)]
-  for layers, name in zip(patterns.layer_groups(cfg.group_sizes), group_names):
-    group = flat[name]
+    tensors["lm_head.weight"] = params["lm_head"].T
+  for layers, group in zip(patterns.layer_groups(cfg.group_sizes), _per_group(params, cfg)):
     for j, i in enumerate(layers):
       layer, p = group[f"layer_{j}"], f"model.layers.{i}."
       tensors.update({
@@ -226,9 +225,10 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | No
 
   if dtype not in DTYPES:
     raise ExportError(f"--dtype={dtype!r} is not one of {DTYPES}.")
-  workdir, out = pathlib.Path(workdir), pathlib.Path(out)
+  workdir_arg = os.fspath(workdir)  # as given: restore_params also reads gs:// workdirs
+  workdir, out = pathlib.Path(workdir), pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(out))))
   _check_out(workdir, out, overwrite)
-  params, config, restored_step = checkpoint.restore_params(workdir, step=step)
+  params, config, restored_step = checkpoint.restore_params(workdir_arg, step=step)
   cfg = model_lib.ModelConfig.from_config(config.model)
   if cfg.norm != "rmsnorm":
     raise ExportError(f"model.norm={cfg.norm!r} cannot be exported: Llama and the CLA modeling file use RMSNorm "

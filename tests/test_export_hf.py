@@ -271,3 +271,13 @@ def test_left_padded_batch_generates_like_single_prompts(tmp_path, keep_ends_wor
     single = hf_model.generate(torch.tensor(prompt[None], dtype=torch.long), max_new_tokens=NEW_TOKENS,
                                do_sample=False, pad_token_id=0)
     np.testing.assert_array_equal(padded[row, -NEW_TOKENS:].numpy(), single[0, -NEW_TOKENS:].numpy())
+
+
+def test_unscanned_workdir_exports_the_same_model(tmp_path):
+  """model.scan_layers=False workdirs (params per group, not stacked) export too."""
+  work = _workdir(tmp_path / "work", "cla3", 2, seed=7, scan_layers=False)
+  export_hf.export(work, tmp_path / "hf", dtype="float32")
+  tokens = _tokens()
+  with torch.no_grad():
+    logits = _hf_model(tmp_path / "hf")(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(logits, np.asarray(cla_jax.load_model(work)(tokens)), atol=1e-4, rtol=0)

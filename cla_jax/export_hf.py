@@ -68,8 +68,8 @@ def is_plain_llama(params: dict, cfg: model_lib.ModelConfig) -> bool:
   """
   if any(size != 1 for size in cfg.group_sizes) or cfg.d_model % cfg.num_heads:
     return False
-  return all(np.array_equal(np.asarray(group["kv"]["norm"]["scale"]), np.asarray(group["layer_0"]["attn_norm"]["scale"]))
-             for group in _per_group(params, cfg))
+  return all(np.array_equal(group["kv"]["norm"]["scale"], group["layer_0"]["attn_norm"]["scale"])
+             for group in _per_group(jax.tree.map(np.asarray, params), cfg))
 
 
 def hf_tensors(params: dict, cfg: model_lib.ModelConfig, llama: bool) -> dict[str, np.ndarray]:
@@ -186,13 +186,44 @@ def sentencepiece_to_tokenizers(model_file: pathlib.Path) -> Any:
   return tok
 
 
-def write_tokenizer(path: pathlib.Path, out: pathlib.Path) -> dict[str, int | None]:
-  """Writes tokenizer.json (+ tokenizer.model for sentencepiece) and tokenizer_config.json; returns special ids."""
+# Probe texts for the sentencepiece translation: leading, repeated and trailing whitespace, newlines, digits,
+# punctuation and characters outside any small vocabulary.
+_PROBES = ("The cat sat.", "  two  spaces\n\n\tand a tab ", "x=42; y = 3.14159!\n",
+           "caf\u00e9 \u65e5\u672c \U0001F600 end")
+
+
+def _translation_matches(model_file: pathlib.Path, tok: Any) -> bool:
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  sp = spm.SentencePieceProcessor(model_file=str(model_file))
+  normal = [i for i in range(min(sp.get_piece_size(), 400)) if not (sp.is_control(i) or sp.is_unknown(i))]
+  pieces = " ".join(sp.id_to_piece(i) for i in normal).replace("\u2581", " ")
+  return all(sp.encode(text) == tok.encode(text, add_special_tokens=False).ids for text in _PROBES + (pieces,))
+
+
+def write_tokenizer(path: pathlib.Path, out: pathlib.Path) -> tuple[dict[str, int | None], str | None]:
+  """Writes tokenizer.json (+ tokenizer.model for sentencepiece) and tokenizer_config.json.
+
+  Returns the bos/eos/pad ids and a warning when a sentencepiece model could not be translated faithfully
+  (not a cla_jax-trained one: e.g. BPE, or a normaliser with a dummy prefix); then only tokenizer.model is
+  written, for transformers' LlamaTokenizer, which may split text differently from cla_jax.
+  """
+  warning = None
   if path.suffix == ".json":
     shutil.copyfile(path, out / "tokenizer.json")
   else:
     shutil.copyfile(path, out / "tokenizer.model")
-    sentencepiece_to_tokenizers(path).save(str(out / "tokenizer.json"))
+    tok = sentencepiece_to_tokenizers(path)
+    if not _translation_matches(path, tok):
+      import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+      sp = spm.SentencePieceProcessor(model_file=str(path))
+      tok_config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
+                    "eos_token": sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None}
+      (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+      warning = (f"{path} is not a sentencepiece model the export can translate exactly; wrote tokenizer.model "
+                 "for LlamaTokenizer, which may split text differently: check its ids against cla_jax's.")
+      ids = {"bos_token_id": None, "eos_token_id": sp.eos_id() if sp.eos_id() >= 0 else None, "pad_token_id": None}
+      return ids, warning
+    tok.save(str(out / "tokenizer.json"))
   import tokenizers  # pylint: disable=g-import-not-at-top
   vocab = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab(with_added_tokens=True)
   eos = next((t for t in _EOS_CANDIDATES if t in vocab), None)
@@ -202,7 +233,7 @@ def write_tokenizer(path: pathlib.Path, out: pathlib.Path) -> dict[str, int | No
                 "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
                 "model_max_length": 1_000_000_000}
   (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-  return {"bos_token_id": None, "eos_token_id": vocab.get(eos) if eos else None, "pad_token_id": None}
+  return {"bos_token_id": None, "eos_token_id": vocab.get(eos) if eos else None, "pad_token_id": None}, warning
 
 
 # ----------------------------------------------------------------------------- export
@@ -244,8 +275,9 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | No
   try:
     files = write_safetensors(tensors, tmp, dtype, max_shard_bytes)
     tokenizer = find_tokenizer(workdir, config)
-    special = write_tokenizer(tokenizer, tmp) if tokenizer else {
-        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    special, tokenizer_warning = ({"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}, None)
+    if tokenizer:
+      special, tokenizer_warning = write_tokenizer(tokenizer, tmp)
     max_positions = int(config.train.get("seq_len", 2048)) if "train" in config else 2048
     (tmp / "config.json").write_text(json.dumps(hf_config(cfg, llama, dtype, max_positions, special), indent=2) + "\n")
     generation = {"bos_token_id": special["bos_token_id"], "eos_token_id": special["eos_token_id"],
@@ -261,7 +293,7 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | No
     shutil.rmtree(tmp, ignore_errors=True)
   return {"out": str(out), "step": restored_step, "format": "llama" if llama else "cla",
           "groups": patterns.layer_groups(cfg.group_sizes), "dtype": dtype, "weight_files": files,
-          "tokenizer": str(tokenizer) if tokenizer else None,
+          "tokenizer": str(tokenizer) if tokenizer else None, "tokenizer_warning": tokenizer_warning,
           "reason": _format_reason(cfg, llama)}
 
 
@@ -279,7 +311,9 @@ def describe_export(summary: dict) -> Iterator[str]:
   """Human-readable lines summarising an export."""
   yield f"step {summary['step']} -> {summary['out']} ({summary['format']}, {summary['dtype']}): {summary['reason']}"
   yield f"weights: {', '.join(summary['weight_files'])}"
-  if summary["tokenizer"]:
+  if summary["tokenizer_warning"]:
+    yield f"warning: {summary['tokenizer_warning']}"
+  elif summary["tokenizer"]:
     yield f"tokenizer: {summary['tokenizer']}"
   else:
     yield "warning: no tokenizer found in the workdir (tokenizer.model/tokenizer.json) or data.tokenizer; none written"

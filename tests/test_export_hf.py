@@ -220,6 +220,18 @@ def test_tokenizers_export_and_encode_like_cla_jax(tmp_path, keep_ends_workdir):
     generation = json.loads((tmp_path / f"hf_{name}" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == ours.eos_id, name
 
+  # A sentencepiece model with a dummy-prefix normaliser (not cla_jax-trained) is not translated: a warning.
+  import io  # pylint: disable=g-import-not-at-top
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  writer = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=writer, vocab_size=VOCAB,
+                                 hard_vocab_limit=False, minloglevel=2)
+  (spm_dir / "tokenizer.model").write_bytes(writer.getvalue())
+  summary = export_hf.export(tmp_path / "work_tokenizer.model", tmp_path / "hf_prefix")
+  assert "translate exactly" in summary["tokenizer_warning"]
+  tok_config = json.loads((tmp_path / "hf_prefix" / "tokenizer_config.json").read_text())
+  assert tok_config["tokenizer_class"] == "LlamaTokenizer"
+
 
 def test_errors_are_one_clear_line(tmp_path, keep_ends_workdir):
   out = tmp_path / "hf"

@@ -10,6 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["cla_jax", "configs"],
+    # The transformers modeling files that cla_jax.export_hf copies into every CLA export.
+    package_data={"cla_jax": ["hf/*.py"]},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.0",

@@ -71,6 +71,8 @@ class LlamaArch:
   rope_theta: float
   tie_embeddings: bool
   max_position_embeddings: int | None = None
+  # An exported CLA model's (model_type='cla', written by cla_jax.export_hf) KV group sizes; None for Llama.
+  kv_group_sizes: tuple[int, ...] | None = None
 
   def model_fields(self) -> dict[str, Any]:
     """The `config.model` fields this architecture fixes."""
@@ -105,6 +107,8 @@ def _rope_theta_and_type(hf: Mapping[str, Any]) -> tuple[float, str]:
 def parse_llama_config(hf: Mapping[str, Any]) -> LlamaArch:
   """Validates a Llama `config.json` dict; raises ConvertError naming the unsupported field."""
   architectures = hf.get("architectures") or []
+  if hf.get("model_type") == "cla":
+    return _parse_cla_config(hf)
   if hf.get("model_type") != "llama":
     raise ConvertError(f"config.json model_type={hf.get('model_type')!r} is not supported; only Llama "
                        "(model_type='llama', LlamaForCausalLM) checkpoints can be converted.")
@@ -136,6 +140,40 @@ def parse_llama_config(hf: Mapping[str, Any]) -> LlamaArch:
       vocab_size=hf["vocab_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta,
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       max_position_embeddings=hf.get("max_position_embeddings"))
+
+
+def _parse_cla_config(hf: Mapping[str, Any]) -> LlamaArch:
+  """A CLA `config.json` (cla_jax.export_hf): Llama's fields plus `kv_group_sizes`."""
+  if (hf.get("architectures") or ["CLAForCausalLM"]) != ["CLAForCausalLM"]:
+    raise ConvertError(f"config.json architectures={hf.get('architectures')} is not supported for model_type='cla'; "
+                       "expected ['CLAForCausalLM'] (a cla_jax.export_hf export).")
+  arch = parse_llama_config(dict(hf, model_type="llama", architectures=["LlamaForCausalLM"]))
+  sizes = hf.get("kv_group_sizes")
+  if (not isinstance(sizes, list) or not all(isinstance(s, int) and s > 0 for s in sizes)
+      or sum(sizes) != arch.num_layers):
+    raise ConvertError(f"config.json kv_group_sizes={sizes!r} must be positive integers summing to "
+                       f"num_hidden_layers={arch.num_layers}.")
+  return dataclasses.replace(arch, kv_group_sizes=tuple(sizes))
+
+
+def cla_pattern(hf: Mapping[str, Any], arch: LlamaArch, pattern: str) -> str:
+  """The pattern to import an exported CLA model with: its own groups (`pattern` may only restate them)."""
+  sizes = arch.kv_group_sizes
+  named = str(hf.get("cla_pattern") or "")
+  own = named if named and _sizes_or_none(named, arch.num_layers) == sizes else ",".join(map(str, sizes))
+  if pattern == "none" and own != "none":  # the default: keep the checkpoint's grouping
+    return own
+  if _sizes_or_none(pattern, arch.num_layers) != sizes:
+    raise ConvertError(f"--pattern={pattern!r} differs from the exported CLA model's KV groups {list(sizes)} "
+                       f"(pattern {own!r}); omit --pattern: an exported CLA model keeps its grouping.")
+  return pattern
+
+
+def _sizes_or_none(pattern: str, num_layers: int) -> tuple[int, ...] | None:
+  try:
+    return patterns.group_sizes(pattern, num_layers)
+  except patterns.PatternError:
+    return None
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -234,6 +272,8 @@ def _layer_tensors(reader: SafetensorsReader, arch: LlamaArch, i: int, rope_layo
       "down": _expect(reader, p + "mlp.down_proj.weight", (d, f), "hidden_size, intermediate_size").T,
   }
   kv_heads = "num_key_value_heads x head_dim, hidden_size"
+  if not with_kv and arch.kv_group_sizes is not None:
+    return layer, None  # an exported CLA model's non-first layers have no K/V
   if not with_kv:
     # Dropped, but still shape-checked so that a malformed file never converts silently.
     for w in ("k", "v"):
@@ -243,17 +283,26 @@ def _layer_tensors(reader: SafetensorsReader, arch: LlamaArch, i: int, rope_layo
   value = _expect(reader, p + "self_attn.v_proj.weight", (k * h, d), kv_heads).T.reshape(d, k, h)
   if rope_layout == "interleaved":
     key = interleaved_to_half(key)  # values are not rotated, so they keep their layout
-  return layer, {"norm": {"scale": attn_norm.copy()}, "key": key, "value": value}
+  kv_norm = attn_norm.copy()
+  if arch.kv_group_sizes is not None:  # an exported CLA model keeps each group's own KV norm
+    kv_norm = _expect(reader, p + "kv_layernorm.weight", (d,), "hidden_size")
+  return layer, {"norm": {"scale": kv_norm}, "key": key, "value": value}
 
 
 def _check_unused(reader: SafetensorsReader, arch: LlamaArch) -> None:
   """Rejects tensors the mapping does not know (biases, extra modules) rather than silently dropping them."""
   known = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+  producers = set(range(arch.num_layers))
+  if arch.kv_group_sizes is not None:
+    producers = {layers[0] for layers in patterns.layer_groups(arch.kv_group_sizes)}
   for i in range(arch.num_layers):
-    for suffix in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
-                   "post_attention_layernorm"):
+    for suffix in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+                   "input_layernorm", "post_attention_layernorm"):
       known.add(f"model.layers.{i}.{suffix}.weight")
+    if i in producers:
+      known.update(f"model.layers.{i}.self_attn.{w}_proj.weight" for w in ("k", "v"))
+      if arch.kv_group_sizes is not None:
+        known.add(f"model.layers.{i}.kv_layernorm.weight")
   unknown = [n for n in reader.names if n not in known and not n.endswith(_IGNORED_SUFFIXES)]
   if unknown:
     more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
@@ -268,6 +317,9 @@ def convert_params(reader: SafetensorsReader, arch: LlamaArch, cfg: model_lib.Mo
     raise ConvertError(f"rope_layout={rope_layout!r} is not one of {ROPE_LAYOUTS}: 'half' for Hugging Face "
                        "checkpoints, 'interleaved' for Meta-layout Q/K weights.")
   _check_unused(reader, arch)
+  if arch.kv_group_sizes is not None and tuple(cfg.group_sizes) != arch.kv_group_sizes:
+    raise ConvertError(f"model.pattern={cfg.pattern!r} gives KV groups {list(cfg.group_sizes)} but the exported CLA "
+                       f"model has {list(arch.kv_group_sizes)}; an exported CLA model keeps its grouping.")
   d, v = arch.d_model, arch.vocab_size
   params: dict[str, Any] = {
       "embed": _expect(reader, "model.embed_tokens.weight", (v, d), "vocab_size, hidden_size"),
@@ -294,7 +346,7 @@ def convert_params(reader: SafetensorsReader, arch: LlamaArch, cfg: model_lib.Mo
       group[f"layer_{j}"] = layer
       if kv is not None:
         group["kv"] = kv
-      else:
+      elif arch.kv_group_sizes is None:  # an exported CLA model has no K/V here to drop
         names = [f"model.layers.{i}.self_attn.{w}_proj.weight" for w in ("k", "v")]
         dropped.append({"layer": i, "kv_from_layer": layers[0], "tensors": names})
     params[group_name] = group
@@ -351,7 +403,10 @@ def convert(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, *, pattern:
   ckpt_dir = workdir / "checkpoints"
   if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
     raise ConvertError(f"{workdir} already holds checkpoints; pass an empty or new --workdir.")
-  arch = parse_llama_config(read_hf_config(hf_dir))
+  hf = read_hf_config(hf_dir)
+  arch = parse_llama_config(hf)
+  if arch.kv_group_sizes is not None:
+    pattern = cla_pattern(hf, arch, pattern)
   config = build_config(arch, pattern, config)
   cfg = model_lib.ModelConfig.from_config(config.model)
   with contextlib.ExitStack() as stack:

@@ -1,0 +1,348 @@
+"""Exports a cla_jax workdir as a Hugging Face model directory (the inverse of `convert_hf`).
+
+    python -m cla_jax.export_hf --workdir=DIR --out=HF_DIR [--step=N] [--dtype=bfloat16|float32] [--overwrite]
+
+A model with no KV sharing whose KV norms equal its attention norms (e.g. an imported Llama) is written as a
+plain `LlamaForCausalLM`. Any other model is written with this package's `configuration_cla.py` and
+`modeling_cla.py` (a Llama-style decoder whose KV cache holds one entry per layer group), loaded with
+`AutoModelForCausalLM.from_pretrained(HF_DIR, trust_remote_code=True)`. See docs/export_hf.md.
+
+Weight mapping (cla_jax [in, ...] einsum operands become HF [out, in] matrices; convert_hf's, reversed):
+  embed [v, d]                    -> model.embed_tokens.weight [v, d]
+  layer.query [d, n, h]           -> model.layers.i.self_attn.q_proj.weight [n*h, d]
+  kv.key/value [d, k, h]          -> model.layers.i.self_attn.k_proj/v_proj.weight [k*h, d]  (group's first layer)
+  kv.norm                         -> model.layers.i.kv_layernorm.weight  (CLA format; Llama: == input_layernorm)
+  layer.out [n, h, d]             -> model.layers.i.self_attn.o_proj.weight [d, n*h]
+  layer.gate/up [d, f], down [f, d] -> model.layers.i.mlp.gate_proj/up_proj [f, d], down_proj [d, f]
+  layer.attn_norm, mlp_norm       -> model.layers.i.input_layernorm, post_attention_layernorm
+  final_norm                      -> model.norm;   lm_head [d, v] -> lm_head.weight [v, d] (untied only)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+from typing import Any, Iterator
+
+import jax
+import ml_dtypes
+import numpy as np
+from absl import flags
+
+from cla_jax import cli
+from cla_jax import model as model_lib
+from cla_jax import patterns
+from cla_jax.errors import UserError
+
+DTYPES = ("bfloat16", "float32")
+# Above this many bytes of weights, model.safetensors is split into shards plus an index (transformers' layout).
+MAX_SHARD_BYTES = 5 * 1024**3
+MODELING_DIR = pathlib.Path(__file__).resolve().parent / "hf"
+MODELING_FILES = ("configuration_cla.py", "modeling_cla.py")
+INDEX_FILE = "model.safetensors.index.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+_EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>", "<eos>")
+
+
+class ExportError(UserError):
+  """A workdir or output directory that cannot be exported; the message names the problem and the fix."""
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _per_group(params: dict, cfg: model_lib.ModelConfig) -> list[dict]:
+  """Each group's params (kv, layer_0, ...) in layer order, from the scanned or the unscanned layout."""
+  flat = model_lib.unstack_params(params, cfg) if cfg.scan_layers else params
+  return [flat[f"segment_{s}_group_{g}"] for s, (_, count) in enumerate(cfg.segments) for g in range(count)]
+
+
+def is_plain_llama(params: dict, cfg: model_lib.ModelConfig) -> bool:
+  """Whether `LlamaForCausalLM` computes this model: no sharing, each KV norm equal to its layer's attention norm.
+
+  Llama computes a layer's K/V from `input_layernorm`; cla_jax gives each group its own KV norm, which an
+  imported Llama starts equal to it but training moves apart. transformers' LlamaConfig also requires
+  hidden_size to be a multiple of num_attention_heads.
+  """
+  if any(size != 1 for size in cfg.group_sizes) or cfg.d_model % cfg.num_heads:
+    return False
+  return all(np.array_equal(group["kv"]["norm"]["scale"], group["layer_0"]["attn_norm"]["scale"])
+             for group in _per_group(jax.tree.map(np.asarray, params), cfg))
+
+
+def hf_tensors(params: dict, cfg: model_lib.ModelConfig, llama: bool) -> dict[str, np.ndarray]:
+  """The float32 tensors of the export under Hugging Face names and layouts (KV norms only when not `llama`)."""
+  d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  params = jax.tree.map(np.asarray, params)
+  tensors = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["final_norm"]["scale"]}
+  if not cfg.tie_embeddings:
+    tensors["lm_head.weight"] = params["lm_head"].T
+  for layers, group in zip(patterns.layer_groups(cfg.group_sizes), _per_group(params, cfg)):
+    for j, i in enumerate(layers):
+      layer, p = group[f"layer_{j}"], f"model.layers.{i}."
+      tensors.update({
+          p + "input_layernorm.weight": layer["attn_norm"]["scale"],
+          p + "self_attn.q_proj.weight": layer["query"].reshape(d, n * h).T,
+          p + "self_attn.o_proj.weight": layer["out"].reshape(n * h, d).T,
+          p + "post_attention_layernorm.weight": layer["mlp_norm"]["scale"],
+          p + "mlp.gate_proj.weight": layer["gate"].T,
+          p + "mlp.up_proj.weight": layer["up"].T,
+          p + "mlp.down_proj.weight": layer["down"].T,
+      })
+      if j == 0:
+        tensors[p + "self_attn.k_proj.weight"] = group["kv"]["key"].reshape(d, k * h).T
+        tensors[p + "self_attn.v_proj.weight"] = group["kv"]["value"].reshape(d, k * h).T
+        if not llama:
+          tensors[p + "kv_layernorm.weight"] = group["kv"]["norm"]["scale"]
+  return {name: np.ascontiguousarray(t, dtype=np.float32) for name, t in tensors.items()}
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], out: pathlib.Path, dtype: str,
+                      max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+  """Writes model.safetensors, or shards plus model.safetensors.index.json above `max_shard_bytes`."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+  cast = {name: t.astype(np_dtype) for name, t in tensors.items()}
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name in sorted(cast):
+    if shards[-1] and size + cast[name].nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = cast[name]
+    size += cast[name].nbytes
+  metadata = {"format": "pt"}  # transformers refuses safetensors files without a framework format
+  if len(shards) == 1:
+    save_file(shards[0], str(out / "model.safetensors"), metadata=metadata)
+    return ["model.safetensors"]
+  names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  weight_map = {}
+  for filename, shard in zip(names, shards):
+    save_file(shard, str(out / filename), metadata=metadata)
+    weight_map.update(dict.fromkeys(shard, filename))
+  index = {"metadata": {"total_size": sum(t.nbytes for t in cast.values())}, "weight_map": weight_map}
+  (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+  return names
+
+
+# ----------------------------------------------------------------------------- config and tokenizer
+
+
+def hf_config(cfg: model_lib.ModelConfig, llama: bool, dtype: str, max_positions: int,
+              special: dict[str, int | None]) -> dict[str, Any]:
+  """config.json: a LlamaConfig, or a CLAConfig with explicit group sizes and `auto_map` to the remote code."""
+  config = {
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim,
+      "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+      "rms_norm_eps": cfg.norm_eps, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+      "max_position_embeddings": max_positions, "tie_word_embeddings": cfg.tie_embeddings,
+      "initializer_range": cfg.init_std, "use_cache": True, "dtype": dtype, **special,
+  }
+  if llama:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+            "mlp_bias": False, **config}
+  return {
+      "architectures": ["CLAForCausalLM"], "model_type": "cla",
+      "auto_map": {"AutoConfig": "configuration_cla.CLAConfig", "AutoModelForCausalLM": "modeling_cla.CLAForCausalLM"},
+      "kv_group_sizes": list(cfg.group_sizes), "cla_pattern": cfg.pattern, **config,
+  }
+
+
+def find_tokenizer(workdir: pathlib.Path, config: Any) -> pathlib.Path | None:
+  """The tokenizer file the model was trained with: the workdir's copy, else `data.tokenizer` if it is a file."""
+  for name in _TOKENIZER_FILES:
+    if (workdir / name).is_file():
+      return workdir / name
+  path = pathlib.Path(os.path.expanduser(str(config.data.get("tokenizer", ""))))
+  return path if path.suffix in (".json", ".model") and path.is_file() else None
+
+
+def sentencepiece_to_tokenizers(model_file: pathlib.Path) -> Any:
+  """A `tokenizers.Tokenizer` that encodes exactly like cla_jax's sentencepiece model (Unigram, no dummy prefix).
+
+  transformers' LlamaTokenizer would re-read tokenizer.model with Llama's normaliser (a dummy-prefix space),
+  which cla_jax's models were not trained with; this keeps sentencepiece's pieces, scores and whitespace
+  splitting as they are.
+  """
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+
+  sp = spm.SentencePieceProcessor(model_file=str(model_file))
+  ids = range(sp.get_piece_size())
+  byte_fallback = any(sp.is_byte(i) for i in ids)
+  tok = tokenizers.Tokenizer(models.Unigram([(sp.id_to_piece(i), sp.get_score(i)) for i in ids],
+                                            unk_id=sp.unk_id(), byte_fallback=byte_fallback))
+  # Sentencepiece splits at whitespace, which it writes as U+2581 at the start of the following piece.
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)
+  metaspace = decoders.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)
+  tok.decoder = decoders.Sequence([decoders.ByteFallback(), metaspace]) if byte_fallback else metaspace
+  tok.add_special_tokens([tokenizers.AddedToken(sp.id_to_piece(i), special=True, normalized=False)
+                          for i in ids if sp.is_control(i)])
+  return tok
+
+
+# Probe texts for the sentencepiece translation: leading, repeated and trailing whitespace, newlines, digits,
+# punctuation and characters outside any small vocabulary.
+_PROBES = ("The cat sat.", "  two  spaces\n\n\tand a tab ", "x=42; y = 3.14159!\n",
+           "caf\u00e9 \u65e5\u672c \U0001F600 end")
+
+
+def _translation_matches(model_file: pathlib.Path, tok: Any) -> bool:
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  sp = spm.SentencePieceProcessor(model_file=str(model_file))
+  normal = [i for i in range(min(sp.get_piece_size(), 400)) if not (sp.is_control(i) or sp.is_unknown(i))]
+  pieces = " ".join(sp.id_to_piece(i) for i in normal).replace("\u2581", " ")
+  return all(sp.encode(text) == tok.encode(text, add_special_tokens=False).ids for text in _PROBES + (pieces,))
+
+
+def write_tokenizer(path: pathlib.Path, out: pathlib.Path) -> tuple[dict[str, int | None], str | None]:
+  """Writes tokenizer.json (+ tokenizer.model for sentencepiece) and tokenizer_config.json.
+
+  Returns the bos/eos/pad ids and a warning when a sentencepiece model could not be translated faithfully
+  (not a cla_jax-trained one: e.g. BPE, or a normaliser with a dummy prefix); then only tokenizer.model is
+  written, for transformers' LlamaTokenizer, which may split text differently from cla_jax.
+  """
+  warning = None
+  if path.suffix == ".json":
+    shutil.copyfile(path, out / "tokenizer.json")
+  else:
+    shutil.copyfile(path, out / "tokenizer.model")
+    tok = sentencepiece_to_tokenizers(path)
+    if not _translation_matches(path, tok):
+      import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+      sp = spm.SentencePieceProcessor(model_file=str(path))
+      tok_config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
+                    "eos_token": sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None}
+      (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+      warning = (f"{path} is not a sentencepiece model the export can translate exactly; wrote tokenizer.model "
+                 "for LlamaTokenizer, which may split text differently: check its ids against cla_jax's.")
+      ids = {"bos_token_id": None, "eos_token_id": sp.eos_id() if sp.eos_id() >= 0 else None, "pad_token_id": None}
+      return ids, warning
+    tok.save(str(out / "tokenizer.json"))
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  vocab = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab(with_added_tokens=True)
+  eos = next((t for t in _EOS_CANDIDATES if t in vocab), None)
+  unk = next((t for t in ("<unk>", "[UNK]") if t in vocab), None)
+  # cla_jax adds no BOS/EOS when encoding, and neither does this config.
+  tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "unk_token": unk,
+                "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+                "model_max_length": 1_000_000_000}
+  (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+  return {"bos_token_id": None, "eos_token_id": vocab.get(eos) if eos else None, "pad_token_id": None}, warning
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _check_out(workdir: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
+  if out.exists() and not out.is_dir():
+    raise ExportError(f"--out={out} is a file; pass a new or empty directory.")
+  if out.is_dir() and any(out.iterdir()) and not overwrite:
+    raise ExportError(f"--out={out} exists and is not empty; pass a new directory or --overwrite to replace it.")
+  resolved_out, resolved_work = out.resolve(), workdir.resolve()
+  if resolved_out == resolved_work or resolved_out in resolved_work.parents or resolved_work in resolved_out.parents:
+    raise ExportError(f"--out={out} overlaps --workdir={workdir}; export to a directory outside the workdir.")
+
+
+def export(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None,
+           dtype: str = "bfloat16", overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+  """Writes workdir's newest (or `step`'s) params as a Hugging Face model directory `out`; returns a summary."""
+  from cla_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax is slow to import)
+
+  if dtype not in DTYPES:
+    raise ExportError(f"--dtype={dtype!r} is not one of {DTYPES}.")
+  workdir_arg = os.fspath(workdir)  # as given: restore_params also reads gs:// workdirs
+  workdir, out = pathlib.Path(workdir), pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(out))))
+  _check_out(workdir, out, overwrite)
+  params, config, restored_step = checkpoint.restore_params(workdir_arg, step=step)
+  cfg = model_lib.ModelConfig.from_config(config.model)
+  if cfg.norm != "rmsnorm":
+    raise ExportError(f"model.norm={cfg.norm!r} cannot be exported: Llama and the CLA modeling file use RMSNorm "
+                      "(no bias); only rmsnorm models export.")
+  params = jax.tree.map(np.asarray, params)
+  llama = is_plain_llama(params, cfg)
+  tensors = hf_tensors(params, cfg, llama)
+
+  # Written next to `out` and renamed into place, so a failed export never leaves half a directory.
+  tmp = out.with_name(out.name + ".export-tmp")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  try:
+    files = write_safetensors(tensors, tmp, dtype, max_shard_bytes)
+    tokenizer = find_tokenizer(workdir, config)
+    special, tokenizer_warning = ({"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}, None)
+    if tokenizer:
+      special, tokenizer_warning = write_tokenizer(tokenizer, tmp)
+    max_positions = int(config.train.get("seq_len", 2048)) if "train" in config else 2048
+    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, llama, dtype, max_positions, special), indent=2) + "\n")
+    generation = {"bos_token_id": special["bos_token_id"], "eos_token_id": special["eos_token_id"],
+                  "pad_token_id": special["pad_token_id"], "do_sample": False}
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if not llama:
+      for name in MODELING_FILES:
+        shutil.copyfile(MODELING_DIR / name, tmp / name)
+    if out.exists():
+      shutil.rmtree(out)
+    tmp.rename(out)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return {"out": str(out), "step": restored_step, "format": "llama" if llama else "cla",
+          "groups": patterns.layer_groups(cfg.group_sizes), "dtype": dtype, "weight_files": files,
+          "tokenizer": str(tokenizer) if tokenizer else None, "tokenizer_warning": tokenizer_warning,
+          "reason": _format_reason(cfg, llama)}
+
+
+def _format_reason(cfg: model_lib.ModelConfig, llama: bool) -> str:
+  if llama:
+    return "no KV sharing and KV norms equal to the attention norms: a plain LlamaForCausalLM"
+  if any(size != 1 for size in cfg.group_sizes):
+    return f"KV groups {list(cfg.group_sizes)}: CLA remote code (trust_remote_code=True)"
+  if cfg.d_model % cfg.num_heads:
+    return "d_model is not a multiple of num_heads (LlamaConfig requires it): CLA remote code"
+  return "the KV norms differ from the attention norms (trained separately): CLA remote code"
+
+
+def describe_export(summary: dict) -> Iterator[str]:
+  """Human-readable lines summarising an export."""
+  yield f"step {summary['step']} -> {summary['out']} ({summary['format']}, {summary['dtype']}): {summary['reason']}"
+  yield f"weights: {', '.join(summary['weight_files'])}"
+  if summary["tokenizer_warning"]:
+    yield f"warning: {summary['tokenizer_warning']}"
+  elif summary["tokenizer"]:
+    yield f"tokenizer: {summary['tokenizer']}"
+  else:
+    yield "warning: no tokenizer found in the workdir (tokenizer.model/tokenizer.json) or data.tokenizer; none written"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def define_flags() -> None:
+  """The CLI flags; defined on demand so importing this module as a library adds no global flags."""
+  flags.DEFINE_string("workdir", None, "cla_jax workdir to export (trained or converted).")
+  flags.DEFINE_string("out", None, "Output Hugging Face model directory (new or empty, unless --overwrite).")
+  flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
+  flags.DEFINE_enum("dtype", "bfloat16", DTYPES, "dtype of the exported weights.")
+  flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out directory.")
+
+
+def main(argv: list[str]) -> None:
+  """CLI entry point."""
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}; use --workdir=DIR --out=HF_DIR.")
+  args = flags.FLAGS
+  if not args.workdir or not args.out:
+    raise UserError("--workdir and --out are required, e.g. --workdir=runs/default --out=runs/default-hf.")
+  summary = export(args.workdir, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite)
+  for line in describe_export(summary):
+    print(line)
+
+
+if __name__ == "__main__":
+  define_flags()
+  cli.run(main)

@@ -120,15 +120,13 @@ class CLAHarnessLM(TemplateLM):
 
     batch_size: rows per model call (default, or 'auto': the config's eval.batch_size), rounded up to a multiple
     of the data-parallel devices. max_length: tokens per window (default train.seq_len). dtype: compute dtype
-    override (e.g. float32). num_devices: use only the first N devices. `max_batch_size` is the harness's and
-    unused; `device` must stay unset (JAX places work on all its devices: choose them with JAX_PLATFORMS /
-    CUDA_VISIBLE_DEVICES).
+    override (e.g. float32). num_devices: use only the first N devices. The harness's `max_batch_size` and
+    `device` are accepted and ignored.
     """
     super().__init__()
-    del max_batch_size  # the harness passes it for 'auto' batch sizes; ours is the config's
-    if device not in (None, ""):
-      raise UserError(f"device={device!r}: cla_jax runs on every JAX device; leave --device unset and choose "
-                      "devices with JAX_PLATFORMS or CUDA_VISIBLE_DEVICES.")
+    # The harness always passes these (its CLI's --device defaults to cuda:0): JAX places the work on every
+    # device it sees (choose them with JAX_PLATFORMS / CUDA_VISIBLE_DEVICES), and the batch size is ours.
+    del max_batch_size, device
     workdir = os.path.expanduser(str(workdir))
     step = None if step in (None, "") else _int_arg("step", step, 0)
     num_devices = None if num_devices in (None, "") else _int_arg("num_devices", num_devices, 1)

@@ -261,8 +261,6 @@ def test_bad_model_args_are_one_line_errors(setup):
     make(f"workdir={setup['workdir']},max_length=0")
   with pytest.raises(UserError, match="batch_size='x' must be an integer"):
     make(f"workdir={setup['workdir']},batch_size=x")
-  with pytest.raises(UserError, match="leave --device unset"):
-    harness.CLAHarnessLM(workdir=setup["workdir"], device="cuda:0")
   with pytest.raises(UserError, match="does not exist"):
     make(f"workdir={setup['tmp']}/nope")
   # model_args win over the harness's --batch_size (default 1).

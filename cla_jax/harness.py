@@ -133,6 +133,8 @@ class CLAHarnessLM(TemplateLM):
     self._max_gen_toks = _int_arg("max_gen_toks", max_gen_toks, 1)
     self._seed = _int_arg("seed", seed, 0)
     self._progress = bool(progress)
+    rows = None if batch_size in (None, "", "auto") else _int_arg("batch_size", batch_size, 1)
+    max_length = None if max_length in (None, "") else _int_arg("max_length", max_length, 1)
 
     saved = checkpoint.read_config(workdir)
     config = evaluate.apply_overrides(saved, {"model.dtype": str(dtype)} if dtype else None)
@@ -142,10 +144,8 @@ class CLAHarnessLM(TemplateLM):
     self.tokenizer_ = evaluate.load_tokenizer(workdir, saved)
     self._scorer = RowScorer(params, config, self._mesh)
     self.model = LoadedModel(config, params, self.step)  # generation, and anyone who wants the logits
-    rows = config.eval.batch_size if batch_size in (None, "", "auto") else _int_arg("batch_size", batch_size, 1)
-    self.batch_size = self._scorer.round_batch_size(int(rows))
-    self._max_length = (int(config.train.seq_len) if max_length in (None, "")
-                        else _int_arg("max_length", max_length, 1))
+    self.batch_size = self._scorer.round_batch_size(int(config.eval.batch_size if rows is None else rows))
+    self._max_length = int(config.train.seq_len if max_length is None else max_length)
     self.workdir = workdir
 
   @classmethod
@@ -160,7 +160,8 @@ class CLAHarnessLM(TemplateLM):
     extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
     unknown = set(arg_dict) - _MODEL_ARGS
     if unknown:
-      raise UserError(f"unknown model_args {', '.join(sorted(unknown))}; cla_jax takes {', '.join(sorted(_MODEL_ARGS))}.")
+      raise UserError(f"unknown model_args {', '.join(sorted(unknown))}; "
+                      f"cla_jax takes {', '.join(sorted(_MODEL_ARGS))}.")
     return cls(**arg_dict, **extra)
 
   # ---------------------------------------------------------------------------------------------------------

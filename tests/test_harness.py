@@ -189,8 +189,9 @@ def _mc_accuracy_by_hand(setup) -> float:
 def test_local_tasks_through_simple_evaluate_and_the_cli(setup, tmp_path, monkeypatch, capsys):
   from cla_jax import harness  # pylint: disable=g-import-not-at-top
   from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
+  tasks = TaskManager(include_path=setup["tasks"], include_defaults=False)
   results = lm_eval.simple_evaluate(model=setup["lm"], tasks=["cla_local_mc", "cla_local_text"],
-                                    task_manager=TaskManager(include_path=setup["tasks"], include_defaults=False))["results"]
+                                    task_manager=tasks)["results"]
   accuracy = results["cla_local_mc"]["acc,none"]
   assert accuracy == pytest.approx(_mc_accuracy_by_hand(setup), abs=1e-12)
   path = tmp_path / "doc.txt"
@@ -240,8 +241,8 @@ def test_generate_until_equals_greedy_full_forward_loop(setup):
   got = setup["lm"].generate_until(_requests("generate_until", [(d["prompt"], {"until": ["."], "max_gen_toks": 6})
                                                                 for d in GEN_DOCS]), disable_tqdm=True)
   assert got == want
-  results = lm_eval.simple_evaluate(model=setup["lm"], tasks=["cla_local_gen"],
-                                    task_manager=TaskManager(include_path=setup["tasks"], include_defaults=False), log_samples=True)
+  tasks = TaskManager(include_path=setup["tasks"], include_defaults=False)
+  results = lm_eval.simple_evaluate(model=setup["lm"], tasks=["cla_local_gen"], task_manager=tasks, log_samples=True)
   assert [s["resps"][0][0] for s in sorted(results["samples"]["cla_local_gen"], key=lambda s: s["doc_id"])] == want
   exact = np.mean([w == d["answer"] for w, d in zip(want, GEN_DOCS)])
   assert results["results"]["cla_local_gen"]["exact_match,none"] == pytest.approx(exact)

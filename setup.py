@@ -31,7 +31,10 @@ setup(
     ],
     extras_require={
         # torch only for the Hugging Face parity tests; 2.13.0 is the CPU build.
-        "test": ["pytest", "pytest-xdist", "transformers>=4.45", "torch==2.13.0"],
+        # lm_eval for tests/test_harness.py (the `eval` extra below).
+        "test": ["pytest", "pytest-xdist", "transformers>=4.45", "torch==2.13.0", "lm_eval==0.4.13"],
+        # LM-Eval-Harness: python -m cla_jax.harness (docs/eval.md).
+        "eval": ["lm_eval==0.4.13"],
         "gpu": ["jax[cuda12]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],
     },

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from cla_jax.errors import UserError
@@ -138,7 +139,10 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_config: Any) -> Mesh:
-  """The (data, fsdp, tensor) mesh over all devices, or the first `mesh.num_devices` (single process)."""
+  """The (data, fsdp, tensor) mesh over all devices, or the first `mesh.num_devices` (single process).
+
+  On TPU multi-slice (devices with several `slice_index` values), `data` is laid across the slices.
+  """
   devices = jax.devices()
   wanted = int(mesh_config.get("num_devices", -1))
   if wanted not in (-1, len(devices)):
@@ -147,10 +151,32 @@ def make_mesh(mesh_config: Any) -> Mesh:
                       f"(single-process runs only).")
     devices = devices[:wanted]
   shape = mesh_shape(mesh_config, len(devices))
+  if num_slices(devices) > 1:
+    return Mesh(hybrid_device_layout(shape, devices), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
   if len(devices) == len(jax.devices()):
     # make_mesh picks a device order that matches the physical topology (ICI rings on TPU).
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def num_slices(devices: Sequence[Any]) -> int:
+  """How many slices (TPU multi-slice: ICI islands joined by the data-center network) the devices span."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def hybrid_device_layout(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+  """Devices of several slices as a (data, fsdp, tensor) array: `data` spans the slices, the rest stays within one.
+
+  Between slices only the data-parallel gradient all-reduce crosses the slow DCN, once per step; fsdp's
+  all-gathers and tensor parallelism's per-layer collectives stay on each slice's fast ICI links.
+  """
+  slices = num_slices(devices)
+  data, fsdp, tensor = shape
+  if data % slices:
+    raise MeshError(f"the devices span {slices} slices but mesh.data={data} is not a multiple of {slices}: data "
+                    f"parallelism runs across slices, fsdp and tensor within one; make mesh.data a multiple of "
+                    f"{slices}.")
+  return mesh_utils.create_hybrid_device_mesh((data // slices, fsdp, tensor), (slices, 1, 1), devices)
 
 
 def batch_parallelism(mesh: Mesh) -> int:

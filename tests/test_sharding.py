@@ -178,3 +178,34 @@ def test_train_step_compiles_without_involuntary_full_rematerialization():
       assert warnings, "the control lookup should report a rematerialization: is the detector still working?"
     else:
       assert not warnings, f"mesh ({mesh}): {warnings}"
+
+
+class _StandInDevice:
+  """What mesh layout reads of a device, for a multi-slice pod this machine does not have."""
+
+  platform, device_kind = "cpu", "stand-in"
+
+  def __init__(self, device_id: int, slice_index: int):
+    self.id, self.slice_index, self.process_index = device_id, slice_index, device_id // 2
+
+  def __repr__(self):
+    return f"D{self.id}@s{self.slice_index}"
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (4, 1, 2), (4, 2, 1)])
+def test_multi_slice_mesh_puts_data_across_slices(shape):
+  devices = [_StandInDevice(i, i // 4) for i in range(8)]  # 2 slices of 4
+  layout = sharding.hybrid_device_layout(shape, devices)
+  assert layout.shape == shape and sorted(d.id for d in layout.flat) == list(range(8))
+  slice_of = np.vectorize(lambda d: d.slice_index)(layout)
+  half = shape[0] // 2
+  # Every (fsdp, tensor) block of one data index lies in one slice: only data-parallel traffic crosses slices.
+  np.testing.assert_array_equal(slice_of[:half], 0)
+  np.testing.assert_array_equal(slice_of[half:], 1)
+
+
+def test_multi_slice_mesh_needs_data_to_span_the_slices():
+  devices = [_StandInDevice(i, i // 2) for i in range(8)]  # 4 slices of 2
+  assert sharding.num_slices(devices) == 4 and sharding.num_slices(jax.devices()) == 1
+  with pytest.raises(sharding.MeshError, match="span 4 slices but mesh.data=2 is not a multiple of 4"):
+    sharding.hybrid_device_layout((2, 2, 2), devices)

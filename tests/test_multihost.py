@@ -90,13 +90,14 @@ def test_two_processes_train_resume_and_eval_like_one(tmp_path_factory):
   config = _config(corpus)
   one = th.use_corpus(_config(corpus), corpus, num_devices=4, mesh=(2, 2, 1))
 
-  # 1 process x 4 devices, uninterrupted (in this process; also fills the token cache the launches share).
+  # 2 processes first: process 0 trains the sentencepiece tokenizer into the shared cache, then the other loads it.
+  two = root / "two"
+  logs = _launch(root, "train", th.train_cmd(config, two))
+  # 1 process x 4 devices, uninterrupted (in this process).
   trainer.run(one, str(root / "one"))
   want = th.losses(root / "one")
   _drop_last_checkpoint(root / "one", root / "one_then_two")
 
-  two = root / "two"
-  logs = _launch(root, "train", th.train_cmd(config, two))
   got = th.losses(two)
   assert sorted(got) == [1, 2, 3, 4]
   np.testing.assert_allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)], rtol=1e-6)

@@ -24,7 +24,8 @@ if [[ ! "$devices" =~ ^[1-9][0-9]*$ ]]; then
 fi
 log_dir=${LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/launch_local.XXXXXX")}
 mkdir -p "$log_dir"
-port=$("${PYTHON:-python3}" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')
+port=$("${PYTHON:-python3}" -c \
+  'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')
 # Replace any device count already in XLA_FLAGS with this one.
 xla_flags="$(sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g' <<<"${XLA_FLAGS:-}")"
 xla_flags="$xla_flags --xla_force_host_platform_device_count=$devices"

@@ -39,7 +39,8 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments {argv[1:]}; flags are written --name=value.")
-  from cla_jax import evaluate  # pylint: disable=g-import-not-at-top  (after flags: fast --help)
+  from cla_jax import evaluate, sharding  # pylint: disable=g-import-not-at-top  (after flags: fast --help)
+  sharding.maybe_initialize_distributed()
 
   # Orbax logs warnings on every read-only restore; problems that matter are raised or printed.
   logging.set_verbosity(logging.ERROR)

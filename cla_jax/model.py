@@ -248,7 +248,11 @@ class Transformer(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     embedding = _param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), init)
-    x = jnp.take(embedding, tokens, axis=0).astype(dtype)  # [b, t, d]
+    # The lookup gathers the table's d_model dim over fsdp first (as FSDP does for every weight before use):
+    # a gather's output inherits the table's d_model sharding, and moving the fsdp axis from there to the
+    # batch dim (where the activation constraint wants it) is a full rematerialization for XLA.
+    table = nn.with_logical_constraint(embedding, ("vocab", None))
+    x = jnp.take(table, tokens, axis=0).astype(dtype)  # [b, t, d]
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
     policy = REMAT_POLICIES[cfg.remat]

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from cla_jax.errors import UserError
@@ -49,22 +50,72 @@ class MeshError(UserError):
   """A mesh shape that does not fit the devices or the model."""
 
 
-def maybe_initialize_distributed() -> None:
-  """Calls `jax.distributed.initialize()` when this is one process of a multi-process job.
+class LaunchError(UserError):
+  """A multi-process environment that is partial or inconsistent."""
 
-  Must run before anything touches a jax backend. TPU pods set TPU_WORKER_HOSTNAMES (one per host);
-  GPU clusters set JAX_COORDINATOR_ADDRESS (plus JAX_NUM_PROCESSES / JAX_PROCESS_ID) or run under
-  SLURM / Open MPI, all of which jax's initialize() auto-detects.
+
+# The variables docs/training.md names for clusters jax cannot auto-detect (plain GPU hosts, launch_local.sh).
+LAUNCH_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def distributed_args(environ: Mapping[str, str]) -> dict[str, Any] | None:
+  """`jax.distributed.initialize` arguments from LAUNCH_ENV; None when none is set; LaunchError when partial.
+
+  jax reads JAX_COORDINATOR_ADDRESS itself but not the process count or id, so all three are passed.
   """
-  if jax.distributed.is_initialized():
+  present = {name: environ[name].strip() for name in LAUNCH_ENV if environ.get(name, "").strip()}
+  if not present:
+    return None
+  missing = [name for name in LAUNCH_ENV if name not in present]
+  if missing:
+    raise LaunchError(f"{', '.join(present)} set but {' and '.join(missing)} missing: a multi-process launch "
+                      f"sets all of {', '.join(LAUNCH_ENV)} (or none, to run one process or auto-detect "
+                      f"TPU / SLURM / Open MPI).")
+  address = present["JAX_COORDINATOR_ADDRESS"]
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise LaunchError(f"JAX_COORDINATOR_ADDRESS={address!r} must be host:port, e.g. 10.0.0.1:1234 (process 0's "
+                      f"host and a free port).")
+  numbers = {}
+  for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    try:
+      numbers[name] = int(present[name])
+    except ValueError:
+      raise LaunchError(f"{name}={present[name]!r} must be an integer.") from None
+  count, index = numbers["JAX_NUM_PROCESSES"], numbers["JAX_PROCESS_ID"]
+  if count < 1:
+    raise LaunchError(f"JAX_NUM_PROCESSES={count} must be at least 1.")
+  if not 0 <= index < count:
+    raise LaunchError(f"JAX_PROCESS_ID={index} must be in [0, JAX_NUM_PROCESSES={count}), one id per process.")
+  return {"coordinator_address": address, "num_processes": count, "process_id": index}
+
+
+def _auto_detected_cluster(environ: Mapping[str, str]) -> bool:
+  """True on a multi-host TPU slice, a SLURM job or an Open MPI job with more than one task."""
+  def count(name):
+    try:
+      return int(environ.get(name, "1"))
+    except ValueError:
+      return 1
+  return (len([h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1
+          or count("SLURM_NTASKS") > 1 or count("OMPI_COMM_WORLD_SIZE") > 1)
+
+
+def maybe_initialize_distributed(environ: Mapping[str, str] | None = None) -> None:
+  """Calls `jax.distributed.initialize` when this is one process of a multi-process job.
+
+  Must run before anything touches a jax backend. JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+  JAX_PROCESS_ID (all three) are passed explicitly; otherwise TPU pods (TPU_WORKER_HOSTNAMES), SLURM and
+  Open MPI are left to jax's auto-detection. CPU devices of several processes talk through gloo, so the
+  same path runs on a laptop (scripts/launch_local.sh) and in CI.
+  """
+  environ = os.environ if environ is None else environ
+  args = distributed_args(environ)
+  if jax.distributed.is_initialized() or (args is None and not _auto_detected_cluster(environ)):
     return
-  multi = (
-      "JAX_COORDINATOR_ADDRESS" in os.environ
-      or len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
-      or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-      or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
-  if multi:
-    jax.distributed.initialize()
+  # Only affects the CPU backend (GPU/TPU use their own collectives); must be set before it starts.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**(args or {}))
 
 
 def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
@@ -88,7 +139,10 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_config: Any) -> Mesh:
-  """The (data, fsdp, tensor) mesh over all devices, or the first `mesh.num_devices` (single process)."""
+  """The (data, fsdp, tensor) mesh over all devices, or the first `mesh.num_devices` (single process).
+
+  On TPU multi-slice (devices with several `slice_index` values), `data` is laid across the slices.
+  """
   devices = jax.devices()
   wanted = int(mesh_config.get("num_devices", -1))
   if wanted not in (-1, len(devices)):
@@ -97,10 +151,32 @@ def make_mesh(mesh_config: Any) -> Mesh:
                       f"(single-process runs only).")
     devices = devices[:wanted]
   shape = mesh_shape(mesh_config, len(devices))
+  if num_slices(devices) > 1:
+    return Mesh(hybrid_device_layout(shape, devices), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
   if len(devices) == len(jax.devices()):
     # make_mesh picks a device order that matches the physical topology (ICI rings on TPU).
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def num_slices(devices: Sequence[Any]) -> int:
+  """How many slices (TPU multi-slice: ICI islands joined by the data-center network) the devices span."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def hybrid_device_layout(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+  """Devices of several slices as a (data, fsdp, tensor) array: `data` spans the slices, the rest stays within one.
+
+  Between slices only the data-parallel gradient all-reduce crosses the slow DCN, once per step; fsdp's
+  all-gathers and tensor parallelism's per-layer collectives stay on each slice's fast ICI links.
+  """
+  slices = num_slices(devices)
+  data, fsdp, tensor = shape
+  if data % slices:
+    raise MeshError(f"the devices span {slices} slices but mesh.data={data} is not a multiple of {slices}: data "
+                    f"parallelism runs across slices, fsdp and tensor within one; make mesh.data a multiple of "
+                    f"{slices}.")
+  return mesh_utils.create_hybrid_device_mesh((data // slices, fsdp, tensor), (slices, 1, 1), devices)
 
 
 def batch_parallelism(mesh: Mesh) -> int:

@@ -101,6 +101,16 @@ def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> No
                            f"use a new --workdir or the original model settings.")
 
 
+def _first_process_then_others(make: Any) -> Any:
+  """`make()` on process 0, then on the others: a tokenizer it trains and caches is then theirs to load."""
+  if jax.process_count() == 1:
+    return make()
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  result = make() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("cla_jax_tokenizer")
+  return make() if result is None else result
+
+
 class Trainer:
   """State and loop of one training run (see `run`)."""
 
@@ -110,7 +120,7 @@ class Trainer:
     self.config = config = ml_collections.ConfigDict(config.to_dict())
     self.mesh = sharding.make_mesh(config.mesh)
     check_train_config(config, self.mesh)
-    self.tokenizer = tokenizer_lib.get_tokenizer(config)
+    self.tokenizer = _first_process_then_others(lambda: tokenizer_lib.get_tokenizer(config))
     tokenizer_lib.check_vocab_size(config, self.tokenizer)
     self.cfg = config_lib.model_config(config)
     sharding.check_model_fits(self.cfg, self.mesh)

@@ -1,6 +1,8 @@
 """Mesh construction, the rule table, and sharded training equal to single-device training."""
 
 import re
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -121,3 +123,89 @@ def test_bf16_compute_reduces_gradients_across_devices_in_fp32():
   reduces = [line.split("all-reduce(")[0] for line in hlo.splitlines() if re.search(r"= .*all-reduce\(", line)]
   assert reduces, "expected a gradient all-reduce over the data axis"
   assert all("bf16" not in r for r in reduces) and any("f32" in r for r in reduces), reduces
+
+
+# Compiles the train step of the tiny model on each mesh, then a control that must warn. In a subprocess: XLA's
+# SPMD partitioner reports a rematerialization only as a C++ log line on stderr (no API exposes it).
+_COMPILE_SCRIPT = r"""
+import sys
+sys.path.insert(0, "tests")
+import flax.linen as nn, jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import train_helpers as th
+from cla_jax import config_lib, model as model_lib, optim, sharding, train_step
+config = th.tiny_config()
+cfg, tx = config_lib.model_config(config), optim.make_optimizer(config.train)
+for shape in [tuple(map(int, s.split(","))) for s in sys.argv[1:]]:
+  mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape), num_devices=shape[0] * shape[1] * shape[2]))
+  boxed = model_lib.abstract_params(cfg)
+  param_shardings, opt_shardings = train_step.state_shardings(boxed, tx, mesh)
+  params = sharding.shardings_like(nn.meta.unbox(boxed), param_shardings)
+  opt_state = sharding.shardings_like(jax.eval_shape(tx.init, nn.meta.unbox(boxed)), opt_shardings)
+  rows = lambda dtype: jax.ShapeDtypeStruct((8, 32), dtype, sharding=sharding.batch_sharding(mesh))
+  batch = {"inputs": rows(jnp.int32), "targets": rows(jnp.int32), "weights": rows(jnp.float32)}
+  step = train_step.jit_train_step(model_lib.Transformer(cfg), tx, 1, mesh, param_shardings, opt_shardings)
+  with jax.set_mesh(mesh):
+    step.jitted.lower(params, opt_state, batch).compile()
+  print(f"COMPILED {shape}", file=sys.stderr, flush=True)
+# The control: the old embedding lookup, a gather from a table sharded (None, fsdp) whose output is
+# constrained to the batch axes; its gradient cannot reach the table's sharding without a full remat.
+mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=1, num_devices=4))
+table_sharding = NamedSharding(mesh, P(None, "fsdp"))
+def lookup_loss(table, ids):
+  x = jax.lax.with_sharding_constraint(jnp.take(table, ids, axis=0), sharding.batch_sharding(mesh, 3))
+  return jnp.sum(x * x)
+jax.jit(jax.grad(lookup_loss), out_shardings=table_sharding).lower(
+    jax.ShapeDtypeStruct((256, 64), jnp.float32, sharding=table_sharding),
+    jax.ShapeDtypeStruct((8, 32), jnp.int32, sharding=sharding.batch_sharding(mesh))).compile()
+print("COMPILED control", file=sys.stderr, flush=True)
+"""
+_REMAT = "Involuntary full rematerialization"
+
+
+def test_train_step_compiles_without_involuntary_full_rematerialization():
+  meshes = ["8,1,1", "1,8,1", "2,2,2", "2,2,1", "1,2,4"]
+  env = {**th.env(), "TF_CPP_MIN_LOG_LEVEL": "0"}  # 8 CPU devices, as in this process
+  out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, *meshes], cwd=th.REPO_ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  # Split the log at each "COMPILED" line: the warnings before it belong to that compile.
+  chunks = out.stderr.split("COMPILED ")
+  assert len(chunks) == len(meshes) + 2, out.stderr[-3000:]
+  for mesh, log in zip(meshes + ["control"], chunks[:-1]):
+    warnings = [line[:300] for line in log.splitlines() if _REMAT in line]
+    if mesh == "control":
+      assert warnings, "the control lookup should report a rematerialization: is the detector still working?"
+    else:
+      assert not warnings, f"mesh ({mesh}): {warnings}"
+
+
+class _StandInDevice:
+  """What mesh layout reads of a device, for a multi-slice pod this machine does not have."""
+
+  platform, device_kind = "cpu", "stand-in"
+
+  def __init__(self, device_id: int, slice_index: int):
+    self.id, self.slice_index, self.process_index = device_id, slice_index, device_id // 2
+
+  def __repr__(self):
+    return f"D{self.id}@s{self.slice_index}"
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (4, 1, 2), (4, 2, 1)])
+def test_multi_slice_mesh_puts_data_across_slices(shape):
+  devices = [_StandInDevice(i, i // 4) for i in range(8)]  # 2 slices of 4
+  layout = sharding.hybrid_device_layout(shape, devices)
+  assert layout.shape == shape and sorted(d.id for d in layout.flat) == list(range(8))
+  slice_of = np.vectorize(lambda d: d.slice_index)(layout)
+  half = shape[0] // 2
+  # Every (fsdp, tensor) block of one data index lies in one slice: only data-parallel traffic crosses slices.
+  np.testing.assert_array_equal(slice_of[:half], 0)
+  np.testing.assert_array_equal(slice_of[half:], 1)
+
+
+def test_multi_slice_mesh_needs_data_to_span_the_slices():
+  devices = [_StandInDevice(i, i // 2) for i in range(8)]  # 4 slices of 2
+  assert sharding.num_slices(devices) == 4 and sharding.num_slices(jax.devices()) == 1
+  with pytest.raises(sharding.MeshError, match="span 4 slices but mesh.data=2 is not a multiple of 4"):
+    sharding.hybrid_device_layout((2, 2, 2), devices)

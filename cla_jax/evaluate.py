@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from cla_jax import checkpoint, config_lib, input_pipeline, sharding, train_step
+from cla_jax import checkpoint, config_lib, input_pipeline, metrics as metrics_lib, sharding, train_step
 from cla_jax import tokenizer as tokenizer_lib
 from cla_jax import model as model_lib
 from cla_jax.errors import UserError
@@ -162,18 +162,13 @@ def window_batches(windows: Iterable[Window], batch_size: int, length: int) -> I
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _exp(x: float) -> float:
-  """exp that saturates to inf instead of raising (an untrained model's word perplexity can overflow)."""
-  return math.exp(x) if x < 709 else math.inf
-
-
 def text_metrics(nll: float, tokens: int, words: int, num_bytes: int) -> dict[str, float]:
   """Token/word/byte perplexities and bits per byte from a summed negative log-likelihood (nats)."""
   return {
       "loss": nll / tokens,
-      "token_perplexity": _exp(nll / tokens),
-      "word_perplexity": _exp(nll / words),
-      "byte_perplexity": _exp(nll / num_bytes),
+      "token_perplexity": metrics_lib.perplexity(nll / tokens),
+      "word_perplexity": metrics_lib.perplexity(nll / words),
+      "byte_perplexity": metrics_lib.perplexity(nll / num_bytes),
       "bits_per_byte": nll / num_bytes / math.log(2),
   }
 
@@ -292,7 +287,8 @@ def evaluate_split(scorer: Scorer, config: ml_collections.ConfigDict, tokenizer:
   scored = min(available, max_tokens) if max_tokens > 0 else available
   total = -(-scored // (batch_size * int(config.train.seq_len)))
   nll, tokens = scorer.score(_progress(batches, total, f"eval {split}", progress))
-  return {"split": split, "loss": nll / tokens, "perplexity": _exp(nll / tokens), "tokens": int(tokens)}
+  return {"split": split, "loss": nll / tokens, "perplexity": metrics_lib.perplexity(nll / tokens),
+          "tokens": int(tokens)}
 
 
 def evaluate_text(scorer: Scorer, tokenizer: Any, text: str, *, batch_size: int, max_length: int,

@@ -97,6 +97,11 @@ def total_peak_flops(devices: list[jax.Device], override_per_device: float = 0.0
   return per_device * len(devices), f"{devices[0].device_kind} bf16 table"
 
 
+def perplexity(mean_nll: float) -> float:
+  """exp of a mean negative log-likelihood, saturating to inf instead of raising (untrained or diverged models)."""
+  return math.exp(mean_nll) if mean_nll < 709 else math.inf
+
+
 class MetricWriter:
   """Writes metrics of process 0: TensorBoard events, DIR/metrics.jsonl (appended) and a console line."""
 

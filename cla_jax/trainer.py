@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from cla_jax import checkpoint, config_lib, metrics as metrics_lib, optim, sharding
+from cla_jax import checkpoint, config_lib, health, metrics as metrics_lib, optim, sharding
 from cla_jax import train_step as train_step_lib
 from cla_jax.errors import UserError
 from cla_jax import model as model_lib
@@ -30,8 +30,7 @@ class TrainConfigError(UserError):
   """Train / batch / accumulation settings that cannot work."""
 
 
-class NonFiniteLossError(UserError):
-  """The loss became NaN or inf; the run stops without saving the bad state."""
+NonFiniteLossError = health.DivergenceError  # the name tests and callers used before spikes were detected
 
 
 def check_train_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -112,8 +111,8 @@ class Trainer:
     check_train_config(config, self.mesh)
     self.tokenizer = tokenizer_lib.get_tokenizer(config)
     tokenizer_lib.check_vocab_size(config, self.tokenizer)
-    self.cfg = config_lib.model_config(config)
-    sharding.check_model_fits(self.cfg, self.mesh)
+    self.model_config = config_lib.model_config(config)
+    sharding.check_model_fits(self.model_config, self.mesh)
     _check_workdir_config(self.workdir, config)
     checkpoint.write_config(self.workdir, config)
     if jax.process_index() == 0:
@@ -121,20 +120,22 @@ class Trainer:
       self.tokenizer.save(self.workdir)
     self._input_pipeline = input_pipeline
 
-    self.model = Transformer(self.cfg)
+    self.model = Transformer(self.model_config)
     self.tx = optim.make_optimizer(config.train)
     # Jitted once: evaluating the optax schedule eagerly would compile a few small ops per new shape.
     self.schedule = jax.jit(optim.learning_rate_schedule(config.train))
-    boxed_params = model_lib.abstract_params(self.cfg)
+    boxed_params = model_lib.abstract_params(self.model_config)
     self.param_shardings, self.opt_shardings = train_step_lib.state_shardings(boxed_params, self.tx, self.mesh)
     unboxed = nn.meta.unbox(boxed_params)
     self.abstract_params = sharding.shardings_like(unboxed, self.param_shardings)
     self.abstract_opt_state = sharding.shardings_like(jax.eval_shape(self.tx.init, unboxed), self.opt_shardings)
 
     self.writer = metrics_lib.MetricWriter(self.workdir, config.train.steps)
-    self.manager = checkpoint.make_manager(self.workdir, keep=config.checkpoint.keep,
-                                           async_save=config.checkpoint.async_save)
-    self.flops_per_step = metrics_lib.flops_per_token(self.cfg, config.train.seq_len) * (
+    self.health = health.HealthCheck(config.train, self.model_config.vocab_size)
+    self.policy = checkpoint.KeepNewestAndVerified(keep=config.checkpoint.keep)
+    self.manager = checkpoint.make_manager(self.workdir, async_save=config.checkpoint.async_save,
+                                           policy=self.policy)
+    self.flops_per_step = metrics_lib.flops_per_token(self.model_config, config.train.seq_len) * (
         config.train.batch_size * config.train.seq_len)
     self.peak_flops, self.peak_source = metrics_lib.total_peak_flops(
         list(self.mesh.devices.flat), float(config.train.get("peak_flops_per_device", 0.0)))
@@ -148,10 +149,14 @@ class Trainer:
   def restore_or_init(self) -> tuple[int, Any, Any]:
     """(start step, params, opt_state) from the newest readable checkpoint, or freshly initialised."""
     restored = checkpoint.restore(self.manager, self.abstract_params, self.abstract_opt_state, quarantine=True)
+    verified = checkpoint.read_verified_step(self.workdir)
+    if restored is not None and verified is not None and verified <= restored.step \
+        and verified in self.manager.all_steps():
+      self.policy.verified = verified
     if restored is None:
       params, opt_state = train_step_lib.init_state(self.model, self.tx, self.mesh, self.param_shardings,
                                                     self.opt_shardings, jax.random.key(self.config.train.seed))
-      self.writer.message(f"initialised {self.cfg.num_layers}-layer model from seed {self.config.train.seed}")
+      self.writer.message(f"initialised {self.model_config.num_layers}-layer model from seed {self.config.train.seed}")
       return 0, params, opt_state
     if restored.opt_state is None:
       # Params-only checkpoint (e.g. converted from Hugging Face): continued training from those weights
@@ -176,22 +181,22 @@ class Trainer:
 
   def evaluate(self, params: Any, eval_fn) -> dict[str, float]:
     """Validation loss over `train.eval_batches` batches of the eval split."""
-    cfg = self.config
+    config = self.config
     batches = self._input_pipeline.eval_batches(
-        cfg, self.tokenizer, batch_size=cfg.eval.batch_size,
-        max_tokens=cfg.train.eval_batches * cfg.eval.batch_size * cfg.train.seq_len)
+        config, self.tokenizer, batch_size=config.eval.batch_size,
+        max_tokens=config.train.eval_batches * config.eval.batch_size * config.train.seq_len)
     loss_sum, tokens = 0.0, 0.0
     for local in batches:
       out = jax.device_get(eval_fn(params, sharding.global_batch(local, self.mesh)))
       loss_sum += float(out["loss_sum"])
       tokens += float(out["num_tokens"])
     loss = loss_sum / max(tokens, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+    return {"eval_loss": loss, "eval_perplexity": metrics_lib.perplexity(loss), "eval_tokens": tokens}
 
   def run(self) -> None:
     """Trains from the latest checkpoint (or scratch) to train.steps; see module docstring."""
-    cfg = self.config
-    steps = cfg.train.steps
+    config = self.config
+    steps = config.train.steps
     start, params, opt_state = self.restore_or_init()
     if start >= steps:
       self.writer.message(f"nothing to do: checkpoint step {start} >= train.steps={steps}")
@@ -199,12 +204,13 @@ class Trainer:
       return
     self.writer.message(f"mesh {sharding.describe(self.mesh)}; {self.flops_per_step / 1e9:.2f} GFLOP/step; "
                         f"peak {self.peak_flops / 1e12:.2f} TFLOP/s ({self.peak_source})")
-    train_fn = train_step_lib.jit_train_step(self.model, self.tx, cfg.train.grad_accum_steps, self.mesh,
+    train_fn = train_step_lib.jit_train_step(self.model, self.tx, config.train.grad_accum_steps, self.mesh,
                                              self.param_shardings, self.opt_shardings)
     eval_fn = train_step_lib.jit_eval_step(self.model, self.mesh, self.param_shardings)
-    batches: Iterator[dict] = self._input_pipeline.TrainBatches(cfg, self.tokenizer, "train").iterator(start)
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    batches: Iterator[dict] = self._input_pipeline.TrainBatches(config, self.tokenizer, "train").iterator(start)
+    tokens_per_step = config.train.batch_size * config.train.seq_len
     pending = None  # (step, device metrics) of the last dispatched step, fetched one step late
+    saved_steps = {start} & set(self.manager.all_steps())  # checkpoints the next step's health check vouches for
     last_time = time.perf_counter()
 
     def finish(entry) -> None:
@@ -214,23 +220,20 @@ class Trainer:
       m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
       now = time.perf_counter()
       step_time, last_time = now - last_time, now
-      bad = [f"{name} is {m[key]}" for key, name in (("loss", "loss"), ("grad_norm", "gradient norm"))
-             if not math.isfinite(m[key])]
-      if bad:
-        # A non-finite gradient norm poisons the update even when the loss itself was still finite.
-        self.manager.wait_until_finished()
-        raise NonFiniteLossError(
-            f"{' and '.join(bad)} at step {done}; stopped without saving. The last good checkpoint is step "
-            f"{self.manager.latest_step()} in {self.manager.directory}; lower train.lr or raise "
-            f"train.warmup_frac and rerun.")
-      eval_due = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0
+      problem = self.health.problem(m["loss"], m["grad_norm"])
+      if problem:
+        self._stop_diverged(problem, done, start)
+      if done - 1 in saved_steps:  # step done's loss came from checkpoint done-1's params: it is good
+        self._mark_verified(done - 1)
+      eval_due = config.train.eval_every > 0 and done % config.train.eval_every == 0
       if eval_due:
         m.update(self.evaluate(params, eval_fn))
         last_time = time.perf_counter()  # keep eval time out of the next step's time
-      if done % cfg.train.log_every == 0 or done == steps or eval_due:
+      if done % config.train.log_every == 0 or done == steps or eval_due:
         flops = self.flops_per_step / step_time
         self.writer.write(done, {
-            "loss": m["loss"], "perplexity": math.exp(min(m["loss"], 50.0)), "lr": float(self.schedule(done - 1)),
+            "loss": m["loss"], "perplexity": metrics_lib.perplexity(m["loss"]),
+            "lr": float(self.schedule(done - 1)),
             "grad_norm": m["grad_norm"], "param_norm": m["param_norm"], "step_time": step_time,
             "tokens_per_s": tokens_per_step / step_time, "mfu": flops / self.peak_flops,
             **{k: v for k, v in m.items() if k.startswith("eval_")}})
@@ -244,18 +247,41 @@ class Trainer:
         pending = (step + 1, step_metrics)
         done = step + 1
         preempted = preemption.requested or (jax.process_count() > 1 and self.manager.reached_preemption(done))
-        eval_due = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0
-        if done % cfg.checkpoint.every_steps == 0 or done == steps or preempted or eval_due:
+        eval_due = config.train.eval_every > 0 and done % config.train.eval_every == 0
+        if done % config.checkpoint.every_steps == 0 or done == steps or preempted or eval_due:
           finish(pending)  # a checkpoint is only written after its loss was seen to be finite
           pending = None
-          if done % cfg.checkpoint.every_steps == 0 or done == steps or preempted:
+          if done % config.checkpoint.every_steps == 0 or done == steps or preempted:
             self.save(done, params, opt_state)
+            saved_steps.add(done)
         if preempted:
           self.manager.wait_until_finished()
           self.writer.message(f"preempted (SIGTERM): saved checkpoint step {done}; rerun the same command "
                               f"to resume.")
           break
     self._close()
+
+  def _mark_verified(self, step: int) -> None:
+    """Protects checkpoint `step` from rotation (its next step passed the health check) and records it."""
+    if self.policy.verified != step:
+      self.policy.verified = step
+      checkpoint.write_verified_step(self.workdir, step)
+
+  def _stop_diverged(self, problem: str, step: int, start: int) -> None:
+    """Moves the checkpoints saved since the last verified one aside and raises DivergenceError."""
+    self.manager.wait_until_finished()
+    good = self.policy.verified
+    suspect = [s for s in self.manager.all_steps() if s > max(start, -1 if good is None else good)]
+    moved = checkpoint.set_aside(self.manager, suspect, checkpoint.DIVERGED_DIR, "unverified") if suspect else ""
+    aside = f"; checkpoints {sorted(suspect)} saved since were moved to {moved}" if suspect else ""
+    if good is not None:
+      where = f"The newest checkpoint that passed the health check is step {good} in {self.manager.directory}{aside}"
+    elif step == start + 1 and start > 0:
+      where = f"The checkpoint this run resumed from (step {start}) already gives this{aside}"
+    else:
+      where = f"No checkpoint has passed the health check yet{aside}; check model.init_std and train.lr"
+    raise health.DivergenceError(f"{problem} at step {step}; stopped without saving. {where}. Lower train.lr or "
+                                 f"raise train.warmup_frac and rerun to resume from there.")
 
   def _close(self) -> None:
     self.manager.wait_until_finished()

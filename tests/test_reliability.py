@@ -1,0 +1,135 @@
+"""Never lose a good checkpoint: divergence guard, fingerprints, workdir lock, disk full, bad input."""
+
+import os
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import train_helpers as th
+from cla_jax import checkpoint, config_lib, health, model as model_lib, trainer
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  root = tmp_path_factory.mktemp("corpus")
+  th.enable_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache")
+  return th.write_corpus(root / "text"), str(root / "cache")
+
+
+def _config(corpus, **train):
+  config = th.use_corpus(th.tiny_config(), corpus)
+  config.train.update(log_every=1, **train)
+  return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus):
+  """A healthy 6-step run saving every step and keeping 3 (steps 4, 5, 6 on disk)."""
+  config = _config(corpus, steps=6)
+  config.checkpoint.update(every_steps=1, keep=3)
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  trainer.run(config, str(workdir))
+  return config, workdir
+
+
+def test_preservation_policy_keeps_the_verified_step_whatever_keep_says():
+  class Info:
+    def __init__(self, step):
+      self.step = step
+  infos = [Info(s) for s in range(1, 7)]
+  policy = checkpoint.KeepNewestAndVerified(keep=2, verified=3)
+  assert [i.step for i, keep in zip(infos, policy.should_preserve(infos, context=None)) if keep] == [3, 5, 6]
+  policy.verified = None
+  assert [i.step for i, keep in zip(infos, policy.should_preserve(infos, context=None)) if keep] == [5, 6]
+
+
+@pytest.mark.parametrize("lr, problem", [
+    (1e2, r"loss [\d.e+]+ is above train.divergence_spike_factor=5 x its running median"),  # finite, ~1e4
+    (1e4, r"the model is dead: gradient norm 0"),  # collapses to the uniform prediction
+    (1e6, r"(loss|gradient norm) is (nan|inf)"),
+])
+def test_divergence_keeps_and_names_a_really_good_checkpoint(tmp_path, trained, lr, problem):
+  config, source = trained
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  config = config_lib.from_json(config_lib.to_json(config))
+  with config.unlocked():
+    config.train.update(steps=12, lr=lr)
+  with pytest.raises(health.DivergenceError, match=problem) as err:
+    trainer.run(config, str(workdir))
+  message = str(err.value)
+  assert "\n" not in message and "passed the health check is step 6 " in message
+  # Step 7 was saved from the update that ruined the model; it is moved aside, never named as good.
+  assert checkpoint.latest_step(workdir) == 6
+  assert [d.split("-")[0] for d in os.listdir(workdir / checkpoint.DIVERGED_DIR)] == ["7"]
+  params, _, _ = checkpoint.restore_params(workdir)
+  original, _, _ = checkpoint.restore_params(source, step=6)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(original)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_dead_model_from_init_is_stopped(tmp_path, corpus):
+  config = _config(corpus, steps=4)
+  config.model.init_std = 1e6
+  with pytest.raises(health.DivergenceError, match="model is dead|is nan|is inf|above train.divergence") as err:
+    trainer.run(config, str(tmp_path))
+  assert "No checkpoint has passed the health check yet" in str(err.value)
+
+
+def test_health_check_unit():
+  train = th.tiny_config().train
+  check = health.HealthCheck(train, vocab_size=256)
+  for loss in (5.6, 5.0, 4.0, 3.0):
+    assert check.problem(loss, 1.0) is None
+  assert "above" in check.problem(5.0 * 4.5 + 0.1, 1.0)  # median of (5.6, 5.0, 4.0, 3.0) is 4.5
+  assert "dead" in check.problem(np.log(256), 1e-8)
+  assert "nan" in check.problem(float("nan"), 1.0)
+  train.divergence_max_grad_norm = 10.0
+  assert "divergence_max_grad_norm" in health.HealthCheck(train, 256).problem(5.0, 11.0)
+  train.divergence_check = False
+  off = health.HealthCheck(train, 256)
+  assert off.problem(1e9, 0.0) is None and "inf" in off.problem(float("inf"), 1.0)
+
+
+def test_flipped_bytes_in_a_params_file_fall_back_with_one_warning(tmp_path, tiny_config, capfd):
+  p1, p2 = (model_lib.init_params(config_lib.model_config(tiny_config), jax.random.key(s)) for s in (1, 2))
+  checkpoint.save_params_only(tmp_path, p1, tiny_config, step=1)
+  manager = checkpoint.make_manager(tmp_path, async_save=False)
+  checkpoint.save(manager, 2, p2, None, {})
+  manager.wait_until_finished()
+  manager.close()
+  data_files = [p for p in (tmp_path / "checkpoints" / "2" / "params").rglob("*") if p.is_file() and
+                p.parent.name == "d"]
+  biggest = max(data_files, key=lambda p: p.stat().st_size)
+  data = bytearray(biggest.read_bytes())
+  data[len(data) // 2:len(data) // 2 + 8] = b"\x7f" * 8  # 8 bytes of bit rot inside the stored weights
+  biggest.write_bytes(bytes(data))
+  capfd.readouterr()
+  params, _, step = checkpoint.restore_params(tmp_path)
+  assert step == 1
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(p1)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  err = capfd.readouterr().err
+  warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+  assert len(warnings) == 1 and "fingerprint mismatch" in warnings[0], err
+  assert "Traceback" not in err
+
+
+def test_fingerprint_is_independent_of_sharding_and_sees_one_changed_element():
+  x = np.arange(64 * 48, dtype=np.float32).reshape(64, 48) / 7
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  assert checkpoint.fingerprints({"x": x}) == checkpoint.fingerprints({"x": sharded})
+  # An independent reference: the same position-weighted sum in numpy's wrapping uint32 arithmetic.
+  bits = x.view(np.uint32).ravel().astype(np.uint64)
+  weights = ((np.arange(x.size, dtype=np.uint64) * 2 + 1) * 2654435761) % 2**32
+  assert checkpoint.fingerprints({"x": x})["['x']"] == int((bits * weights % 2**32).sum() % 2**32)
+  y = x.copy()
+  y[5, 7] = np.nextafter(y[5, 7], np.inf)
+  swapped = x.copy()
+  swapped[[0, 1]] = swapped[[1, 0]]
+  values = {checkpoint.fingerprints({"x": v})["['x']"] for v in (x, y, swapped)}
+  assert len(values) == 3

@@ -24,21 +24,6 @@ class DivergenceError(UserError):
   """The loss or gradients went bad; the run stops without saving the bad state."""
 
 
-def check_divergence_config(train: ml_collections.ConfigDict) -> list[str]:
-  """Problems (field, value, fix) in the train.divergence_* settings."""
-  problems = []
-  if not isinstance(train.divergence_check, bool):
-    problems.append(f"train.divergence_check must be True or False, got {train.divergence_check!r}")
-  if not train.divergence_spike_factor == 0 and not train.divergence_spike_factor > 1:
-    problems.append(f"train.divergence_spike_factor must be > 1 (or 0: off), got {train.divergence_spike_factor!r}")
-  if not isinstance(train.divergence_window, int) or train.divergence_window < 1:
-    problems.append(f"train.divergence_window must be a positive integer, got {train.divergence_window!r}")
-  if not train.divergence_max_grad_norm >= 0:
-    problems.append(f"train.divergence_max_grad_norm must be >= 0 (0: no bound), got "
-                    f"{train.divergence_max_grad_norm!r}")
-  return problems
-
-
 class HealthCheck:
   """Judges each step's (loss, grad_norm); remembers recent losses for the running median."""
 

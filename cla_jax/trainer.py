@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import flax.linen as nn
 import jax
@@ -21,6 +21,7 @@ import ml_collections
 
 from cla_jax import checkpoint, config_lib, health, metrics as metrics_lib, optim, sharding
 from cla_jax import train_step as train_step_lib
+from cla_jax import workdir_lock
 from cla_jax.errors import UserError
 from cla_jax import model as model_lib
 from cla_jax.model import Transformer
@@ -35,10 +36,8 @@ NonFiniteLossError = health.DivergenceError  # the name tests and callers used b
 
 def check_train_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   """Raises TrainConfigError, naming the field and a fix, for steps/batch/accumulation that cannot work."""
+  config_lib.check_values(config)
   t = config.train
-  for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every"):
-    if not isinstance(t[name], int) or t[name] < 1:
-      raise TrainConfigError(f"train.{name} must be a positive integer, got {t[name]!r}.")
   if t.batch_size % t.grad_accum_steps:
     raise TrainConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps="
                            f"{t.grad_accum_steps}; pick an accumulation count that divides the batch.")
@@ -53,10 +52,6 @@ def check_train_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
   if t.eval_every > 0 and config.eval.batch_size % ways:
     raise TrainConfigError(f"eval.batch_size={config.eval.batch_size} cannot be split over mesh data*fsdp = "
                            f"{ways} devices; make it a multiple of {ways} or set train.eval_every=0.")
-  if config.checkpoint.every_steps < 1 or config.checkpoint.keep < 1:
-    raise TrainConfigError("checkpoint.every_steps and checkpoint.keep must be positive integers.")
-  if not 0 <= t.warmup_frac < 1 or not 0 <= t.min_lr_ratio <= 1 or t.lr <= 0:
-    raise TrainConfigError("need 0 <= train.warmup_frac < 1, 0 <= train.min_lr_ratio <= 1 and train.lr > 0.")
 
 
 def data_fingerprint(config: ml_collections.ConfigDict) -> str:
@@ -87,37 +82,74 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """A workdir belongs to one model: refuse to resume it with a different model config."""
-  path = os.path.join(workdir, checkpoint.CONFIG_FILE)
-  if not os.path.exists(path):
-    return
-  old = checkpoint.read_config(workdir)
-  if old.model.to_dict() != config.model.to_dict():
-    changed = sorted(k for k in set(old.model.keys()) | set(config.model.keys())
-                     if old.model.get(k) != config.model.get(k))
+# Model fields a resume may change: how the same weights are computed, never their shapes or values.
+RESUME_FREE_FIELDS = ("remat", "dtype", "attention_impl")
+
+
+def _model_from_workdir(workdir: str, config: ml_collections.ConfigDict,
+                        explicit: Collection[str] | None) -> list[str]:
+  """Continuing a workdir: its config.json decides the model, except `explicit` (command-line) fields.
+
+  `explicit=None` treats every model field of `config` as asked for. A field that would change the
+  weights is refused; remat/dtype/attention_impl may change. Updates `config.model` in place and returns
+  the fields taken from the workdir that differ from `config`.
+  """
+  if not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
+    return []
+  saved = checkpoint.read_config(workdir).model.to_dict()
+  asked = config.model.to_dict()
+  explicit = set(asked) if explicit is None else set(explicit)
+  merged = {k: asked[k] if k in explicit or k not in saved else saved[k] for k in asked}
+  changed = sorted(k for k in merged if k not in RESUME_FREE_FIELDS and merged[k] != saved.get(k, merged[k]))
+  if changed:
     raise TrainConfigError(f"workdir {workdir} holds a run with a different model config (fields {changed}); "
-                           f"use a new --workdir or the original model settings.")
+                           f"use a new --workdir, or drop those --config.model overrides to continue it.")
+  config.model.update(merged)
+  return sorted(k for k in asked if merged[k] != asked[k])
+
+
+def _prepare_workdir(workdir: str) -> None:
+  """Creates the workdir (process 0), or one line saying why it cannot be used."""
+  if jax.process_index() != 0 or "://" in workdir:
+    return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise TrainConfigError(f"--workdir={workdir} is a file, not a directory; pass a directory path.")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w", encoding="utf-8") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise TrainConfigError(f"cannot write to --workdir={workdir} ({e.strerror}); pass a writable directory.") from None
 
 
 class Trainer:
   """State and loop of one training run (see `run`)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, explicit_model_fields=None):
+    """Validates everything first, then takes the workdir lock, then writes; see `run` for the arguments."""
     from cla_jax import input_pipeline, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-    self.workdir = os.path.abspath(os.path.expanduser(workdir))
+    self.workdir = os.path.abspath(os.path.expanduser(workdir)) if "://" not in workdir else workdir
     self.config = config = ml_collections.ConfigDict(config.to_dict())
+    config_lib.check_values(config)
+    from_workdir = _model_from_workdir(self.workdir, config, explicit_model_fields)
     self.mesh = sharding.make_mesh(config.mesh)
     check_train_config(config, self.mesh)
     self.tokenizer = tokenizer_lib.get_tokenizer(config)
     tokenizer_lib.check_vocab_size(config, self.tokenizer)
     self.model_config = config_lib.model_config(config)
     sharding.check_model_fits(self.model_config, self.mesh)
-    _check_workdir_config(self.workdir, config)
-    checkpoint.write_config(self.workdir, config)
-    if jax.process_index() == 0:
-      # A copy in the workdir keeps eval.py independent of the tokenizer cache (evaluate.load_tokenizer).
-      self.tokenizer.save(self.workdir)
+    _prepare_workdir(self.workdir)
+    self.lock = workdir_lock.WorkdirLock(self.workdir).acquire()  # before anything in the workdir changes
+    try:
+      checkpoint.write_config(self.workdir, config)
+      if jax.process_index() == 0:
+        # A copy in the workdir keeps eval.py independent of the tokenizer cache (evaluate.load_tokenizer).
+        self.tokenizer.save(self.workdir)
+    except BaseException:
+      self.lock.release()
+      raise
     self._input_pipeline = input_pipeline
 
     self.model = Transformer(self.model_config)
@@ -135,6 +167,8 @@ class Trainer:
     self.policy = checkpoint.KeepNewestAndVerified(keep=config.checkpoint.keep)
     self.manager = checkpoint.make_manager(self.workdir, async_save=config.checkpoint.async_save,
                                            policy=self.policy)
+    if from_workdir:
+      self.writer.message(f"continuing {self.workdir}: model fields {from_workdir} come from its config.json")
     self.flops_per_step = metrics_lib.flops_per_token(self.model_config, config.train.seq_len) * (
         config.train.batch_size * config.train.seq_len)
     self.peak_flops, self.peak_source = metrics_lib.total_peak_flops(
@@ -289,8 +323,16 @@ class Trainer:
     self.writer.close()
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Trains `config` in `workdir`, resuming from its newest readable checkpoint (see docs/training.md)."""
+def run(config: ml_collections.ConfigDict, workdir: str, explicit_model_fields: Collection[str] | None = None) -> None:
+  """Trains `config` in `workdir`, resuming from its newest readable checkpoint (see docs/training.md).
+
+  On a workdir that already has a config.json, its model section is used except for the model fields
+  named in `explicit_model_fields` (train.py passes the --config.model.* overrides; None: all of them).
+  """
   sharding.maybe_initialize_distributed()
-  Trainer(config, workdir).run()
+  trainer = Trainer(config, workdir, explicit_model_fields)
+  try:
+    trainer.run()
+  finally:
+    trainer.lock.release()
 

@@ -133,3 +133,29 @@ def test_fingerprint_is_independent_of_sharding_and_sees_one_changed_element():
   swapped[[0, 1]] = swapped[[1, 0]]
   values = {checkpoint.fingerprints({"x": v})["['x']"] for v in (x, y, swapped)}
   assert len(values) == 3
+
+
+def test_second_trainer_on_a_live_workdir_refuses_and_a_dead_lock_does_not_block(tmp_path, corpus):
+  config = _config(corpus, steps=5000)
+  config.checkpoint.update(every_steps=2)
+  workdir = tmp_path / "run"
+  first = th.start(config, workdir)
+  try:
+    th.wait_for(lambda: (workdir / "checkpoints" / "2").exists() or first.poll() is not None)
+    assert first.poll() is None, open(f"{workdir}.log").read()
+    config_before = (workdir / "config.json").read_text()
+    other = _config(corpus, steps=7, lr=1e-4)
+    second = th.run(other, workdir)
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.strip().splitlines() == [second.stderr.strip()]
+    assert f"is in use by pid {first.pid} on host " in second.stderr and "Traceback" not in second.stderr
+    assert (workdir / "config.json").read_text() == config_before  # the second run changed nothing
+  finally:
+    first.kill()  # SIGKILL: its lock file stays behind, but the kernel dropped the lock
+    first.wait(timeout=60)
+  assert (workdir / "lock").exists()
+  killed_at = checkpoint.latest_step(workdir)
+  config.train.steps = killed_at + 2
+  third = th.run(config, workdir)
+  assert third.returncode == 0, third.stderr
+  assert f"resumed from checkpoint step {killed_at}" in third.stdout

@@ -51,6 +51,35 @@ class CheckpointError(UserError):
   """A workdir or checkpoint that cannot be used; the message says which and what to do."""
 
 
+class DiskFullError(CheckpointError):
+  """Not enough free space for the next checkpoint; the earlier ones are intact."""
+
+
+def _tree_bytes(*trees: Any) -> int:
+  return sum(int(x.size) * x.dtype.itemsize for t in trees if t is not None for x in jax.tree.leaves(t))
+
+
+def _free_bytes(directory: epath.Path) -> int | None:
+  """Free bytes on the file system of a local directory (None for object stores)."""
+  if "://" in os.fspath(directory):
+    return None
+  return shutil.disk_usage(os.fspath(directory)).free
+
+
+def _disk_full(manager: ocp.CheckpointManager, step: int, needed: int) -> DiskFullError:
+  free = _free_bytes(epath.Path(manager.directory))
+  latest = [s for s in manager.all_steps() if s < step]
+  return DiskFullError(
+      f"disk full: {manager.directory} has {(free or 0) / 2**20:.1f} MiB free but checkpoint step {step} needs "
+      f"about {needed / 2**20:.1f} MiB; checkpoints {sorted(latest)[-3:] or 'none'} are intact. Free space (or "
+      f"lower checkpoint.keep) and rerun the same command to resume.")
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """True for ENOSPC, however orbax / tensorstore wrapped it."""
+  return getattr(error, "errno", None) == 28 or "No space left on device" in str(error)
+
+
 @dataclasses.dataclass
 class Restored:
   """What `restore` found: the step, its params, the optimizer state (None if params-only) and meta."""
@@ -154,7 +183,17 @@ def _verify(name: str, tree: Any, stored: dict[str, int] | None) -> None:
 
 
 def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any | None, meta: dict) -> None:
-  """Starts an (async, if so configured) save of `step`; `opt_state=None` writes a params-only checkpoint."""
+  """Starts an (async, if so configured) save of `step`; `opt_state=None` writes a params-only checkpoint.
+
+  Refuses with DiskFullError (before writing anything) when the file system cannot hold the checkpoint:
+  a save that runs out of space half way leaves only a temporary directory, but buries the cause.
+  """
+  needed = int(_tree_bytes(params, opt_state) * 1.05) + 2**16
+  free = _free_bytes(epath.Path(manager.directory))
+  if free is not None and free < 2 * needed:
+    manager.wait_until_finished()  # an in-flight save may still be claiming space
+    if _free_bytes(epath.Path(manager.directory)) < needed:
+      raise _disk_full(manager, step, needed)
   prints = {"params": fingerprints(params)}
   if opt_state is not None:
     prints["opt_state"] = fingerprints(opt_state)
@@ -163,7 +202,20 @@ def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any 
                                       "fingerprints": prints})}
   if opt_state is not None:
     items["opt_state"] = ocp.args.StandardSave(opt_state)
-  manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+  try:
+    manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+  except Exception as e:  # pylint: disable=broad-except
+    if is_disk_full(e):  # another writer filled the disk after the check above
+      raise _disk_full(manager, step, needed) from None
+    raise
+
+
+def shape_differences(got: Any, expected: Any) -> list[str]:
+  """'path: shape -> expected shape' for every param whose path or shape differs between two trees (sorted)."""
+  def shapes(tree):
+    return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  a, b = shapes(got), shapes(expected)
+  return [f"{path}: {a.get(path)} -> {b.get(path)}" for path in sorted(set(a) | set(b)) if a.get(path) != b.get(path)]
 
 
 def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> None:
@@ -171,13 +223,11 @@ def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract_params: An
   stored = manager.item_metadata(step)["params"]
   if stored is None:
     raise OSError(f"checkpoint {step} has no readable params metadata")
-  stored_shapes = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored)}
-  wanted = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(abstract_params)}
-  if stored_shapes != wanted:
-    diff = sorted(set(stored_shapes.items()) ^ set(wanted.items()))[:3]
+  diff = shape_differences(stored, abstract_params)
+  if diff:
     raise CheckpointError(
-        f"checkpoint step {step} in {manager.directory} does not match the model config (first differences "
-        f"(param, shape): {diff}); use the config the checkpoint was trained with or a new workdir.")
+        f"checkpoint step {step} in {manager.directory} does not match the model config (first differences, "
+        f"stored -> config: {'; '.join(diff[:3])}); use the config the checkpoint was trained with or a new workdir.")
 
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_params: Any,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 import sys
 from typing import Callable
@@ -16,6 +17,19 @@ def _one_line(message: str) -> str:
   line = lines[-1] if lines else "invalid arguments"
   # Drop a 'package.module.SomeError: ' prefix left by wrapped tracebacks.
   return re.sub(r"^[\w.]*(Error|Exception): ", "", line)
+
+
+def define_config_dict(name: str, default, help_string: str) -> None:
+  """`config_flags.DEFINE_config_dict`, whose eager parse of --name.x=y overrides fails in one line."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  try:
+    config_flags.DEFINE_config_dict(name, default, help_string)
+  except (AttributeError, KeyError) as e:
+    field = str(e).strip("'\"")
+    given = [a.split("=")[0] for a in sys.argv[1:] if a.startswith(f"--{name}.") and field in a.split("=")[0]]
+    sys.stderr.write(f"error: {given[0] if given else field}: no such config field; see configs/default.py for the "
+                     f"fields.\n")
+    sys.exit(2)
 
 
 def _config_file_problem(error: BaseException) -> str:
@@ -56,6 +70,11 @@ def run(main: Callable[[list[str]], None]) -> None:
       main(argv)
     except UserError as e:
       sys.stderr.write(f"error: {_one_line(str(e))}\n")
+      sys.exit(2)
+    except OSError as e:
+      if e.errno != errno.ENOSPC:
+        raise
+      sys.stderr.write(f"error: disk full writing {e.filename or 'a file'}; free space and rerun.\n")
       sys.exit(2)
 
   app.run(guarded, flags_parser=parse_flags)

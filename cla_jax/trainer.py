@@ -151,6 +151,7 @@ class Trainer:
       self.lock.release()
       raise
     self._input_pipeline = input_pipeline
+    self._scorer = None  # built at the first validation
 
     self.model = Transformer(self.model_config)
     self.tx = optim.make_optimizer(config.train)
@@ -213,17 +214,16 @@ class Trainer:
 
   # -- loop --------------------------------------------------------------------------------------
 
-  def evaluate(self, params: Any, eval_fn) -> dict[str, float]:
-    """Validation loss over `train.eval_batches` batches of the eval split."""
+  def evaluate(self, params: Any) -> dict[str, float]:
+    """Validation loss over `train.eval_batches` batches of the eval split (evaluate.Scorer, as eval.py does)."""
+    from cla_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
     config = self.config
+    if self._scorer is None:
+      self._scorer = evaluate_lib.Scorer(params, config, self.mesh)
     batches = self._input_pipeline.eval_batches(
         config, self.tokenizer, batch_size=config.eval.batch_size,
         max_tokens=config.train.eval_batches * config.eval.batch_size * config.train.seq_len)
-    loss_sum, tokens = 0.0, 0.0
-    for local in batches:
-      out = jax.device_get(eval_fn(params, sharding.global_batch(local, self.mesh)))
-      loss_sum += float(out["loss_sum"])
-      tokens += float(out["num_tokens"])
+    loss_sum, tokens = self._scorer.score(batches, params)
     loss = loss_sum / max(tokens, 1.0)
     return {"eval_loss": loss, "eval_perplexity": metrics_lib.perplexity(loss), "eval_tokens": tokens}
 
@@ -240,7 +240,6 @@ class Trainer:
                         f"peak {self.peak_flops / 1e12:.2f} TFLOP/s ({self.peak_source})")
     train_fn = train_step_lib.jit_train_step(self.model, self.tx, config.train.grad_accum_steps, self.mesh,
                                              self.param_shardings, self.opt_shardings)
-    eval_fn = train_step_lib.jit_eval_step(self.model, self.mesh, self.param_shardings)
     batches: Iterator[dict] = self._input_pipeline.TrainBatches(config, self.tokenizer, "train").iterator(start)
     tokens_per_step = config.train.batch_size * config.train.seq_len
     pending = None  # (step, device metrics) of the last dispatched step, fetched one step late
@@ -261,7 +260,7 @@ class Trainer:
         self._mark_verified(done - 1)
       eval_due = config.train.eval_every > 0 and done % config.train.eval_every == 0
       if eval_due:
-        m.update(self.evaluate(params, eval_fn))
+        m.update(self.evaluate(params))
         last_time = time.perf_counter()  # keep eval time out of the next step's time
       if done % config.train.log_every == 0 or done == steps or eval_due:
         flops = self.flops_per_step / step_time
@@ -318,7 +317,14 @@ class Trainer:
                                  f"raise train.warmup_frac and rerun to resume from there.")
 
   def _close(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      if checkpoint.is_disk_full(e):
+        raise checkpoint.DiskFullError(f"disk full while saving to {self.manager.directory}; free space and "
+                                       f"rerun the same command to resume from the newest complete checkpoint "
+                                       f"{self.manager.latest_step()}.") from None
+      raise
     self.manager.close()
     self.writer.close()
 

@@ -159,3 +159,127 @@ def test_second_trainer_on_a_live_workdir_refuses_and_a_dead_lock_does_not_block
   third = th.run(config, workdir)
   assert third.returncode == 0, third.stderr
   assert f"resumed from checkpoint step {killed_at}" in third.stdout
+
+
+def _mount(kind: str, target: pathlib.Path, *options: str) -> None:
+  """mount(8) as root (a small tmpfs, a read-only bind); skips the test where that is not allowed."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  target.mkdir(parents=True, exist_ok=True)
+  result = subprocess.run(["mount", *kind.split(), *options, str(target)], capture_output=True, text=True)
+  if result.returncode:
+    pytest.skip(f"cannot mount here ({result.stderr.strip()}); needs root")
+
+
+def _umount(target: pathlib.Path) -> None:
+  import subprocess  # pylint: disable=g-import-not-at-top
+  subprocess.run(["umount", str(target)], check=False)
+
+
+def test_disk_full_is_one_line_and_keeps_earlier_checkpoints(tmp_path, corpus):
+  small = tmp_path / "small"
+  _mount("-t tmpfs", small, "-o", "size=3M", "tmpfs")  # room for one checkpoint of the tiny model, not two
+  try:
+    config = _config(corpus, steps=30)
+    config.checkpoint.update(every_steps=1, keep=100)
+    result = th.run(config, small / "run")
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: disk full: ") and "MiB free but checkpoint step 2 needs about" in line
+    assert "checkpoints [1] are intact" in line
+    params, _, step = checkpoint.restore_params(small / "run")
+    assert step == 1 and all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+  finally:
+    _umount(small)
+
+
+def test_eval_on_a_read_only_workdir_returns_the_result_and_warns(tmp_path, trained, capfd):
+  from cla_jax import evaluate  # pylint: disable=g-import-not-at-top
+  _, source = trained
+  read_only = tmp_path / "ro"
+  _mount("--bind", read_only, str(source))
+  try:
+    _mount("-o remount,ro,bind", read_only)
+    result = evaluate.run(str(read_only), max_tokens=256, progress=False)
+    assert result["step"] == 6 and np.isfinite(result["loss"])
+    err = capfd.readouterr().err
+    assert "warning: could not write" in err and "Traceback" not in err
+    assert not (source / "eval").exists()
+  finally:
+    _umount(read_only)
+
+
+def test_partial_metrics_line_is_skipped_and_the_next_run_starts_a_new_line(tmp_path, capsys):
+  from cla_jax import metrics  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n{"step": 3, "lo')  # killed mid-write
+  records, skipped = metrics.read_jsonl_counted(str(path))
+  assert [r["step"] for r in records] == [1, 2] and skipped == 1
+  writer = metrics.MetricWriter(str(tmp_path), total_steps=5, enabled=True)
+  writer.write(3, {"loss": 3.5, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1.0, "mfu": 0.1, "step_time": 1.0})
+  writer.close()
+  assert [r["step"] for r in metrics.read_jsonl(str(path))] == [1, 2, 3]
+  assert "skipped 1 unreadable line(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value", [
+    ("train.clip_norm", -1.0), ("train.b1", 1.0), ("train.b2", -0.1), ("train.weight_decay", -0.1),
+    ("train.eval_batches", 0), ("train.lr", 0.0), ("train.warmup_frac", 1.0), ("data.seed", -1),
+    ("data.prefetch", -1), ("checkpoint.keep", 0), ("eval.batch_size", 0), ("train.divergence_spike_factor", 0.5),
+    ("train.divergence_window", 0), ("train.divergence_max_grad_norm", -1.0),
+])
+def test_bad_config_values_are_refused_in_one_line(field, value):
+  config = th.tiny_config()
+  section, name = field.split(".")
+  with config.unlocked():
+    config[section][name] = value
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.check_values(config)
+  assert str(err.value).startswith(f"{field} must be ") and "\n" not in str(err.value)
+
+
+def test_bad_command_lines_exit_2_with_one_line_and_no_side_effects(tmp_path, trained, corpus):
+  """Each: exit 2, one stderr line naming the problem, no traceback, no file left in a workdir."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  _, good = trained
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  binary = tmp_path / "binary.txt"
+  binary.write_bytes(bytes(range(256)) * 8)
+  read_only = tmp_path / "ro"
+  _mount("-t tmpfs", read_only, "-o", "size=1M,ro", "tmpfs")
+  ok = th.overrides(th.use_corpus(th.tiny_config(), corpus))
+  train, ev = ["train.py", "--config=configs/default.py"], ["eval.py", f"--workdir={good}"]
+  cases = [  # (argv, words the line must hold, workdir that must stay absent/unchanged)
+      (["train.py", "--config=configs/nope.py", f"--workdir={tmp_path / 'w1'}"], "configs/nope.py' not found", "w1"),
+      (["train.py", "--config=configs/nope.py", f"--workdir={tmp_path / 'w2'}", "--config.train.steps=3"],
+       "not found", "w2"),
+      ([*train, f"--workdir={a_file}", *ok], "is a file, not a directory", None),
+      ([*train, f"--workdir={a_file}/run", *ok], "cannot write to --workdir", None),
+      ([*train, f"--workdir={read_only}/run", *ok], "cannot write to --workdir", None),
+      ([*train, f"--workdir={tmp_path / 'w3'}", *ok, "--config.model.attention_impl=cudnn"],
+       "model.attention_impl=cudnn needs an NVIDIA GPU", "w3"),
+      ([*train, f"--workdir={tmp_path / 'w4'}", *ok, "--config.data.seed=-1"], "data.seed must be", "w4"),
+      ([*train, f"--workdir={tmp_path / 'w5'}", *ok, "--config.train.clip_norm=-1"], "train.clip_norm must", "w5"),
+      ([*ev, "--batch_size=0"], "--batch_size=0 must be at least 1", None),
+      ([*ev, "--config.model.x=3"], "--config.model.x: no such config field", None),
+      ([*ev, f"--text_file={binary}"], "is not UTF-8 text", None),
+      (["-m", "cla_jax.describe", "--config=configs/nope.py"], "configs/nope.py' not found", None),
+  ]
+
+  def run(argv):
+    return subprocess.run([th.sys.executable, *argv], cwd=th.REPO_ROOT, env=th.env(), capture_output=True,
+                          text=True, timeout=300)
+
+  try:
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+      results = list(pool.map(run, [argv for argv, _, _ in cases]))
+  finally:
+    _umount(read_only)
+  for (argv, words, workdir), result in zip(cases, results):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, (argv, result.stderr[-2000:])
+    assert lines[0].startswith("error: ") and words in lines[0] and "Traceback" not in result.stderr, (argv, lines)
+    if workdir:
+      assert not (tmp_path / workdir).exists(), argv
+  assert not (good / "eval").exists()

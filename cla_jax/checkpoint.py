@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 

@@ -29,7 +29,6 @@ import shutil
 from typing import Any, Iterator, Mapping
 
 import flax.linen as nn
-import jax
 import ml_collections
 import ml_dtypes  # noqa: F401  (registers numpy's 'bfloat16' dtype, which safetensors needs for BF16 tensors)
 import numpy as np

@@ -142,13 +142,18 @@ class Trainer:
     _prepare_workdir(self.workdir)
     self.lock = workdir_lock.WorkdirLock(self.workdir).acquire()  # before anything in the workdir changes
     try:
-      checkpoint.write_config(self.workdir, config)
-      if jax.process_index() == 0:
-        # A copy in the workdir keeps eval.py independent of the tokenizer cache (evaluate.load_tokenizer).
-        self.tokenizer.save(self.workdir)
+      self._set_up(input_pipeline, from_workdir)
     except BaseException:
       self.lock.release()
       raise
+
+  def _set_up(self, input_pipeline, from_workdir: list[str]) -> None:
+    """Writes the workdir's config and tokenizer; builds model, optimizer, writer and checkpoint manager."""
+    config = self.config
+    checkpoint.write_config(self.workdir, config)
+    if jax.process_index() == 0:
+      # A copy in the workdir keeps eval.py independent of the tokenizer cache (evaluate.load_tokenizer).
+      self.tokenizer.save(self.workdir)
     self._input_pipeline = input_pipeline
     self._scorer = None  # built at the first validation
 
@@ -190,7 +195,8 @@ class Trainer:
     if restored is None:
       params, opt_state = train_step_lib.init_state(self.model, self.tx, self.mesh, self.param_shardings,
                                                     self.opt_shardings, jax.random.key(self.config.train.seed))
-      self.writer.message(f"initialised {self.model_config.num_layers}-layer model from seed {self.config.train.seed}")
+      self.writer.message(f"initialised {self.model_config.num_layers}-layer model from seed "
+                          f"{self.config.train.seed}")
       return 0, params, opt_state
     if restored.opt_state is None:
       # Params-only checkpoint (e.g. converted from Hugging Face): continued training from those weights

@@ -18,6 +18,9 @@ from cla_jax.errors import UserError
 # A dead model: (near) zero gradients while the loss sits at the uniform-prediction value ln(vocab).
 DEAD_GRAD_NORM = 1e-6
 DEAD_LOSS_TOLERANCE = 1e-3
+# A spike must also be this many nats above the median: a nearly memorised corpus (loss 0.05) can wobble
+# by several times its value without diverging.
+SPIKE_MIN_NATS = 1.0
 
 
 class DivergenceError(UserError):
@@ -49,7 +52,7 @@ class HealthCheck:
       return f"gradient norm {grad_norm:.4g} is above train.divergence_max_grad_norm={self.max_grad_norm:g}"
     if self.spike_factor > 0 and self.recent:
       median = statistics.median(self.recent)
-      if loss > self.spike_factor * median:
+      if loss > self.spike_factor * median and loss > median + SPIKE_MIN_NATS:
         return (f"loss {loss:.4g} is above train.divergence_spike_factor={self.spike_factor:g} x its running "
                 f"median {median:.4g}")
     self.recent.append(loss)

@@ -86,6 +86,8 @@ def test_health_check_unit():
     assert check.problem(loss, 1.0) is None
   assert "above" in check.problem(5.0 * 4.5 + 0.1, 1.0)  # median of (5.6, 5.0, 4.0, 3.0) is 4.5
   assert "dead" in check.problem(np.log(256), 1e-8)
+  small = health.HealthCheck(train, vocab_size=256)
+  assert small.problem(0.05, 1.0) is None and small.problem(0.4, 1.0) is None  # 8x, but only 0.35 nats up
   assert "nan" in check.problem(float("nan"), 1.0)
   train.divergence_max_grad_norm = 10.0
   assert "divergence_max_grad_norm" in health.HealthCheck(train, 256).problem(5.0, 11.0)

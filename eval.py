@@ -28,7 +28,7 @@ flags.DEFINE_integer("batch_size", None, "Sequences per batch (default: eval.bat
                      "number of data-parallel devices).")
 flags.DEFINE_string("split", None, "Split to score (default: data.eval_split).")
 flags.DEFINE_bool("progress", True, "Show a progress bar over evaluation batches.")
-config_flags.DEFINE_config_dict(
+cli.define_config_dict(
     "config", default.get_config(),
     "Only as --config.<field>=value overrides of the workdir's saved config: data.*, eval.*, mesh.*, "
     "train.seq_len, model.dtype, model.attention_impl, model.remat.")

@@ -18,7 +18,9 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments {argv[1:]}; use --config.<field>=<value> for overrides.")
   from cla_jax import trainer  # pylint: disable=g-import-not-at-top  (after flag parsing: faster --help)
-  trainer.run(_CONFIG.value, _WORKDIR.value)
+  # On an existing workdir the model comes from its config.json, except model fields given on the command line.
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  trainer.run(_CONFIG.value, _WORKDIR.value, [k.split(".", 1)[1] for k in overrides if k.startswith("model.")])
 
 
 if __name__ == "__main__":

@@ -5,8 +5,14 @@ Workdir layout (shared by train.py, eval.py and the HF converter):
   DIR/checkpoints/<step>/      one orbax CheckpointManager step with items
                                  params     unboxed fp32 param tree
                                  opt_state  optax state (absent in params-only checkpoints)
-                                 meta       JSON: {"step": int, "params_only": bool, ...}
+                                 meta       JSON: {"step": int, "params_only": bool, "fingerprints": ...}
   DIR/checkpoints_corrupt/     unreadable checkpoints moved aside by a resuming run (never deleted)
+  DIR/checkpoints_diverged/    checkpoints saved before a divergence was detected, moved aside (never deleted)
+  DIR/verified_step.json       {"step": K}: the newest checkpoint whose next step passed the health check
+
+Every array's fingerprint (a position-weighted uint32 sum of its bits, computed by a jitted reduction
+where the array lives) is stored in meta and checked on restore: a flipped byte makes the checkpoint
+unreadable (fallback + quarantine) instead of silently changing weights.
 
 Saves are atomic: orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it (or writes a commit marker
 on object stores) only when complete, so a crash mid-save leaves the previous checkpoint as the latest.
@@ -15,16 +21,18 @@ on object stores) only when complete, so a crash mid-save leaves the previous ch
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -34,10 +42,41 @@ from cla_jax.errors import UserError
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "checkpoints_corrupt"
+DIVERGED_DIR = "checkpoints_diverged"
+VERIFIED_FILE = "verified_step.json"
 
 
 class CheckpointError(UserError):
   """A workdir or checkpoint that cannot be used; the message says which and what to do."""
+
+
+class DiskFullError(CheckpointError):
+  """Not enough free space for the next checkpoint; the earlier ones are intact."""
+
+
+def _tree_bytes(*trees: Any) -> int:
+  return sum(int(x.size) * x.dtype.itemsize for t in trees if t is not None for x in jax.tree.leaves(t))
+
+
+def _free_bytes(directory: epath.Path) -> int | None:
+  """Free bytes on the file system of a local directory (None for object stores)."""
+  if "://" in os.fspath(directory):
+    return None
+  return shutil.disk_usage(os.fspath(directory)).free
+
+
+def _disk_full(manager: ocp.CheckpointManager, step: int, needed: int) -> DiskFullError:
+  free = _free_bytes(epath.Path(manager.directory))
+  latest = [s for s in manager.all_steps() if s < step]
+  return DiskFullError(
+      f"disk full: {manager.directory} has {(free or 0) / 2**20:.1f} MiB free but checkpoint step {step} needs "
+      f"about {needed / 2**20:.1f} MiB; checkpoints {sorted(latest)[-3:] or 'none'} are intact. Free space (or "
+      f"lower checkpoint.keep) and rerun the same command to resume.")
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """True for ENOSPC, however orbax / tensorstore wrapped it."""
+  return getattr(error, "errno", None) == 28 or "No space left on device" in str(error)
 
 
 @dataclasses.dataclass
@@ -78,24 +117,104 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   return config_lib.from_json((path / CONFIG_FILE).read_text())
 
 
+@dataclasses.dataclass
+class KeepNewestAndVerified:
+  """orbax preservation policy: the newest `keep` steps (None: all), plus `verified` whatever `keep` says.
+
+  `verified` (set by the trainer as checkpoints pass the health check) is the one known-good state; a run
+  whose loss diverges after it must still find it, however many bad checkpoints were saved since.
+  """
+
+  keep: int | None = None
+  verified: int | None = None
+
+  def should_preserve(self, checkpoints, *, context) -> list[bool]:  # pylint: disable=unused-argument
+    newest = sorted((c.step for c in checkpoints), reverse=True)[:self.keep] if self.keep else None
+    return [newest is None or c.step in newest or c.step == self.verified for c in checkpoints]
+
+
 def make_manager(workdir: str | os.PathLike, keep: int | None = None, async_save: bool = True,
-                 read_only: bool = False) -> ocp.CheckpointManager:
-  """An orbax CheckpointManager on DIR/checkpoints keeping the newest `keep` steps (None: all)."""
+                 read_only: bool = False, policy: KeepNewestAndVerified | None = None) -> ocp.CheckpointManager:
+  """An orbax CheckpointManager on DIR/checkpoints keeping the newest `keep` steps (None: all) or per `policy`."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, save_interval_steps=1, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
+      preservation_policy=policy or KeepNewestAndVerified(keep), save_interval_steps=1, create=not read_only,
+      read_only=read_only, enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
   handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
               "meta": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(_path(workdir) / CHECKPOINT_DIR, options=options, item_handlers=handlers)
 
 
+def _array_fingerprint(x: jax.Array) -> jax.Array:
+  """uint32 sum of the array's bits times odd position weights (wrapping): any single changed element shows."""
+  x = jnp.asarray(x)
+  width = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}.get(x.dtype.itemsize)
+  if width is None:
+    raise TypeError(f"no fingerprint for dtype {x.dtype}")
+  bits = (x.astype(jnp.uint8) if x.dtype == jnp.bool_ else jax.lax.bitcast_convert_type(x, width)).astype(jnp.uint32)
+  position = jax.lax.broadcasted_iota(jnp.uint32, x.shape, 0) if x.ndim else jnp.uint32(0)
+  for axis in range(1, x.ndim):  # row-major flat index, without materialising a reshape of a sharded array
+    position = position * jnp.uint32(x.shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
+  weights = (position * jnp.uint32(2) + jnp.uint32(1)) * jnp.uint32(2654435761)  # odd: a bijection mod 2^32
+  return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+_tree_fingerprints = jax.jit(lambda tree: jax.tree.map(_array_fingerprint, tree))
+
+
+def fingerprints(tree: Any) -> dict[str, int]:
+  """{param path: fingerprint} of a tree of arrays, reduced on the devices that hold them (one small fetch)."""
+  values = jax.device_get(_tree_fingerprints(tree))
+  return {jax.tree_util.keystr(k): int(v) for k, v in jax.tree_util.tree_leaves_with_path(values)}
+
+
+class FingerprintMismatch(OSError):
+  """Restored bytes differ from those saved: treated like any unreadable checkpoint."""
+
+
+def _verify(name: str, tree: Any, stored: dict[str, int] | None) -> None:
+  if not stored:
+    return  # saved before fingerprints existed
+  got = fingerprints(tree)
+  bad = sorted(k for k in stored if got.get(k) != stored[k])
+  if bad or set(got) != set(stored):
+    raise FingerprintMismatch(f"{name} fingerprint mismatch in {len(bad)} array(s), first {bad[:1]} (bit rot or "
+                              f"an overwritten file)")
+
+
 def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any | None, meta: dict) -> None:
-  """Starts an (async, if so configured) save of `step`; `opt_state=None` writes a params-only checkpoint."""
+  """Starts an (async, if so configured) save of `step`; `opt_state=None` writes a params-only checkpoint.
+
+  Refuses with DiskFullError (before writing anything) when the file system cannot hold the checkpoint:
+  a save that runs out of space half way leaves only a temporary directory, but buries the cause.
+  """
+  needed = int(_tree_bytes(params, opt_state) * 1.05) + 2**16
+  free = _free_bytes(epath.Path(manager.directory))
+  if free is not None and free < 2 * needed:
+    manager.wait_until_finished()  # an in-flight save may still be claiming space
+    if _free_bytes(epath.Path(manager.directory)) < needed:
+      raise _disk_full(manager, step, needed)
+  prints = {"params": fingerprints(params)}
+  if opt_state is not None:
+    prints["opt_state"] = fingerprints(opt_state)
   items = {"params": ocp.args.StandardSave(params),
-           "meta": ocp.args.JsonSave({**meta, "step": int(step), "params_only": opt_state is None})}
+           "meta": ocp.args.JsonSave({**meta, "step": int(step), "params_only": opt_state is None,
+                                      "fingerprints": prints})}
   if opt_state is not None:
     items["opt_state"] = ocp.args.StandardSave(opt_state)
-  manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+  try:
+    manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+  except Exception as e:  # pylint: disable=broad-except
+    if is_disk_full(e):  # another writer filled the disk after the check above
+      raise _disk_full(manager, step, needed) from None
+    raise
+
+
+def shape_differences(got: Any, expected: Any) -> list[str]:
+  """'path: shape -> expected shape' for every param whose path or shape differs between two trees (sorted)."""
+  def shapes(tree):
+    return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  a, b = shapes(got), shapes(expected)
+  return [f"{path}: {a.get(path)} -> {b.get(path)}" for path in sorted(set(a) | set(b)) if a.get(path) != b.get(path)]
 
 
 def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> None:
@@ -103,13 +222,11 @@ def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract_params: An
   stored = manager.item_metadata(step)["params"]
   if stored is None:
     raise OSError(f"checkpoint {step} has no readable params metadata")
-  stored_shapes = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored)}
-  wanted = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(abstract_params)}
-  if stored_shapes != wanted:
-    diff = sorted(set(stored_shapes.items()) ^ set(wanted.items()))[:3]
+  diff = shape_differences(stored, abstract_params)
+  if diff:
     raise CheckpointError(
-        f"checkpoint step {step} in {manager.directory} does not match the model config (first differences "
-        f"(param, shape): {diff}); use the config the checkpoint was trained with or a new workdir.")
+        f"checkpoint step {step} in {manager.directory} does not match the model config (first differences, "
+        f"stored -> config: {'; '.join(diff[:3])}); use the config the checkpoint was trained with or a new workdir.")
 
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
@@ -121,7 +238,12 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_params: An
     items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
   out = manager.restore(step, args=ocp.args.Composite(**items))
   meta = dict(out["meta"] or {})
-  return Restored(step=step, params=out["params"], opt_state=out.get("opt_state") if has_opt else None, meta=meta)
+  opt_state = out.get("opt_state") if "opt_state" in items else None
+  stored = meta.get("fingerprints") or {}
+  _verify("params", out["params"], stored.get("params"))
+  if opt_state is not None:
+    _verify("opt_state", opt_state, stored.get("opt_state"))
+  return Restored(step=step, params=out["params"], opt_state=opt_state, meta=meta)
 
 
 def restore(manager: ocp.CheckpointManager, abstract_params: Any, abstract_opt_state: Any | None = None,
@@ -153,9 +275,9 @@ def restore(manager: ocp.CheckpointManager, abstract_params: Any, abstract_opt_s
       raise
     except Exception as e:  # pylint: disable=broad-except
       message = (f"checkpoint step {candidate} in {manager.directory} is unreadable "
-                 f"({type(e).__name__}: {_first_line(e)}); trying the previous one.")
-      logging.warning(message)
-      print(f"warning: {message}", flush=True)
+                 f"({type(e).__name__}: {_first_line(e)}); trying the previous one"
+                 f"{f' (this one goes to {CORRUPT_DIR}/)' if quarantine else ''}.")
+      print(f"warning: {message}", file=sys.stderr, flush=True)  # one line per unreadable step
       failures.append(candidate)
       continue
     if failures and quarantine:
@@ -174,18 +296,44 @@ def _first_line(e: BaseException) -> str:
 
 def _quarantine(manager: ocp.CheckpointManager, steps: list[int]) -> None:
   """Moves unreadable step directories aside (kept for inspection) so their step numbers can be reused."""
-  if jax.process_index() == 0:
-    root = epath.Path(manager.directory)
-    corrupt = root.parent / CORRUPT_DIR
-    corrupt.mkdir(parents=True, exist_ok=True)
+  set_aside(manager, steps, CORRUPT_DIR, "")  # restore() already warned about each
+
+
+def set_aside(manager: ocp.CheckpointManager, steps: list[int], folder: str, why: str) -> str:
+  """Moves step directories to DIR/<folder>/<step>-<time> (process 0 acts; never deletes); returns the folder."""
+  root = epath.Path(manager.directory)
+  target_root = root.parent / folder
+  if jax.process_index() == 0 and steps:
+    target_root.mkdir(parents=True, exist_ok=True)
     for step in steps:
-      target = corrupt / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+      target = target_root / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
       shutil.move(os.fspath(root / str(step)), os.fspath(target))
-      print(f"warning: moved unreadable checkpoint {step} to {target}", flush=True)
+      if why:
+        print(f"warning: moved {why} checkpoint {step} to {target}", file=sys.stderr, flush=True)
   sync = getattr(ocp.multihost, "sync_global_processes", None)
   if sync is not None and jax.process_count() > 1:
-    sync("cla_jax_quarantine")
+    sync(f"cla_jax_set_aside_{folder}")
   manager.reload()
+  return os.fspath(target_root)
+
+
+def read_verified_step(workdir: str | os.PathLike) -> int | None:
+  """The step DIR/verified_step.json names (the newest checkpoint that passed the health check), or None."""
+  path = _path(workdir) / VERIFIED_FILE
+  try:
+    return int(json.loads(path.read_text())["step"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def write_verified_step(workdir: str | os.PathLike, step: int) -> None:
+  """Records `step` as the newest verified checkpoint (process 0, atomic replace)."""
+  if jax.process_index() != 0:
+    return
+  path = _path(workdir)
+  tmp = path / (VERIFIED_FILE + ".tmp")
+  tmp.write_text(json.dumps({"step": int(step)}) + "\n")
+  tmp.replace(path / VERIFIED_FILE)
 
 
 def _replicated_mesh():

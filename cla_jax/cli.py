@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 import sys
 from typing import Callable
@@ -18,12 +19,34 @@ def _one_line(message: str) -> str:
   return re.sub(r"^[\w.]*(Error|Exception): ", "", line)
 
 
+def define_config_dict(name: str, default, help_string: str) -> None:
+  """`config_flags.DEFINE_config_dict`, whose eager parse of --name.x=y overrides fails in one line."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  try:
+    config_flags.DEFINE_config_dict(name, default, help_string)
+  except (AttributeError, KeyError) as e:
+    field = str(e).strip("'\"")
+    given = [a.split("=")[0] for a in sys.argv[1:] if a.startswith(f"--{name}.") and field in a.split("=")[0]]
+    sys.stderr.write(f"error: {given[0] if given else field}: no such config field; see configs/default.py for the "
+                     f"fields.\n")
+    sys.exit(2)
+
+
+def _config_file_problem(error: BaseException) -> str:
+  """'config file X not found' from ml_collections' multi-line load error."""
+  found = re.search(r"No such file or directory: '([^']*)'", str(error))
+  if found:
+    return (f"--config file {found.group(1)!r} not found; pass a config file such as configs/default.py or "
+            f"configs/paper_1b.py:H128-MQA-CLA2.")
+  return f"--config could not be loaded: {_one_line(str(error))}"
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)` that turns flag/config and UserError failures into `error: <one line>`, exit 2."""
 
   def parse_flags(argv: list[str]) -> list[str]:
     try:
-      return flags.FLAGS(argv)
+      remaining = flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:
       sys.stderr.write(f"error: unknown config field in an override: {e}; run with --helpfull to list flags.\n")
       sys.exit(2)
@@ -31,6 +54,15 @@ def run(main: Callable[[list[str]], None]) -> None:
       # config_flags wraps errors raised inside get_config() with their traceback; keep the message.
       sys.stderr.write(f"error: {_one_line(str(e))}\n")
       sys.exit(2)
+    except OSError as e:  # a config file that could not be read while applying --config.x overrides
+      sys.stderr.write(f"error: {_config_file_problem(e)}\n")
+      sys.exit(2)
+    for name in list(flags.FLAGS):
+      error = getattr(flags.FLAGS[name].value, "_error", None)  # ml_collections' placeholder for a failed load
+      if isinstance(error, OSError):
+        sys.stderr.write(f"error: {_config_file_problem(error)}\n")
+        sys.exit(2)
+    return remaining
 
   def guarded(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
@@ -38,6 +70,11 @@ def run(main: Callable[[list[str]], None]) -> None:
       main(argv)
     except UserError as e:
       sys.stderr.write(f"error: {_one_line(str(e))}\n")
+      sys.exit(2)
+    except OSError as e:
+      if e.errno != errno.ENOSPC:
+        raise
+      sys.stderr.write(f"error: disk full writing {e.filename or 'a file'}; free space and rerun.\n")
       sys.exit(2)
 
   app.run(guarded, flags_parser=parse_flags)

@@ -29,7 +29,6 @@ import shutil
 from typing import Any, Iterator, Mapping
 
 import flax.linen as nn
-import jax
 import ml_collections
 import ml_dtypes  # noqa: F401  (registers numpy's 'bfloat16' dtype, which safetensors needs for BF16 tensors)
 import numpy as np
@@ -200,7 +199,11 @@ class SafetensorsReader:
     for name in files:
       if not (hf_dir / name).is_file():
         raise ConvertError(f"{hf_dir / name} (listed in model.safetensors.index.json) is missing.")
-      handle = stack.enter_context(safe_open(str(hf_dir / name), framework="np"))
+      try:
+        handle = stack.enter_context(safe_open(str(hf_dir / name), framework="np"))
+      except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own error types)
+        raise ConvertError(f"{hf_dir / name} is not a readable safetensors file ({str(e).splitlines()[0][:120]}); "
+                           f"it may be truncated: download or save it again.") from None
       for key in handle.keys():
         self._handles[key] = handle
 
@@ -219,7 +222,15 @@ class SafetensorsReader:
     if name not in self._handles:
       raise ConvertError(f"tensor {name!r} is missing from the checkpoint; is this a LlamaForCausalLM export?")
     self.dtypes.add(self._handles[name].get_slice(name).get_dtype())
-    return np.asarray(self._handles[name].get_tensor(name), dtype=np.float32)
+    try:
+      tensor = np.asarray(self._handles[name].get_tensor(name), dtype=np.float32)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConvertError(f"tensor {name!r} cannot be read ({str(e).splitlines()[0][:120]}); the safetensors file "
+                         f"may be truncated: download or save it again.") from None
+    if not np.isfinite(tensor).all():
+      raise ConvertError(f"tensor {name!r} holds {int((~np.isfinite(tensor)).sum())} NaN/inf values; the checkpoint "
+                         f"is damaged (or was saved from a diverged run): use another one.")
+    return tensor
 
 
 # ----------------------------------------------------------------------------- weights
@@ -366,14 +377,10 @@ def convert_params(reader: SafetensorsReader, arch: LlamaArch, cfg: model_lib.Mo
 
 def check_against_model(params: dict, cfg: model_lib.ModelConfig) -> None:
   """Raises ConvertError if the converted tree differs (paths or shapes) from what `Transformer(cfg)` declares."""
-  shapes = lambda tree: {jax.tree_util.keystr(path): tuple(leaf.shape)
-                         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  expected = shapes(nn.meta.unbox(model_lib.abstract_params(cfg)))
-  got = shapes(params)
-  for path in sorted(set(expected) | set(got)):
-    if expected.get(path) != got.get(path):
-      raise ConvertError(f"converted param {path} has shape {got.get(path)} but the model expects "
-                         f"{expected.get(path)}.")
+  from cla_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax is slow to import)
+  diff = checkpoint.shape_differences(params, nn.meta.unbox(model_lib.abstract_params(cfg)))
+  if diff:
+    raise ConvertError(f"converted params do not match the model (param: got -> expected): {'; '.join(diff[:3])}.")
 
 
 # ----------------------------------------------------------------------------- workdir

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from cla_jax import checkpoint, config_lib, input_pipeline, sharding, train_step
+from cla_jax import checkpoint, config_lib, input_pipeline, metrics as metrics_lib, sharding, train_step
 from cla_jax import tokenizer as tokenizer_lib
 from cla_jax import model as model_lib
 from cla_jax.errors import UserError
@@ -162,18 +162,13 @@ def window_batches(windows: Iterable[Window], batch_size: int, length: int) -> I
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _exp(x: float) -> float:
-  """exp that saturates to inf instead of raising (an untrained model's word perplexity can overflow)."""
-  return math.exp(x) if x < 709 else math.inf
-
-
 def text_metrics(nll: float, tokens: int, words: int, num_bytes: int) -> dict[str, float]:
   """Token/word/byte perplexities and bits per byte from a summed negative log-likelihood (nats)."""
   return {
       "loss": nll / tokens,
-      "token_perplexity": _exp(nll / tokens),
-      "word_perplexity": _exp(nll / words),
-      "byte_perplexity": _exp(nll / num_bytes),
+      "token_perplexity": metrics_lib.perplexity(nll / tokens),
+      "word_perplexity": metrics_lib.perplexity(nll / words),
+      "byte_perplexity": metrics_lib.perplexity(nll / num_bytes),
       "bits_per_byte": nll / num_bytes / math.log(2),
   }
 
@@ -260,15 +255,17 @@ class Scorer:
     """`batch_size` rounded up to a multiple of the batch parallelism (whole rows per device)."""
     return -(-batch_size // self.parallelism) * self.parallelism
 
-  def score(self, batches: Iterable[dict[str, np.ndarray]]) -> tuple[float, float]:
+  def score(self, batches: Iterable[dict[str, np.ndarray]], params: Any = None) -> tuple[float, float]:
     """(sum of token losses, number of weighted tokens) over host-local batches, summed in float64.
 
+    `params` (same shardings as the constructor's; default: those) lets a trainer score its current state.
     One batch stays in flight: the host prepares batch i+1 while the devices compute batch i.
     """
+    params = self.params if params is None else params
     outputs, pending = [], None
     with jax.set_mesh(self.mesh):
       for batch in batches:
-        out = self._step(self.params, sharding.global_batch(batch, self.mesh))
+        out = self._step(params, sharding.global_batch(batch, self.mesh))
         if pending is not None:
           jax.block_until_ready(pending)
         pending = out
@@ -292,7 +289,8 @@ def evaluate_split(scorer: Scorer, config: ml_collections.ConfigDict, tokenizer:
   scored = min(available, max_tokens) if max_tokens > 0 else available
   total = -(-scored // (batch_size * int(config.train.seq_len)))
   nll, tokens = scorer.score(_progress(batches, total, f"eval {split}", progress))
-  return {"split": split, "loss": nll / tokens, "perplexity": _exp(nll / tokens), "tokens": int(tokens)}
+  return {"split": split, "loss": nll / tokens, "perplexity": metrics_lib.perplexity(nll / tokens),
+          "tokens": int(tokens)}
 
 
 def evaluate_text(scorer: Scorer, tokenizer: Any, text: str, *, batch_size: int, max_length: int,
@@ -337,6 +335,15 @@ def run(workdir: str, *, step: int | None = None, text_file: str | None = None, 
     raise UserError(f"--text_file={text_file}: no such file.")
   if text_format not in TEXT_FORMATS:
     raise UserError(f"text format {text_format!r} is not one of {TEXT_FORMATS}.")
+  for flag, value in (("batch_size", batch_size), ("max_length", max_length)):
+    if value is not None and value < 1:
+      raise UserError(f"--{flag}={value} must be at least 1 (or left out for the config's value).")
+  text = None
+  if path is not None:
+    try:
+      text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+      raise UserError(f"--text_file={text_file} is not UTF-8 text (a binary file?); pass a plain-text file.") from None
   saved = checkpoint.read_config(workdir)
   config = apply_overrides(saved, overrides)
   config_lib.model_config(config)  # a clear error for a bad model section before anything is restored
@@ -348,7 +355,7 @@ def run(workdir: str, *, step: int | None = None, text_file: str | None = None, 
 
   if path is not None:
     max_length = int(config.train.seq_len if max_length is None else max_length)
-    metrics = evaluate_text(scorer, tokenizer, path.read_text(encoding="utf-8"), batch_size=batch_size,
+    metrics = evaluate_text(scorer, tokenizer, text, batch_size=batch_size,
                             max_length=max_length, text_format=text_format, progress=progress)
     name = re.sub(r"\W+", "_", path.stem).strip("_") or "text"
     source = {"text_file": str(path), "text_format": text_format}
@@ -363,6 +370,10 @@ def run(workdir: str, *, step: int | None = None, text_file: str | None = None, 
   result = {**source, **metrics, "step": int(step), "workdir": workdir}
   if write and jax.process_index() == 0:
     out = pathlib.Path(workdir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}_step{step}.json").write_text(json.dumps(result, indent=2) + "\n")
+    try:
+      out.mkdir(parents=True, exist_ok=True)
+      (out / f"{name}_step{step}.json").write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as e:  # e.g. a read-only workdir: the result still reaches the caller (and stdout)
+      print(f"warning: could not write {out / f'{name}_step{step}.json'} ({e.strerror}); the result is only "
+            f"printed.", file=sys.stderr, flush=True)
   return result

@@ -16,6 +16,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -97,6 +98,11 @@ def total_peak_flops(devices: list[jax.Device], override_per_device: float = 0.0
   return per_device * len(devices), f"{devices[0].device_kind} bf16 table"
 
 
+def perplexity(mean_nll: float) -> float:
+  """exp of a mean negative log-likelihood, saturating to inf instead of raising (untrained or diverged models)."""
+  return math.exp(mean_nll) if mean_nll < 709 else math.inf
+
+
 class MetricWriter:
   """Writes metrics of process 0: TensorBoard events, DIR/metrics.jsonl (appended) and a console line."""
 
@@ -111,7 +117,10 @@ class MetricWriter:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       os.makedirs(workdir, exist_ok=True)
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      path = os.path.join(workdir, "metrics.jsonl")
+      self._jsonl = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+      if self._jsonl.tell() and not _ends_with_newline(path):
+        self._jsonl.write("\n")  # a crash mid-write left a partial line: start this run's records on a new one
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     """Logs one step: every numeric value to TensorBoard, one JSON line, one console line."""
@@ -158,6 +167,12 @@ class MetricWriter:
       self._tb = self._jsonl = None
 
 
+def _ends_with_newline(path: str) -> bool:
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b"\n"
+
+
 def _plain(value: Any) -> Any:
   """numpy / jax scalars -> Python numbers."""
   if isinstance(value, (np.ndarray, np.generic, jax.Array)):
@@ -172,13 +187,29 @@ def _json_safe(value: Any) -> Any:
   return value
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """The records of a metrics.jsonl; for steps logged twice (resumed run), the later record wins."""
+def read_jsonl_counted(path: str) -> tuple[list[dict[str, Any]], int]:
+  """(records of a metrics.jsonl, number of unreadable lines skipped); the later record of a step wins.
+
+  A crash mid-write leaves a partial last line; it costs that one record, never the file.
+  """
   by_step: dict[int, dict[str, Any]] = {}
-  with open(path, encoding="utf-8") as f:
+  skipped = 0
+  with open(path, encoding="utf-8", errors="replace") as f:
     for line in f:
-      if line.strip():
+      if not line.strip():
+        continue
+      try:
         record = json.loads(line)
-        by_step[record["step"]] = record
-  return [by_step[s] for s in sorted(by_step)]
+        by_step[int(record["step"])] = record
+      except (ValueError, KeyError, TypeError):
+        skipped += 1
+  return [by_step[s] for s in sorted(by_step)], skipped
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """The records of a metrics.jsonl (see read_jsonl_counted); warns on stderr when lines were unreadable."""
+  records, skipped = read_jsonl_counted(path)
+  if skipped:
+    print(f"warning: skipped {skipped} unreadable line(s) of {path}", file=sys.stderr, flush=True)
+  return records
 

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import flax.linen as nn
 import jax
 import ml_collections
 
-from cla_jax import checkpoint, config_lib, metrics as metrics_lib, optim, sharding
+from cla_jax import checkpoint, config_lib, health, metrics as metrics_lib, optim, sharding
 from cla_jax import train_step as train_step_lib
+from cla_jax import workdir_lock
 from cla_jax.errors import UserError
 from cla_jax import model as model_lib
 from cla_jax.model import Transformer
@@ -30,16 +30,13 @@ class TrainConfigError(UserError):
   """Train / batch / accumulation settings that cannot work."""
 
 
-class NonFiniteLossError(UserError):
-  """The loss became NaN or inf; the run stops without saving the bad state."""
+NonFiniteLossError = health.DivergenceError  # the name tests and callers used before spikes were detected
 
 
 def check_train_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   """Raises TrainConfigError, naming the field and a fix, for steps/batch/accumulation that cannot work."""
+  config_lib.check_values(config)
   t = config.train
-  for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every"):
-    if not isinstance(t[name], int) or t[name] < 1:
-      raise TrainConfigError(f"train.{name} must be a positive integer, got {t[name]!r}.")
   if t.batch_size % t.grad_accum_steps:
     raise TrainConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps="
                            f"{t.grad_accum_steps}; pick an accumulation count that divides the batch.")
@@ -54,10 +51,6 @@ def check_train_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
   if t.eval_every > 0 and config.eval.batch_size % ways:
     raise TrainConfigError(f"eval.batch_size={config.eval.batch_size} cannot be split over mesh data*fsdp = "
                            f"{ways} devices; make it a multiple of {ways} or set train.eval_every=0.")
-  if config.checkpoint.every_steps < 1 or config.checkpoint.keep < 1:
-    raise TrainConfigError("checkpoint.every_steps and checkpoint.keep must be positive integers.")
-  if not 0 <= t.warmup_frac < 1 or not 0 <= t.min_lr_ratio <= 1 or t.lr <= 0:
-    raise TrainConfigError("need 0 <= train.warmup_frac < 1, 0 <= train.min_lr_ratio <= 1 and train.lr > 0.")
 
 
 def data_fingerprint(config: ml_collections.ConfigDict) -> str:
@@ -88,17 +81,46 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """A workdir belongs to one model: refuse to resume it with a different model config."""
-  path = os.path.join(workdir, checkpoint.CONFIG_FILE)
-  if not os.path.exists(path):
-    return
-  old = checkpoint.read_config(workdir)
-  if old.model.to_dict() != config.model.to_dict():
-    changed = sorted(k for k in set(old.model.keys()) | set(config.model.keys())
-                     if old.model.get(k) != config.model.get(k))
+# Model fields a resume may change: how the same weights are computed, never their shapes or values.
+RESUME_FREE_FIELDS = ("remat", "dtype", "attention_impl")
+
+
+def _model_from_workdir(workdir: str, config: ml_collections.ConfigDict,
+                        explicit: Collection[str] | None) -> list[str]:
+  """Continuing a workdir: its config.json decides the model, except `explicit` (command-line) fields.
+
+  `explicit=None` treats every model field of `config` as asked for. A field that would change the
+  weights is refused; remat/dtype/attention_impl may change. Updates `config.model` in place and returns
+  the fields taken from the workdir that differ from `config`.
+  """
+  if not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
+    return []
+  saved = checkpoint.read_config(workdir).model.to_dict()
+  asked = config.model.to_dict()
+  explicit = set(asked) if explicit is None else set(explicit)
+  merged = {k: asked[k] if k in explicit or k not in saved else saved[k] for k in asked}
+  changed = sorted(k for k in merged if k not in RESUME_FREE_FIELDS and merged[k] != saved.get(k, merged[k]))
+  if changed:
     raise TrainConfigError(f"workdir {workdir} holds a run with a different model config (fields {changed}); "
-                           f"use a new --workdir or the original model settings.")
+                           f"use a new --workdir, or drop those --config.model overrides to continue it.")
+  config.model.update(merged)
+  return sorted(k for k in asked if merged[k] != asked[k])
+
+
+def _prepare_workdir(workdir: str) -> None:
+  """Creates the workdir (process 0), or one line saying why it cannot be used."""
+  if jax.process_index() != 0 or "://" in workdir:
+    return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise TrainConfigError(f"--workdir={workdir} is a file, not a directory; pass a directory path.")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w", encoding="utf-8") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise TrainConfigError(f"cannot write to --workdir={workdir} ({e.strerror}); pass a writable directory.") from None
 
 
 def _first_process_then_others(make: Any) -> Any:
@@ -114,37 +136,55 @@ def _first_process_then_others(make: Any) -> Any:
 class Trainer:
   """State and loop of one training run (see `run`)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, explicit_model_fields=None):
+    """Validates everything first, then takes the workdir lock, then writes; see `run` for the arguments."""
     from cla_jax import input_pipeline, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-    self.workdir = os.path.abspath(os.path.expanduser(workdir))
+    self.workdir = os.path.abspath(os.path.expanduser(workdir)) if "://" not in workdir else workdir
     self.config = config = ml_collections.ConfigDict(config.to_dict())
+    config_lib.check_values(config)
+    from_workdir = _model_from_workdir(self.workdir, config, explicit_model_fields)
     self.mesh = sharding.make_mesh(config.mesh)
     check_train_config(config, self.mesh)
     self.tokenizer = _first_process_then_others(lambda: tokenizer_lib.get_tokenizer(config))
     tokenizer_lib.check_vocab_size(config, self.tokenizer)
-    self.cfg = config_lib.model_config(config)
-    sharding.check_model_fits(self.cfg, self.mesh)
-    _check_workdir_config(self.workdir, config)
+    self.model_config = config_lib.model_config(config)
+    sharding.check_model_fits(self.model_config, self.mesh)
+    _prepare_workdir(self.workdir)
+    self.lock = workdir_lock.WorkdirLock(self.workdir).acquire()  # before anything in the workdir changes
+    try:
+      self._set_up(input_pipeline, from_workdir)
+    except BaseException:
+      self.lock.release()
+      raise
+
+  def _set_up(self, input_pipeline, from_workdir: list[str]) -> None:
+    """Writes the workdir's config and tokenizer; builds model, optimizer, writer and checkpoint manager."""
+    config = self.config
     checkpoint.write_config(self.workdir, config)
     if jax.process_index() == 0:
       # A copy in the workdir keeps eval.py independent of the tokenizer cache (evaluate.load_tokenizer).
       self.tokenizer.save(self.workdir)
     self._input_pipeline = input_pipeline
+    self._scorer = None  # built at the first validation
 
-    self.model = Transformer(self.cfg)
+    self.model = Transformer(self.model_config)
     self.tx = optim.make_optimizer(config.train)
     # Jitted once: evaluating the optax schedule eagerly would compile a few small ops per new shape.
     self.schedule = jax.jit(optim.learning_rate_schedule(config.train))
-    boxed_params = model_lib.abstract_params(self.cfg)
+    boxed_params = model_lib.abstract_params(self.model_config)
     self.param_shardings, self.opt_shardings = train_step_lib.state_shardings(boxed_params, self.tx, self.mesh)
     unboxed = nn.meta.unbox(boxed_params)
     self.abstract_params = sharding.shardings_like(unboxed, self.param_shardings)
     self.abstract_opt_state = sharding.shardings_like(jax.eval_shape(self.tx.init, unboxed), self.opt_shardings)
 
     self.writer = metrics_lib.MetricWriter(self.workdir, config.train.steps)
-    self.manager = checkpoint.make_manager(self.workdir, keep=config.checkpoint.keep,
-                                           async_save=config.checkpoint.async_save)
-    self.flops_per_step = metrics_lib.flops_per_token(self.cfg, config.train.seq_len) * (
+    self.health = health.HealthCheck(config.train, self.model_config.vocab_size)
+    self.policy = checkpoint.KeepNewestAndVerified(keep=config.checkpoint.keep)
+    self.manager = checkpoint.make_manager(self.workdir, async_save=config.checkpoint.async_save,
+                                           policy=self.policy)
+    if from_workdir:
+      self.writer.message(f"continuing {self.workdir}: model fields {from_workdir} come from its config.json")
+    self.flops_per_step = metrics_lib.flops_per_token(self.model_config, config.train.seq_len) * (
         config.train.batch_size * config.train.seq_len)
     self.peak_flops, self.peak_source = metrics_lib.total_peak_flops(
         list(self.mesh.devices.flat), float(config.train.get("peak_flops_per_device", 0.0)))
@@ -158,10 +198,15 @@ class Trainer:
   def restore_or_init(self) -> tuple[int, Any, Any]:
     """(start step, params, opt_state) from the newest readable checkpoint, or freshly initialised."""
     restored = checkpoint.restore(self.manager, self.abstract_params, self.abstract_opt_state, quarantine=True)
+    verified = checkpoint.read_verified_step(self.workdir)
+    if restored is not None and verified is not None and verified <= restored.step \
+        and verified in self.manager.all_steps():
+      self.policy.verified = verified
     if restored is None:
       params, opt_state = train_step_lib.init_state(self.model, self.tx, self.mesh, self.param_shardings,
                                                     self.opt_shardings, jax.random.key(self.config.train.seed))
-      self.writer.message(f"initialised {self.cfg.num_layers}-layer model from seed {self.config.train.seed}")
+      self.writer.message(f"initialised {self.model_config.num_layers}-layer model from seed "
+                          f"{self.config.train.seed}")
       return 0, params, opt_state
     if restored.opt_state is None:
       # Params-only checkpoint (e.g. converted from Hugging Face): continued training from those weights
@@ -184,24 +229,23 @@ class Trainer:
 
   # -- loop --------------------------------------------------------------------------------------
 
-  def evaluate(self, params: Any, eval_fn) -> dict[str, float]:
-    """Validation loss over `train.eval_batches` batches of the eval split."""
-    cfg = self.config
+  def evaluate(self, params: Any) -> dict[str, float]:
+    """Validation loss over `train.eval_batches` batches of the eval split (evaluate.Scorer, as eval.py does)."""
+    from cla_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+    config = self.config
+    if self._scorer is None:
+      self._scorer = evaluate_lib.Scorer(params, config, self.mesh)
     batches = self._input_pipeline.eval_batches(
-        cfg, self.tokenizer, batch_size=cfg.eval.batch_size,
-        max_tokens=cfg.train.eval_batches * cfg.eval.batch_size * cfg.train.seq_len)
-    loss_sum, tokens = 0.0, 0.0
-    for local in batches:
-      out = jax.device_get(eval_fn(params, sharding.global_batch(local, self.mesh)))
-      loss_sum += float(out["loss_sum"])
-      tokens += float(out["num_tokens"])
+        config, self.tokenizer, batch_size=config.eval.batch_size,
+        max_tokens=config.train.eval_batches * config.eval.batch_size * config.train.seq_len)
+    loss_sum, tokens = self._scorer.score(batches, params)
     loss = loss_sum / max(tokens, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+    return {"eval_loss": loss, "eval_perplexity": metrics_lib.perplexity(loss), "eval_tokens": tokens}
 
   def run(self) -> None:
     """Trains from the latest checkpoint (or scratch) to train.steps; see module docstring."""
-    cfg = self.config
-    steps = cfg.train.steps
+    config = self.config
+    steps = config.train.steps
     start, params, opt_state = self.restore_or_init()
     if start >= steps:
       self.writer.message(f"nothing to do: checkpoint step {start} >= train.steps={steps}")
@@ -209,12 +253,12 @@ class Trainer:
       return
     self.writer.message(f"mesh {sharding.describe(self.mesh)}; {self.flops_per_step / 1e9:.2f} GFLOP/step; "
                         f"peak {self.peak_flops / 1e12:.2f} TFLOP/s ({self.peak_source})")
-    train_fn = train_step_lib.jit_train_step(self.model, self.tx, cfg.train.grad_accum_steps, self.mesh,
+    train_fn = train_step_lib.jit_train_step(self.model, self.tx, config.train.grad_accum_steps, self.mesh,
                                              self.param_shardings, self.opt_shardings)
-    eval_fn = train_step_lib.jit_eval_step(self.model, self.mesh, self.param_shardings)
-    batches: Iterator[dict] = self._input_pipeline.TrainBatches(cfg, self.tokenizer, "train").iterator(start)
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    batches: Iterator[dict] = self._input_pipeline.TrainBatches(config, self.tokenizer, "train").iterator(start)
+    tokens_per_step = config.train.batch_size * config.train.seq_len
     pending = None  # (step, device metrics) of the last dispatched step, fetched one step late
+    saved_steps = {start} & set(self.manager.all_steps())  # checkpoints the next step's health check vouches for
     last_time = time.perf_counter()
 
     def finish(entry) -> None:
@@ -224,23 +268,20 @@ class Trainer:
       m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
       now = time.perf_counter()
       step_time, last_time = now - last_time, now
-      bad = [f"{name} is {m[key]}" for key, name in (("loss", "loss"), ("grad_norm", "gradient norm"))
-             if not math.isfinite(m[key])]
-      if bad:
-        # A non-finite gradient norm poisons the update even when the loss itself was still finite.
-        self.manager.wait_until_finished()
-        raise NonFiniteLossError(
-            f"{' and '.join(bad)} at step {done}; stopped without saving. The last good checkpoint is step "
-            f"{self.manager.latest_step()} in {self.manager.directory}; lower train.lr or raise "
-            f"train.warmup_frac and rerun.")
-      eval_due = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0
+      problem = self.health.problem(m["loss"], m["grad_norm"])
+      if problem:
+        self._stop_diverged(problem, done, start)
+      if done - 1 in saved_steps:  # step done's loss came from checkpoint done-1's params: it is good
+        self._mark_verified(done - 1)
+      eval_due = config.train.eval_every > 0 and done % config.train.eval_every == 0
       if eval_due:
-        m.update(self.evaluate(params, eval_fn))
+        m.update(self.evaluate(params))
         last_time = time.perf_counter()  # keep eval time out of the next step's time
-      if done % cfg.train.log_every == 0 or done == steps or eval_due:
+      if done % config.train.log_every == 0 or done == steps or eval_due:
         flops = self.flops_per_step / step_time
         self.writer.write(done, {
-            "loss": m["loss"], "perplexity": math.exp(min(m["loss"], 50.0)), "lr": float(self.schedule(done - 1)),
+            "loss": m["loss"], "perplexity": metrics_lib.perplexity(m["loss"]),
+            "lr": float(self.schedule(done - 1)),
             "grad_norm": m["grad_norm"], "param_norm": m["param_norm"], "step_time": step_time,
             "tokens_per_s": tokens_per_step / step_time, "mfu": flops / self.peak_flops,
             **{k: v for k, v in m.items() if k.startswith("eval_")}})
@@ -254,12 +295,13 @@ class Trainer:
         pending = (step + 1, step_metrics)
         done = step + 1
         preempted = preemption.requested or (jax.process_count() > 1 and self.manager.reached_preemption(done))
-        eval_due = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0
-        if done % cfg.checkpoint.every_steps == 0 or done == steps or preempted or eval_due:
+        eval_due = config.train.eval_every > 0 and done % config.train.eval_every == 0
+        if done % config.checkpoint.every_steps == 0 or done == steps or preempted or eval_due:
           finish(pending)  # a checkpoint is only written after its loss was seen to be finite
           pending = None
-          if done % cfg.checkpoint.every_steps == 0 or done == steps or preempted:
+          if done % config.checkpoint.every_steps == 0 or done == steps or preempted:
             self.save(done, params, opt_state)
+            saved_steps.add(done)
         if preempted:
           self.manager.wait_until_finished()
           self.writer.message(f"preempted (SIGTERM): saved checkpoint step {done}; rerun the same command "
@@ -267,14 +309,51 @@ class Trainer:
           break
     self._close()
 
-  def _close(self) -> None:
+  def _mark_verified(self, step: int) -> None:
+    """Protects checkpoint `step` from rotation (its next step passed the health check) and records it."""
+    if self.policy.verified != step:
+      self.policy.verified = step
+      checkpoint.write_verified_step(self.workdir, step)
+
+  def _stop_diverged(self, problem: str, step: int, start: int) -> None:
+    """Moves the checkpoints saved since the last verified one aside and raises DivergenceError."""
     self.manager.wait_until_finished()
+    good = self.policy.verified
+    suspect = [s for s in self.manager.all_steps() if s > max(start, -1 if good is None else good)]
+    moved = checkpoint.set_aside(self.manager, suspect, checkpoint.DIVERGED_DIR, "unverified") if suspect else ""
+    aside = f"; checkpoints {sorted(suspect)} saved since were moved to {moved}" if suspect else ""
+    if good is not None:
+      where = f"The newest checkpoint that passed the health check is step {good} in {self.manager.directory}{aside}"
+    elif step == start + 1 and start > 0:
+      where = f"The checkpoint this run resumed from (step {start}) already gives this{aside}"
+    else:
+      where = f"No checkpoint has passed the health check yet{aside}; check model.init_std and train.lr"
+    raise health.DivergenceError(f"{problem} at step {step}; stopped without saving. {where}. Lower train.lr or "
+                                 f"raise train.warmup_frac and rerun to resume from there.")
+
+  def _close(self) -> None:
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      if checkpoint.is_disk_full(e):
+        raise checkpoint.DiskFullError(f"disk full while saving to {self.manager.directory}; free space and "
+                                       f"rerun the same command to resume from the newest complete checkpoint "
+                                       f"{self.manager.latest_step()}.") from None
+      raise
     self.manager.close()
     self.writer.close()
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Trains `config` in `workdir`, resuming from its newest readable checkpoint (see docs/training.md)."""
+def run(config: ml_collections.ConfigDict, workdir: str, explicit_model_fields: Collection[str] | None = None) -> None:
+  """Trains `config` in `workdir`, resuming from its newest readable checkpoint (see docs/training.md).
+
+  On a workdir that already has a config.json, its model section is used except for the model fields
+  named in `explicit_model_fields` (train.py passes the --config.model.* overrides; None: all of them).
+  """
   sharding.maybe_initialize_distributed()
-  Trainer(config, workdir).run()
+  trainer = Trainer(config, workdir, explicit_model_fields)
+  try:
+    trainer.run()
+  finally:
+    trainer.lock.release()
 

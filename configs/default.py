@@ -65,6 +65,13 @@ def get_config() -> ml_collections.ConfigDict:
   train.log_every = 10
   train.eval_every = 100        # validation loss every N steps (0: never)
   train.eval_batches = 4        # batches per periodic validation
+  # Divergence guard (docs/training.md): a NaN/inf loss or gradient always stops the run before saving;
+  # with divergence_check, so do a loss spike, a gradient norm above a bound and a dead model (zero
+  # gradients, loss at ln(vocab_size)). The newest checkpoint whose next step passed is never rotated away.
+  train.divergence_check = True
+  train.divergence_spike_factor = 5.0  # spike: loss above this x its running median (0: off)
+  train.divergence_window = 50  # steps in that running median
+  train.divergence_max_grad_norm = 0.0  # stop when the (pre-clip) gradient norm exceeds this (0: no bound)
   train.peak_flops_per_device = 0.0  # MFU denominator; 0: bf16 table per device kind (TPU/GPU), measured on CPU
 
   config.checkpoint = ckpt = ml_collections.ConfigDict()

@@ -27,7 +27,7 @@ def _assert_tree_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_params_only_roundtrip_and_fallback(tmp_path, tiny_config):
+def test_params_only_roundtrip_and_fallback(tmp_path, tiny_config, capfd):
   workdir = tmp_path / "run"
   p0, p1 = _params(tiny_config, 0), _params(tiny_config, 1)
   checkpoint.save_params_only(workdir, p0, tiny_config, step=5)
@@ -40,8 +40,12 @@ def test_params_only_roundtrip_and_fallback(tmp_path, tiny_config):
   _assert_tree_equal(params, p1)
 
   _corrupt(workdir / "checkpoints" / "9")
+  capfd.readouterr()
   params, _, step = checkpoint.restore_params(workdir)  # falls back, warns, deletes nothing
   assert step == 5
+  err = capfd.readouterr().err
+  warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+  assert len(warnings) == 1 and "checkpoint step 9 " in warnings[0] and "Traceback" not in err, err
   _assert_tree_equal(params, p0)
   assert sorted(os.listdir(workdir / "checkpoints")) == ["5", "9"]
   with pytest.raises(checkpoint.CheckpointError, match="checkpoint step 9 .* is unreadable"):

@@ -317,3 +317,53 @@ def test_continued_training_from_converted_workdir(cli_workdir):
   kv_before = np.asarray(before["segment_0"]["kv"]["key"])
   kv_after = np.asarray(after["segment_0"]["kv"]["key"])
   assert np.abs(kv_after - kv_before).max() < 0.1
+
+
+def test_truncated_safetensors_is_one_line_and_nan_weights_are_refused(gqa_dir, tmp_path):
+  truncated = tmp_path / "truncated"
+  shutil.copytree(gqa_dir, truncated)
+  (weights,) = truncated.glob("*.safetensors")
+  weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+  result = subprocess.run(
+      [sys.executable, "-m", "cla_jax.convert_hf", f"--hf_dir={truncated}", f"--workdir={tmp_path / 'w1'}"],
+      cwd=REPO_ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1 and "truncated" in result.stderr
+  assert not (tmp_path / "w1").exists()
+
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  damaged = tmp_path / "nan"
+  shutil.copytree(gqa_dir, damaged)
+  (weights,) = damaged.glob("*.safetensors")
+  tensors = load_file(str(weights))
+  name = sorted(k for k in tensors if k.endswith("q_proj.weight"))[0]
+  tensors[name] = tensors[name].copy()
+  tensors[name][0, 0] = np.nan
+  save_file(tensors, str(weights), metadata={"format": "pt"})
+  with pytest.raises(convert_hf.ConvertError, match=f"{name}.*NaN/inf"):
+    convert_hf.convert(damaged, tmp_path / "w2")
+  assert not (tmp_path / "w2").exists()
+
+
+def test_converted_workdir_continues_with_the_default_config(cli_workdir, tmp_path):
+  """train.py --config=configs/default.py on a converted workdir: the model comes from its config.json."""
+  trainer = pytest.importorskip("cla_jax.trainer")
+  from cla_jax import checkpoint, config_lib  # pylint: disable=g-import-not-at-top
+  root, _ = cli_workdir
+  workdir = tmp_path / "work"
+  shutil.copytree(root / "work", workdir)
+  saved = checkpoint.read_config(workdir)
+  config = config_lib.load("configs/default.py")
+  assert config.model.d_model != saved.model.d_model
+  config.data.update(source="text", text_glob=str(root / "data" / "*.txt"), eval_fraction=0.25,
+                     data_dir=str(root / "cache"), tokenizer=saved.data.tokenizer)
+  config.train.update(steps=max(2, (checkpoint.latest_step(workdir) or 0) + 1), batch_size=8, seq_len=16,
+                      log_every=1, eval_every=0, lr=1e-3)
+  config.checkpoint.update(every_steps=100, async_save=False)
+  config.model.remat = "full"  # allowed on resume: it does not change the weights
+  trainer.run(config, str(workdir), explicit_model_fields=["remat"])
+  resumed = checkpoint.read_config(workdir)
+  assert resumed.model.d_model == saved.model.d_model and resumed.model.remat == "full"
+  config.model.d_model = saved.model.d_model * 2  # an explicit weight-changing override is refused
+  with pytest.raises(trainer.TrainConfigError, match=r"different model config \(fields \['d_model'\]\)"):
+    trainer.run(config, str(workdir), explicit_model_fields=["d_model"])

@@ -101,18 +101,23 @@ def test_sigterm_checkpoints_and_resumes(tmp_path, reference):
   np.testing.assert_array_equal([got[s] for s in range(1, 41)], [expected[s] for s in range(1, 41)])
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_config, corpus):
+def test_non_finite_loss_stops_and_keeps_no_unverified_checkpoint(tmp_path, tiny_config, corpus):
   config = _tiny(tiny_config, corpus, steps=4, lr=1e30, warmup_frac=0.0)
   config.checkpoint.update(every_steps=1, keep=100)
   with pytest.raises(trainer.NonFiniteLossError, match=r"(loss|gradient norm) is (nan|inf) at step (\d+)") as err:
     trainer.run(config, str(tmp_path))
   bad_step = int(err.value.args[0].split(" at step ")[1].split(";")[0])
+  # Checkpoint bad_step-1 holds the params that produced the bad loss: it is moved aside, not kept as "good".
   saved = checkpoint.latest_step(tmp_path)
-  assert saved == bad_step - 1
-  params, _, step = checkpoint.restore_params(tmp_path)
-  assert step == saved
-  import jax  # pylint: disable=g-import-not-at-top
-  assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+  assert saved is None or saved <= bad_step - 2
+  assert os.listdir(tmp_path / checkpoint.DIVERGED_DIR)[0].startswith(f"{bad_step - 1}-")
+  if saved is not None:
+    assert f"passed the health check is step {saved} " in str(err.value)
+    params, _, step = checkpoint.restore_params(tmp_path)
+    import jax  # pylint: disable=g-import-not-at-top
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+  else:
+    assert "No checkpoint has passed the health check yet" in str(err.value)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -41,23 +41,24 @@ class ConfigError(UserError):
 class ModelConfig:
   """Hyper-parameters of the CLA transformer (hashable, so it can sit on a Flax module)."""
 
-  num_layers: int = 4
-  d_model: int = 256
-  num_heads: int = 4
-  num_kv_heads: int = 1
-  head_dim: int = 64
-  mlp_dim: int = 704
-  vocab_size: int = 4096
-  pattern: str = "cla2"
-  dtype: str = "auto"
-  norm: str = "rmsnorm"
+  # The one home of the model defaults (configs/default.py takes its `model` section from here).
+  num_layers: int = 4  # decoder layers
+  d_model: int = 256  # residual width
+  num_heads: int = 4  # query heads
+  num_kv_heads: int = 1  # KV heads per KV block (1 = MQA, num_heads = MHA)
+  head_dim: int = 64  # per-head width; num_heads * head_dim need not equal d_model
+  mlp_dim: int = 688  # SwiGLU hidden width
+  vocab_size: int = 2048  # must match the tokenizer (see data.tokenizer)
+  pattern: str = "cla2"  # KV sharing: none | cla<N> | keep_ends | dense_front | dense_back | "1,2,1"
+  dtype: str = "auto"  # compute dtype: auto (bf16 on accelerators, fp32 on CPU) | float32 | bfloat16 | float16
+  norm: str = "rmsnorm"  # rmsnorm | layernorm
   norm_eps: float = 1e-5
   rope_theta: float = 10000.0
   tie_embeddings: bool = False
-  init_std: float = 0.01275
-  remat: str = "none"
-  scan_layers: bool = True
-  attention_impl: str = "auto"
+  init_std: float = 0.01275  # N(0, std) for every linear layer and the embedding (paper)
+  remat: str = "none"  # none | full | save_dots
+  scan_layers: bool = True  # nn.scan over layer groups (False: unrolled, for debugging)
+  attention_impl: str = "auto"  # auto (cuDNN on GPU when it applies, else XLA) | xla | cudnn
 
   @classmethod
   def from_config(cls, model_config: Any) -> "ModelConfig":

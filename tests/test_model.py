@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
+from cla_jax import config_lib
 from cla_jax import model as model_lib
 from cla_jax.model import ConfigError, ModelConfig, Transformer
 
@@ -222,3 +223,10 @@ def test_impossible_configs_fail_before_tracing(overrides, message):
 def test_unknown_model_field_is_rejected():
   with pytest.raises(ConfigError, match="unknown model field"):
     ModelConfig.from_config({**dataclasses.asdict(small_config()), "num_layer": 3})
+
+
+def test_default_config_takes_its_model_section_from_model_config():
+  """One home for model defaults: a value typed into configs/default.py (or a field missing there) fails here."""
+  config = config_lib.load("configs/default.py")
+  assert config.model.to_dict() == dataclasses.asdict(ModelConfig())
+  assert config_lib.model_config(config) == ModelConfig()

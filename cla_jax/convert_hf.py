@@ -285,7 +285,7 @@ def convert_params(reader: SafetensorsReader, arch: LlamaArch, cfg: model_lib.Mo
   groups = patterns.layer_groups(cfg.group_sizes)
   dropped = []
   # Group names of the unscanned layout, in layer order; model.stack_params stacks them per segment.
-  group_names = [f"segment_{s}_group_{g}"
+  group_names = [model_lib.group_name(s, g)
                  for s, (_, num_groups) in enumerate(cfg.segments) for g in range(num_groups)]
   for layers, group_name in zip(groups, group_names):
     group = {}

@@ -266,7 +266,7 @@ class Transformer(nn.Module):
       else:
         group_cls = nn.remat(LayerGroup, policy=policy) if cfg.remat != "none" else LayerGroup
         for g in range(num_groups):
-          x = group_cls(cfg, group_size, name=f"segment_{s}_group_{g}")(x, positions, segment_ids)
+          x = group_cls(cfg, group_size, name=group_name(s, g))(x, positions, segment_ids)
 
     x = Norm(cfg, name="final_norm")(x)
     if cfg.tie_embeddings:
@@ -275,6 +275,11 @@ class Transformer(nn.Module):
       head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), init)
     logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def group_name(segment: int, group: int) -> str:
+  """Module name of group `group` of segment `segment` in the unscanned (`scan_layers=False`) layout."""
+  return f"segment_{segment}_group_{group}"
 
 
 def abstract_params(cfg: ModelConfig) -> Any:
@@ -295,7 +300,7 @@ def unstack_params(params: Any, cfg: ModelConfig) -> dict:
   out = {k: v for k, v in params.items() if not k.startswith("segment_")}
   for s, (_, num_groups) in enumerate(cfg.segments):
     for g in range(num_groups):
-      out[f"segment_{s}_group_{g}"] = jax.tree.map(lambda a, g=g: a[g], params[f"segment_{s}"])
+      out[group_name(s, g)] = jax.tree.map(lambda a, g=g: a[g], params[f"segment_{s}"])
   return out
 
 
@@ -307,6 +312,6 @@ def stack_params(params: Any, cfg: ModelConfig) -> dict:
   """
   out = {k: v for k, v in params.items() if not k.startswith("segment_")}
   for s, (_, num_groups) in enumerate(cfg.segments):
-    groups = [params[f"segment_{s}_group_{g}"] for g in range(num_groups)]
+    groups = [params[group_name(s, g)] for g in range(num_groups)]
     out[f"segment_{s}"] = jax.tree.map(lambda *a: np.stack(a), *groups)
   return out

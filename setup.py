@@ -9,7 +9,18 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["cla_jax", "configs"],
+    # The top-level configs/ (what users name: configs/paper_1b.py:H128-MQA) installs as cla_jax.configs,
+    # so no top-level package named `configs` shadows a user's own.
+    packages=["cla_jax", "cla_jax.configs"],
+    package_dir={"cla_jax.configs": "configs"},
+    entry_points={
+        "console_scripts": [
+            "cla-train=cla_jax.train_cli:run",
+            "cla-eval=cla_jax.eval_cli:run",
+            "cla-describe=cla_jax.describe:run",
+            "cla-convert-hf=cla_jax.convert_hf:run",
+        ],
+    },
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.0",

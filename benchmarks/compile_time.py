@@ -18,7 +18,7 @@ from ml_collections import config_flags
 from cla_jax import cli, config_lib, train_step
 from cla_jax import model as model_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file[:row].", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG, "Config file[:row].", lock_config=True)
 _DEPTHS = flags.DEFINE_list("depths", ["4", "8", "16", "32"], "Numbers of layers to compile.")
 
 

@@ -81,17 +81,24 @@ def test_every_shipped_config_and_row_builds(path):
     assert describe(config_lib.model_config(config))["params"] > 0
 
 
-def _cli(*args):
+def _cli(*args, cwd=config_lib.REPO_ROOT):
   return subprocess.run([sys.executable, "-m", "cla_jax.describe", *args], capture_output=True, text=True,
-                        cwd=config_lib.REPO_ROOT, timeout=120)
+                        cwd=cwd, timeout=120)
 
 
-def test_cli_prints_one_json_line():
-  out = _cli("--config=configs/paper_3b.py:H128-MQA-CLA2")
+def test_cli_prints_one_json_line_from_any_directory(tmp_path):
+  """`configs/...` names the shipped config even where the working directory has no configs/."""
+  out = _cli("--config=configs/paper_3b.py:H128-MQA-CLA2", cwd=tmp_path)
   assert out.returncode == 0, out.stderr
   info = json.loads(out.stdout.strip().splitlines()[-1])
   assert set(info) == {"groups", "kv_layers", "kv_bytes_per_token", "params"}
   assert info["kv_layers"] == 16 and info["kv_bytes_per_token"] == 8192
+
+
+def test_cli_default_config_works_from_any_directory(tmp_path):
+  out = _cli(cwd=tmp_path)
+  assert out.returncode == 0, out.stderr
+  assert json.loads(out.stdout.strip().splitlines()[-1])["groups"] == [[0, 1], [2, 3]]  # default: 4 layers, CLA2
 
 
 @pytest.mark.parametrize("args,message", [
@@ -99,6 +106,7 @@ def test_cli_prints_one_json_line():
     (["--config=configs/default.py", "--config.model.num_kv_heads=3"], "not divisible by model.num_kv_heads=3"),
     (["--config=configs/default.py", "--config.model.pattern=2,1"], "covers 3 layers"),
     (["--config=configs/default.py", "--config.model.num_layer=3"], "unknown config field"),
+    (["--config=configs/nope.py"], "config file 'configs/nope.py' not found"),
 ])
 def test_cli_errors_are_one_line(args, message):
   out = _cli(*args)

@@ -39,6 +39,7 @@ def test_loss_falls_on_default_config(tmp_path, corpus):
   for key in ("step", "loss", "perplexity", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time", "eval_loss"):
     assert key in last
   assert last["perplexity"] == pytest.approx(math.exp(last["loss"]), rel=1e-6)
+  assert all(0 < r["mfu"] <= 1.0 for r in records)
   assert last["eval_loss"] < losses[0] - 1.0
   assert os.listdir(tmp_path / "tensorboard")
   assert checkpoint.read_config(tmp_path).train.steps == 16

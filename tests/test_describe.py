@@ -1,4 +1,8 @@
-"""`describe` and the shipped configs against the paper's own figures (PAPER.md, Table 1 and the tuned table)."""
+"""`describe` and the shipped configs against the paper's own figures.
+
+Brandon et al. 2024, "Reducing Transformer Key-Value Cache Size with Cross-Layer Attention" (arXiv 2405.12981):
+Table 1 (1B design space) and the tuned-learning-rate table (1B and 3B).
+"""
 
 import glob
 import json
@@ -70,15 +74,30 @@ def test_unscanned_layout_describes_the_same_model():
   assert scanned["groups"][:2] == [[0], [1, 2]] and scanned["groups"][-1] == [19]
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(config_lib.REPO_ROOT, "configs", "*.py"))))
-def test_every_shipped_config_and_row_builds(path):
-  if path.endswith("__init__.py"):
-    return
-  name = os.path.basename(path)
-  rows = {"paper_1b.py": paper.ROWS["1b"], "paper_3b.py": paper.ROWS["3b"]}.get(name, [None])
-  for row in rows:
-    config = config_lib.load(f"configs/{name}" + (f":{row}" if row else ""))
-    assert describe(config_lib.model_config(config))["params"] > 0
+def _shipped_configs() -> list[str]:
+  """Every `configs/<file>[:row]` a user can name: each shipped file, each paper file once per row."""
+  specs = []
+  for path in sorted(glob.glob(os.path.join(config_lib.CONFIGS_DIR, "*.py"))):
+    name = os.path.basename(path)
+    if name == "__init__.py":
+      continue
+    rows = {"paper_1b.py": paper.ROWS["1b"], "paper_3b.py": paper.ROWS["3b"]}.get(name, [None])
+    specs += [f"configs/{name}" + (f":{row}" if row else "") for row in rows]
+  return specs
+
+
+@pytest.mark.parametrize("spec", _shipped_configs())
+def test_every_shipped_config_and_row_builds(spec):
+  """Builds the model and checks its parameter count against a count from the config's own fields."""
+  config = config_lib.load(spec)
+  m, info = config.model, describe(config_lib.model_config(config))
+  assert [layer for group in info["groups"] for layer in group] == list(range(m.num_layers))
+  norm = 2 if m.norm == "layernorm" else 1  # scale (and bias)
+  per_layer = 2 * m.d_model * m.num_heads * m.head_dim + 3 * m.d_model * m.mlp_dim + 2 * norm * m.d_model
+  per_kv_block = 2 * m.d_model * m.num_kv_heads * m.head_dim + norm * m.d_model
+  embeddings = (1 if m.tie_embeddings else 2) * m.vocab_size * m.d_model
+  expected = embeddings + m.num_layers * per_layer + len(info["groups"]) * per_kv_block + norm * m.d_model
+  assert info["params"] == expected
 
 
 def _cli(*args, cwd=config_lib.REPO_ROOT):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-import train_helpers as th
 from cla_jax import checkpoint, model as model_lib, sharding, train_step, trainer
+from tests import train_helpers as th
 
 
 @pytest.mark.parametrize("axes, devices, expected", [

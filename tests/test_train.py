@@ -8,8 +8,8 @@ import signal
 import numpy as np
 import pytest
 
-import train_helpers as th
 from cla_jax import checkpoint, config_lib, trainer
+from tests import train_helpers as th
 
 
 @pytest.fixture(scope="module")

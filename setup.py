@@ -39,7 +39,8 @@ setup(
     ],
     extras_require={
         # torch only for the Hugging Face parity tests; 2.13.0 is the CPU build.
-        "test": ["pytest", "pytest-xdist", "transformers>=4.45", "torch==2.13.0"],
+        # ruff and pyink: scripts/lint.sh (settings in pyproject.toml).
+        "test": ["pytest", "pytest-xdist", "transformers>=4.45", "torch==2.13.0", "ruff", "pyink"],
         "gpu": ["jax[cuda12]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],
     },

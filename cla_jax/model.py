@@ -92,7 +92,7 @@ class ModelConfig:
     if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
       raise ConfigError("model.init_std, model.norm_eps and model.rope_theta must be positive.")
     try:
-      self.group_sizes
+      patterns.group_sizes(self.pattern, self.num_layers)
     except patterns.PatternError as e:
       raise ConfigError(str(e)) from None
 

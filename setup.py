@@ -1,6 +1,6 @@
 """cla_jax: Cross-Layer Attention transformers in JAX/Flax."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="cla_jax",
@@ -9,7 +9,18 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["cla_jax", "configs"],
+    # The top-level configs/ (what users name: configs/paper_1b.py:H128-MQA) installs as cla_jax.configs,
+    # so no top-level package named `configs` shadows a user's own.
+    packages=find_packages(include=["cla_jax", "cla_jax.*"]) + ["cla_jax.configs", "cla_jax.configs.sweeps"],
+    package_dir={"cla_jax.configs": "configs"},
+    entry_points={
+        "console_scripts": [
+            "cla-train=cla_jax.train_cli:run",
+            "cla-eval=cla_jax.eval_cli:run",
+            "cla-describe=cla_jax.describe:run",
+            "cla-convert-hf=cla_jax.convert_hf:run",
+        ],
+    },
     # The transformers modeling files that cla_jax.export_hf copies into every CLA export.
     package_data={"cla_jax": ["hf/*.py"]},
     install_requires=[
@@ -31,8 +42,8 @@ setup(
     ],
     extras_require={
         # torch only for the Hugging Face parity tests; 2.13.0 is the CPU build.
-        # lm_eval for tests/test_harness.py (the `eval` extra below).
-        "test": ["pytest", "pytest-xdist", "transformers>=4.45", "torch==2.13.0", "lm_eval==0.4.13"],
+        # lm_eval for tests/test_harness.py (the `eval` extra below); ruff and pyink: scripts/lint.sh.
+        "test": ["pytest", "pytest-xdist", "transformers>=4.45", "torch==2.13.0", "lm_eval==0.4.13", "ruff", "pyink"],
         # LM-Eval-Harness: python -m cla_jax.harness (docs/eval.md).
         "eval": ["lm_eval==0.4.13"],
         "gpu": ["jax[cuda12]>=0.10.2"],

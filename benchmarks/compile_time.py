@@ -15,29 +15,27 @@ import jax.numpy as jnp
 from absl import flags
 from ml_collections import config_flags
 
-from cla_jax import cli, config_lib
+from cla_jax import cli, config_lib, train_step
 from cla_jax import model as model_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file[:row].", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG, "Config file[:row].", lock_config=True)
 _DEPTHS = flags.DEFINE_list("depths", ["4", "8", "16", "32"], "Numbers of layers to compile.")
 
 
 def compile_seconds(config, num_layers: int, scan_layers: bool) -> float:
-  """Seconds to lower and compile value_and_grad of the mean next-token loss."""
+  """Seconds to lower and compile value_and_grad of the training loss (`train_step.loss_fn`)."""
   config = config_lib.from_json(config_lib.to_json(config))
   with config.unlocked():
     config.model.update(num_layers=num_layers, scan_layers=scan_layers)
   cfg = config_lib.model_config(config)
   model = model_lib.Transformer(cfg)
   params = nn.meta.unbox(model_lib.abstract_params(cfg))
-  tokens = jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len + 1), jnp.int32)
-
-  def loss(p, t):
-    logits = model.apply({"params": p}, t[:, :-1])
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), t[:, 1:, None], axis=-1))
-
+  rows = (config.train.batch_size, config.train.seq_len)
+  batch = {"inputs": jax.ShapeDtypeStruct(rows, jnp.int32), "targets": jax.ShapeDtypeStruct(rows, jnp.int32),
+           "weights": jax.ShapeDtypeStruct(rows, jnp.float32)}
+  grad_fn = jax.value_and_grad(lambda p, b: train_step.loss_fn(p, b, model), has_aux=True)
   start = time.perf_counter()
-  jax.jit(jax.value_and_grad(loss)).lower(params, tokens).compile()
+  jax.jit(grad_fn).lower(params, batch).compile()
   return time.perf_counter() - start
 
 

@@ -20,7 +20,7 @@ from cla_jax import cli, config_lib, metrics, optim, sharding, train_step
 from cla_jax import model as model_lib
 from cla_jax.model import Transformer
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file[:row].", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG, "Config file[:row].", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step).")
 
 

@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cla_jax import config_lib, model as model_lib, sharding
+from cla_jax import config_lib, model as model_lib, paths, sharding
 from cla_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -92,7 +92,7 @@ class Restored:
 def _path(workdir: str | os.PathLike) -> epath.Path:
   """The workdir as an absolute path (orbax refuses relative ones); bucket URLs (gs://...) as given."""
   path = os.fspath(workdir)
-  return epath.Path(path if "://" in path else os.path.abspath(os.path.expanduser(path)))
+  return epath.Path(path if paths.is_remote(path) else os.path.abspath(os.path.expanduser(path)))
 
 
 def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:

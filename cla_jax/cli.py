@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import re
 import sys
 from typing import Callable
@@ -41,16 +42,29 @@ def _config_file_problem(error: BaseException) -> str:
   return f"--config could not be loaded: {_one_line(str(error))}"
 
 
+def _with_shipped_config(arg: str) -> str:
+  """`--config=configs/x.py[:row]` names the shipped config from any directory (see config_lib.resolve)."""
+  if not arg.startswith("--config="):
+    return arg
+  from cla_jax import config_lib  # pylint: disable=g-import-not-at-top  (jax; only when a config is named)
+  spec = config_lib.resolve(arg[len("--config="):])
+  if not os.path.isfile(spec.partition(":")[0]):
+    # config_flags would defer this error to the first use of the config, as a traceback.
+    raise UserError(f"config file {spec.partition(':')[0]!r} not found; e.g. --config=configs/default.py or "
+                    "--config=configs/paper_1b.py:H128-MQA.")
+  return "--config=" + spec
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)` that turns flag/config and UserError failures into `error: <one line>`, exit 2."""
 
   def parse_flags(argv: list[str]) -> list[str]:
     try:
-      remaining = flags.FLAGS(argv)
+      remaining = flags.FLAGS([_with_shipped_config(arg) for arg in argv])
     except (AttributeError, KeyError) as e:
       sys.stderr.write(f"error: unknown config field in an override: {e}; run with --helpfull to list flags.\n")
       sys.exit(2)
-    except flags.Error as e:
+    except (flags.Error, UserError) as e:
       # config_flags wraps errors raised inside get_config() with their traceback; keep the message.
       sys.stderr.write(f"error: {_one_line(str(e))}\n")
       sys.exit(2)

@@ -1,6 +1,7 @@
 """Imports a Hugging Face `LlamaForCausalLM` checkpoint as a CLA workdir.
 
-    python -m cla_jax.convert_hf --hf_dir=DIR --workdir=OUT [--pattern=cla2] [--config.train.lr=3e-4 ...]
+    cla-convert-hf --hf_dir=DIR --workdir=OUT [--pattern=cla2] [--config.train.lr=3e-4 ...]
+    (or python -m cla_jax.convert_hf ...)
 
 With `--pattern=none` (the default) the converted model computes the same function as the original.
 With sharing, each KV group keeps the K/V projections of its first layer and initialises its KV norm
@@ -348,7 +349,7 @@ def convert_params(reader: SafetensorsReader, arch: LlamaArch, cfg: model_lib.Mo
   groups = patterns.layer_groups(cfg.group_sizes)
   dropped = []
   # Group names of the unscanned layout, in layer order; model.stack_params stacks them per segment.
-  group_names = [f"segment_{s}_group_{g}"
+  group_names = [model_lib.group_name(s, g)
                  for s, (_, num_groups) in enumerate(cfg.segments) for g in range(num_groups)]
   for layers, group_name in zip(groups, group_names):
     group = {}
@@ -390,8 +391,7 @@ def build_config(arch: LlamaArch, pattern: str, base: ml_collections.ConfigDict 
                  ) -> ml_collections.ConfigDict:
   """`base` (default: configs/default.py) with the model architecture taken from the checkpoint."""
   if base is None:
-    from configs import default  # pylint: disable=g-import-not-at-top
-    base = default.get_config()
+    base = config_lib.load(config_lib.DEFAULT_CONFIG)
   config = ml_collections.ConfigDict(base.to_dict())  # a private, unlocked copy
   config.model.update(arch.model_fields())
   config.model.pattern = pattern
@@ -465,7 +465,7 @@ def define_flags() -> None:
   flags.DEFINE_enum("rope_layout", "half", ROPE_LAYOUTS, "Q/K RoPE layout of the checkpoint: 'half' for Hugging "
                     "Face exports, 'interleaved' for Meta-layout weights.")
   config_flags.DEFINE_config_file(
-      "config", str(config_lib.REPO_ROOT / "configs" / "default.py"), "Base config for the workdir (training "
+      "config", config_lib.DEFAULT_CONFIG, "Base config for the workdir (training "
       "and eval settings; the model architecture comes from the checkpoint), e.g. --config.train.lr=3e-4.")
 
 
@@ -483,6 +483,11 @@ def main(argv: list[str]) -> None:
   print(f"wrote {args.workdir} (report: {pathlib.Path(args.workdir) / REPORT_FILE})")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console-script entry point (`cla-convert-hf`)."""
   define_flags()
   cli.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,6 +1,6 @@
 """What a config builds: its KV groups, KV layers, KV-cache bytes per token and parameter count.
 
-    python -m cla_jax.describe --config=configs/paper_1b.py:H128-MQA-CLA2
+    cla-describe --config=configs/paper_1b.py:H128-MQA-CLA2      # or: python -m cla_jax.describe ...
 
 Everything is read off the built model's parameter shapes (`jax.eval_shape`, nothing allocated).
 """
@@ -13,8 +13,12 @@ import re
 from typing import Any
 
 import jax
+from absl import flags
+from ml_collections import config_flags
 
+from cla_jax import cli, config_lib
 from cla_jax import model as model_lib
+from cla_jax.errors import UserError
 from cla_jax.model import ModelConfig
 
 KV_BYTES_PER_ELEMENT = 2  # the paper reports 16-bit caches
@@ -50,15 +54,26 @@ def _segment_index(name: str) -> tuple[int, ...]:
   return tuple(int(n) for n in re.findall(r"\d+", name))
 
 
-def main(argv) -> None:
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from cla_jax import config_lib  # pylint: disable=g-import-not-at-top
+# ----------------------------------------------------------------------------- CLI
+
+def define_flags() -> None:
+  """The command's flags; defined on demand, so importing this module as a library adds no global flags."""
+  config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG, "Experiment config (path[:row]).",
+                                  lock_config=True)
+
+
+def main(argv: list[str]) -> None:
+  """Prints `describe` of `--config` as one JSON line."""
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}; use --config=PATH[:ROW] and --config.<field>=<value>.")
   print(json.dumps(describe(config_lib.model_config(flags.FLAGS.config))))
 
 
-if __name__ == "__main__":
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from cla_jax import cli  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config (path[:row]).", lock_config=True)
+def run() -> None:
+  """Console-script entry point (`cla-describe`)."""
+  define_flags()
   cli.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -30,7 +30,7 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
-from cla_jax import python_docs
+from cla_jax import paths, python_docs
 from cla_jax.errors import UserError
 from cla_jax.tokenizer import Tokenizer, cache_dir_of
 
@@ -212,7 +212,7 @@ def get_source(config: ml_collections.ConfigDict) -> Source:
 
 def _data_dir(config: ml_collections.ConfigDict) -> str:
   data_dir = str(config.data.data_dir)
-  return data_dir if "://" in data_dir else os.path.expanduser(data_dir)
+  return data_dir if paths.is_remote(data_dir) else os.path.expanduser(data_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -41,23 +41,24 @@ class ConfigError(UserError):
 class ModelConfig:
   """Hyper-parameters of the CLA transformer (hashable, so it can sit on a Flax module)."""
 
-  num_layers: int = 4
-  d_model: int = 256
-  num_heads: int = 4
-  num_kv_heads: int = 1
-  head_dim: int = 64
-  mlp_dim: int = 704
-  vocab_size: int = 4096
-  pattern: str = "cla2"
-  dtype: str = "auto"
-  norm: str = "rmsnorm"
+  # The one home of the model defaults (configs/default.py takes its `model` section from here).
+  num_layers: int = 4  # decoder layers
+  d_model: int = 256  # residual width
+  num_heads: int = 4  # query heads
+  num_kv_heads: int = 1  # KV heads per KV block (1 = MQA, num_heads = MHA)
+  head_dim: int = 64  # per-head width; num_heads * head_dim need not equal d_model
+  mlp_dim: int = 688  # SwiGLU hidden width
+  vocab_size: int = 2048  # must match the tokenizer (see data.tokenizer)
+  pattern: str = "cla2"  # KV sharing: none | cla<N> | keep_ends | dense_front | dense_back | "1,2,1"
+  dtype: str = "auto"  # compute dtype: auto (bf16 on accelerators, fp32 on CPU) | float32 | bfloat16 | float16
+  norm: str = "rmsnorm"  # rmsnorm | layernorm
   norm_eps: float = 1e-5
   rope_theta: float = 10000.0
   tie_embeddings: bool = False
-  init_std: float = 0.01275
-  remat: str = "none"
-  scan_layers: bool = True
-  attention_impl: str = "auto"
+  init_std: float = 0.01275  # N(0, std) for every linear layer and the embedding (paper)
+  remat: str = "none"  # none | full | save_dots
+  scan_layers: bool = True  # nn.scan over layer groups (False: unrolled, for debugging)
+  attention_impl: str = "auto"  # auto (cuDNN on GPU when it applies, else XLA) | xla | cudnn
 
   @classmethod
   def from_config(cls, model_config: Any) -> "ModelConfig":
@@ -91,7 +92,7 @@ class ModelConfig:
     if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
       raise ConfigError("model.init_std, model.norm_eps and model.rope_theta must be positive.")
     try:
-      self.group_sizes
+      patterns.group_sizes(self.pattern, self.num_layers)
     except patterns.PatternError as e:
       raise ConfigError(str(e)) from None
 
@@ -269,7 +270,7 @@ class Transformer(nn.Module):
       else:
         group_cls = nn.remat(LayerGroup, policy=policy) if cfg.remat != "none" else LayerGroup
         for g in range(num_groups):
-          x = group_cls(cfg, group_size, name=f"segment_{s}_group_{g}")(x, positions, segment_ids)
+          x = group_cls(cfg, group_size, name=group_name(s, g))(x, positions, segment_ids)
 
     x = Norm(cfg, name="final_norm")(x)
     if cfg.tie_embeddings:
@@ -278,6 +279,11 @@ class Transformer(nn.Module):
       head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), init)
     logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def group_name(segment: int, group: int) -> str:
+  """Module name of group `group` of segment `segment` in the unscanned (`scan_layers=False`) layout."""
+  return f"segment_{segment}_group_{group}"
 
 
 def abstract_params(cfg: ModelConfig) -> Any:
@@ -298,7 +304,7 @@ def unstack_params(params: Any, cfg: ModelConfig) -> dict:
   out = {k: v for k, v in params.items() if not k.startswith("segment_")}
   for s, (_, num_groups) in enumerate(cfg.segments):
     for g in range(num_groups):
-      out[f"segment_{s}_group_{g}"] = jax.tree.map(lambda a, g=g: a[g], params[f"segment_{s}"])
+      out[group_name(s, g)] = jax.tree.map(lambda a, g=g: a[g], params[f"segment_{s}"])
   return out
 
 
@@ -310,6 +316,6 @@ def stack_params(params: Any, cfg: ModelConfig) -> dict:
   """
   out = {k: v for k, v in params.items() if not k.startswith("segment_")}
   for s, (_, num_groups) in enumerate(cfg.segments):
-    groups = [params[f"segment_{s}_group_{g}"] for g in range(num_groups)]
+    groups = [params[group_name(s, g)] for g in range(num_groups)]
     out[f"segment_{s}"] = jax.tree.map(lambda *a: np.stack(a), *groups)
   return out

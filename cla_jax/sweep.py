@@ -75,9 +75,7 @@ def set_field(config: ml_collections.ConfigDict, field: str, value: Any) -> None
 
 def load_sweep(spec: str, seeds: int | None) -> list[Run]:
   """The runs of a sweep file (`path`, relative paths also against the repo root)."""
-  path = pathlib.Path(spec)
-  if not path.exists() and (config_lib.REPO_ROOT / spec).exists():
-    path = config_lib.REPO_ROOT / spec
+  path = pathlib.Path(config_lib.resolve(spec))
   if not path.exists():
     raise UserError(f"sweep file {spec!r} not found; e.g. configs/sweeps/tiny_pareto.py.")
   module_spec = importlib.util.spec_from_file_location(f"cla_sweep_{path.stem}", path)
@@ -368,7 +366,7 @@ def main(argv: list[str]) -> None:
 
 def _define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from cla_jax import cli  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("sweep", None, "Sweep file, e.g. configs/sweeps/tiny_pareto.py.", required=True)
   flags.DEFINE_string("workdir", None, "Sweep directory: DIR/<run>/ per run, results and plots in DIR.",
                       required=True)
@@ -376,8 +374,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("only", None, "Regular expression: train/list only runs whose name it matches.")
   flags.DEFINE_integer("seeds", None, "Seeds per row and learning rate (default: the sweep file's).")
   flags.DEFINE_bool("dry_run", False, "List the runs (name, row, KV bytes, params, overrides) and exit.")
-  config_flags.DEFINE_config_dict(
-      "config", config_lib.load("configs/default.py"),
+  cli.define_config_dict(
+      "config", config_lib.load(config_lib.DEFAULT_CONFIG),
       "Only as --config.<field>=value overrides applied to every run, e.g. --config.train.steps=600.")
 
 

@@ -17,6 +17,7 @@ from typing import Iterable, Iterator, Sequence
 import ml_collections
 import sentencepiece as spm
 
+from cla_jax import paths
 from cla_jax.errors import UserError
 
 # Bump when the sentencepiece trainer options below change, so cached tokenizers are retrained.
@@ -159,7 +160,7 @@ def cache_dir_of(config: ml_collections.ConfigDict) -> pathlib.Path:
   cache_dir = config.data.get("cache_dir", "") or ""
   if not cache_dir:
     data_dir = str(config.data.data_dir)
-    cache_dir = data_dir if "://" not in data_dir else "~/.cache/cla_jax"
+    cache_dir = "~/.cache/cla_jax" if paths.is_remote(data_dir) else data_dir
   return pathlib.Path(os.path.expanduser(cache_dir))
 
 

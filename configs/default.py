@@ -4,7 +4,11 @@ Every other config starts from this one. Load with `--config=configs/default.py`
 field on the command line, e.g. `--config.model.num_layers=8 --config.train.steps=50`.
 """
 
+import dataclasses
+
 import ml_collections
+
+from cla_jax import model as model_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -12,24 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.name = "default"
 
-  config.model = model = ml_collections.ConfigDict()
-  model.num_layers = 4          # decoder layers
-  model.d_model = 256           # residual width
-  model.num_heads = 4           # query heads
-  model.num_kv_heads = 1        # KV heads per KV block (1 = MQA, num_heads = MHA)
-  model.head_dim = 64           # per-head width; num_heads * head_dim need not equal d_model
-  model.mlp_dim = 688           # SwiGLU hidden width
-  model.vocab_size = 2048       # must match the tokenizer (see data.tokenizer)
-  model.pattern = "cla2"        # KV sharing: none | cla<N> | keep_ends | dense_front | dense_back | "1,2,1"
-  model.dtype = "auto"          # compute dtype: auto (bf16 on accelerators, fp32 on CPU) | float32 | bfloat16
-  model.norm = "rmsnorm"        # rmsnorm | layernorm
-  model.norm_eps = 1e-5
-  model.rope_theta = 10000.0
-  model.tie_embeddings = False
-  model.init_std = 0.01275      # N(0, std) for every linear layer and the embedding (paper)
-  model.remat = "none"          # none | full | save_dots
-  model.scan_layers = True      # nn.scan over layer groups (False: unrolled, for debugging)
-  model.attention_impl = "auto"  # auto (cuDNN on GPU when it applies, else XLA) | xla | cudnn
+  # Model fields, their defaults and what each means live in one place: cla_jax.model.ModelConfig.
+  config.model = ml_collections.ConfigDict(dataclasses.asdict(model_lib.ModelConfig()))
 
   config.data = data = ml_collections.ConfigDict()
   data.source = "python_docs"   # python_docs (embedded default: Debian's python3.11-doc reST) | tfds | text

@@ -11,6 +11,8 @@ if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# Test helpers are imported one way, as `from tests import train_helpers` (tests/ is a namespace package
+# under the repo root).
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
@@ -21,5 +23,5 @@ import pytest  # noqa: E402
 @pytest.fixture
 def tiny_config():
   """The default config shrunk to a model and run that finish in seconds."""
-  import train_helpers  # pylint: disable=g-import-not-at-top
+  from tests import train_helpers  # pylint: disable=g-import-not-at-top
   return train_helpers.tiny_config()

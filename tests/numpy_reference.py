@@ -19,11 +19,14 @@ def split_layers(params) -> list[tuple[dict, list[dict]]]:
     segment = params[name]
     num_groups = np.asarray(segment["kv"]["key"]).shape[0]
     layer_names = sorted((k for k in segment if k.startswith("layer_")), key=lambda k: int(k.split("_")[1]))
-    take = lambda tree, g: {k: take(v, g) if isinstance(v, dict) else np.asarray(v, np.float64)[g]
-                            for k, v in tree.items()}
     for g in range(num_groups):
-      groups.append((take(segment["kv"], g), [take(segment[n], g) for n in layer_names]))
+      groups.append((_take(segment["kv"], g), [_take(segment[n], g) for n in layer_names]))
   return groups
+
+
+def _take(tree, g):
+  """Group `g` of a stacked (scanned) subtree, as float64."""
+  return {k: _take(v, g) if isinstance(v, dict) else np.asarray(v, np.float64)[g] for k, v in tree.items()}
 
 
 def norm(x, p, kind="rmsnorm", eps=1e-5):

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-import train_helpers as th
 from cla_jax import checkpoint, config_lib, model as model_lib, trainer
+from tests import train_helpers as th
 
 
 def _params(config, seed):

@@ -1,4 +1,8 @@
-"""`describe` and the shipped configs against the paper's own figures (PAPER.md, Table 1 and the tuned table)."""
+"""`describe` and the shipped configs against the paper's own figures.
+
+Brandon et al. 2024, "Reducing Transformer Key-Value Cache Size with Cross-Layer Attention" (arXiv 2405.12981):
+Table 1 (1B design space) and the tuned-learning-rate table (1B and 3B).
+"""
 
 import glob
 import json
@@ -70,28 +74,50 @@ def test_unscanned_layout_describes_the_same_model():
   assert scanned["groups"][:2] == [[0], [1, 2]] and scanned["groups"][-1] == [19]
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(config_lib.REPO_ROOT, "configs", "*.py"))))
-def test_every_shipped_config_and_row_builds(path):
-  if path.endswith("__init__.py"):
-    return
-  name = os.path.basename(path)
-  rows = {"paper_1b.py": paper.ROWS["1b"], "paper_3b.py": paper.ROWS["3b"]}.get(name, [None])
-  for row in rows:
-    config = config_lib.load(f"configs/{name}" + (f":{row}" if row else ""))
-    assert describe(config_lib.model_config(config))["params"] > 0
+def _shipped_configs() -> list[str]:
+  """Every `configs/<file>[:row]` a user can name: each shipped file, each paper file once per row."""
+  specs = []
+  for path in sorted(glob.glob(os.path.join(config_lib.CONFIGS_DIR, "*.py"))):
+    name = os.path.basename(path)
+    if name == "__init__.py":
+      continue
+    rows = {"paper_1b.py": paper.ROWS["1b"], "paper_3b.py": paper.ROWS["3b"]}.get(name, [None])
+    specs += [f"configs/{name}" + (f":{row}" if row else "") for row in rows]
+  return specs
 
 
-def _cli(*args):
+@pytest.mark.parametrize("spec", _shipped_configs())
+def test_every_shipped_config_and_row_builds(spec):
+  """Builds the model and checks its parameter count against a count from the config's own fields."""
+  config = config_lib.load(spec)
+  m, info = config.model, describe(config_lib.model_config(config))
+  assert [layer for group in info["groups"] for layer in group] == list(range(m.num_layers))
+  norm = 2 if m.norm == "layernorm" else 1  # scale (and bias)
+  per_layer = 2 * m.d_model * m.num_heads * m.head_dim + 3 * m.d_model * m.mlp_dim + 2 * norm * m.d_model
+  per_kv_block = 2 * m.d_model * m.num_kv_heads * m.head_dim + norm * m.d_model
+  embeddings = (1 if m.tie_embeddings else 2) * m.vocab_size * m.d_model
+  expected = embeddings + m.num_layers * per_layer + len(info["groups"]) * per_kv_block + norm * m.d_model
+  assert info["params"] == expected
+
+
+def _cli(*args, cwd=config_lib.REPO_ROOT):
   return subprocess.run([sys.executable, "-m", "cla_jax.describe", *args], capture_output=True, text=True,
-                        cwd=config_lib.REPO_ROOT, timeout=120)
+                        cwd=cwd, timeout=120)
 
 
-def test_cli_prints_one_json_line():
-  out = _cli("--config=configs/paper_3b.py:H128-MQA-CLA2")
+def test_cli_prints_one_json_line_from_any_directory(tmp_path):
+  """`configs/...` names the shipped config even where the working directory has no configs/."""
+  out = _cli("--config=configs/paper_3b.py:H128-MQA-CLA2", cwd=tmp_path)
   assert out.returncode == 0, out.stderr
   info = json.loads(out.stdout.strip().splitlines()[-1])
   assert set(info) == {"groups", "kv_layers", "kv_bytes_per_token", "params"}
   assert info["kv_layers"] == 16 and info["kv_bytes_per_token"] == 8192
+
+
+def test_cli_default_config_works_from_any_directory(tmp_path):
+  out = _cli(cwd=tmp_path)
+  assert out.returncode == 0, out.stderr
+  assert json.loads(out.stdout.strip().splitlines()[-1])["groups"] == [[0, 1], [2, 3]]  # default: 4 layers, CLA2
 
 
 @pytest.mark.parametrize("args,message", [
@@ -99,6 +125,7 @@ def test_cli_prints_one_json_line():
     (["--config=configs/default.py", "--config.model.num_kv_heads=3"], "not divisible by model.num_kv_heads=3"),
     (["--config=configs/default.py", "--config.model.pattern=2,1"], "covers 3 layers"),
     (["--config=configs/default.py", "--config.model.num_layer=3"], "unknown config field"),
+    (["--config=configs/nope.py"], "config file 'configs/nope.py' not found"),
 ])
 def test_cli_errors_are_one_line(args, message):
   out = _cli(*args)

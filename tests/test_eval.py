@@ -7,16 +7,14 @@ import re
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from cla_jax import checkpoint, config_lib, evaluate
-from cla_jax import model as model_lib
 from cla_jax import tokenizer as tokenizer_lib
 from cla_jax.errors import UserError
-from tests import numpy_reference
+from tests import model_helpers, numpy_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("the cat sat on a mat while old dogs ran far away from big red barns near green hills and "
@@ -45,11 +43,7 @@ def _nll_numpy(params, config, inputs, targets, weights) -> float:
 
 def _random_params(config, seed=1):
   """Random weights for the config's param shapes (numpy: much faster than compiling the model's init)."""
-  rng = np.random.default_rng(seed)
-  shapes = nn.meta.unbox(model_lib.abstract_params(config_lib.model_config(config)))
-  return jax.tree_util.tree_map_with_path(
-      lambda path, s: (1.0 if "scale" in jax.tree_util.keystr(path) else 0.0) + rng.normal(0, 0.05, s.shape).astype(np.float32),
-      shapes)
+  return model_helpers.random_params(config_lib.model_config(config), seed=seed, std=0.05)
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import numpy_reference as ref
-from test_model import random_params, small_config, tokens_for
 from cla_jax.model import Transformer
+from tests import numpy_reference as ref
+from tests.model_helpers import random_params, small_config, tokens_for
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")]

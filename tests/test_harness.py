@@ -68,7 +68,7 @@ def _task_files(directory) -> str:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   """A params-only workdir of a random tiny model with its own small sentencepiece tokenizer, and local tasks."""
-  import train_helpers  # pylint: disable=g-import-not-at-top
+  from tests import train_helpers  # pylint: disable=g-import-not-at-top
   for key, value in OFFLINE.items():
     os.environ.setdefault(key, value)
   tmp = tmp_path_factory.mktemp("harness")

@@ -8,39 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import numpy_reference as ref
+from cla_jax import config_lib
 from cla_jax import model as model_lib
 from cla_jax.model import ConfigError, ModelConfig, Transformer
+from tests import numpy_reference as ref
+from tests.model_helpers import random_params, small_config, tokens_for
 
 PATTERNS = ["none", "cla2", "cla3", "keep_ends", "dense_front", "dense_back"]
 ATTENTION = {"MHA": (4, 4), "GQA": (4, 2), "MQA": (4, 1)}
 
 
-def small_config(**overrides) -> ModelConfig:
-  base = dict(num_layers=7, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,
-              vocab_size=61, dtype="float32")
-  return ModelConfig(**{**base, **overrides})
-
-
-def random_params(cfg: ModelConfig, seed: int = 0):
-  """Random params of the model's shapes (numpy RNG: no compile), norm scales away from one."""
-  rng = np.random.default_rng(seed)
-  shapes = nn.meta.unbox(model_lib.abstract_params(cfg))
-
-  def draw(path, leaf):
-    noise = rng.standard_normal(leaf.shape)
-    value = 1 + 0.2 * noise if "scale" in jax.tree_util.keystr(path) else 0.2 * noise
-    return jnp.asarray(value, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 def apply(cfg: ModelConfig, params, *args):
   return jax.jit(Transformer(cfg).apply)({"params": params}, *args)
-
-
-def tokens_for(cfg, batch=2, length=12, seed=7):
-  return jax.random.randint(jax.random.key(seed), (batch, length), 0, cfg.vocab_size)
 
 
 @pytest.mark.parametrize("attention", list(ATTENTION))
@@ -177,6 +156,37 @@ def test_remat_changes_nothing_numerically(remat):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), new_grad, base_grad)
 
 
+def _equations(jaxpr, out):
+  """Every equation of `jaxpr`, recursing into sub-jaxprs (scan bodies, remat bodies, custom derivatives)."""
+  for eqn in jaxpr.eqns:
+    out.append(eqn)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          _equations(sub.jaxpr, out)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          _equations(sub, out)
+  return out
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("remat,policy", [("none", None), ("full", jax.checkpoint_policies.nothing_saveable),
+                                          ("save_dots", jax.checkpoint_policies.dots_with_no_batch_dims_saveable)])
+def test_remat_puts_each_group_in_a_checkpoint_with_its_policy(remat, policy, scan_layers):
+  """Numbers alone pass when remat is silently ignored: the traced gradient must hold the checkpoints."""
+  cfg = small_config(pattern="keep_ends", remat=remat, scan_layers=scan_layers)  # 7 layers: groups 1, 1, 2, 2, 1
+  params = random_params(dataclasses.replace(cfg, scan_layers=True))
+  if not scan_layers:
+    params = model_lib.unstack_params(params, cfg)
+  tokens = tokens_for(cfg)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(apply(cfg, p, tokens) ** 2)))(params)
+  checkpoints = [e for e in _equations(jaxpr.jaxpr, []) if e.primitive.name in ("checkpoint", "remat2")]
+  # One checkpointed body per scanned segment (1, 1 | 2, 2 | 1), or per group when unrolled.
+  expected = 0 if remat == "none" else (3 if scan_layers else 5)
+  assert len(checkpoints) == expected
+  assert all(e.params["policy"] is policy for e in checkpoints)
+
+
 def test_bf16_compute_keeps_fp32_params_and_logits():
   cfg = small_config(pattern="cla2", dtype="bfloat16")
   params, tokens = random_params(cfg), tokens_for(cfg)
@@ -222,3 +232,10 @@ def test_impossible_configs_fail_before_tracing(overrides, message):
 def test_unknown_model_field_is_rejected():
   with pytest.raises(ConfigError, match="unknown model field"):
     ModelConfig.from_config({**dataclasses.asdict(small_config()), "num_layer": 3})
+
+
+def test_default_config_takes_its_model_section_from_model_config():
+  """One home for model defaults: a value typed into configs/default.py (or a field missing there) fails here."""
+  config = config_lib.load("configs/default.py")
+  assert config.model.to_dict() == dataclasses.asdict(ModelConfig())
+  assert config_lib.model_config(config) == ModelConfig()

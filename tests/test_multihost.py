@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-import train_helpers as th
+from tests import train_helpers as th
 from cla_jax import sharding
 
 _FULL = {"JAX_COORDINATOR_ADDRESS": "localhost:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}

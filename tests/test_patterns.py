@@ -1,4 +1,7 @@
-"""Sharing patterns against the groupings the paper spells out (PAPER.md)."""
+"""Sharing patterns against the groupings the paper spells out.
+
+Brandon et al. 2024, "Reducing Transformer Key-Value Cache Size with Cross-Layer Attention" (arXiv 2405.12981).
+"""
 
 import pytest
 

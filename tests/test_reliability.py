@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-import train_helpers as th
+from tests import train_helpers as th
 from cla_jax import checkpoint, config_lib, health, model as model_lib, trainer
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-import train_helpers as th
 from cla_jax import checkpoint, model as model_lib, sharding, train_step, trainer
+from tests import train_helpers as th
 
 
 @pytest.mark.parametrize("axes, devices, expected", [
@@ -132,7 +132,7 @@ import sys
 sys.path.insert(0, "tests")
 import flax.linen as nn, jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
-import train_helpers as th
+from tests import train_helpers as th
 from cla_jax import config_lib, model as model_lib, optim, sharding, train_step
 config = th.tiny_config()
 cfg, tx = config_lib.model_config(config), optim.make_optimizer(config.train)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-import train_helpers
+from tests import train_helpers
 from cla_jax import sweep, sweep_report
 from cla_jax.errors import UserError
 

@@ -8,8 +8,8 @@ import signal
 import numpy as np
 import pytest
 
-import train_helpers as th
-from cla_jax import checkpoint, trainer
+from cla_jax import checkpoint, config_lib, trainer
+from tests import train_helpers as th
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,7 @@ def _tiny(tiny_config, corpus, **train):
 
 
 def test_loss_falls_on_default_config(tmp_path, corpus):
-  from configs import default  # pylint: disable=g-import-not-at-top
-  config = th.use_corpus(default.get_config(), corpus)
+  config = th.use_corpus(config_lib.load("configs/default.py"), corpus)
   # The default model and optimizer; a smaller batch and run so that it takes seconds on CPU.
   config.train.update(steps=16, batch_size=2, log_every=1, eval_every=16)
   trainer.run(config, str(tmp_path))
@@ -40,6 +39,7 @@ def test_loss_falls_on_default_config(tmp_path, corpus):
   for key in ("step", "loss", "perplexity", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time", "eval_loss"):
     assert key in last
   assert last["perplexity"] == pytest.approx(math.exp(last["loss"]), rel=1e-6)
+  assert all(0 < r["mfu"] <= 1.0 for r in records)
   assert last["eval_loss"] < losses[0] - 1.0
   assert os.listdir(tmp_path / "tensorboard")
   assert checkpoint.read_config(tmp_path).train.steps == 16

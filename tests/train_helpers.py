@@ -30,8 +30,8 @@ def write_corpus(directory: pathlib.Path, num_docs: int = 10, sentences: int = 3
 
 def tiny_config():
   """The default config shrunk to run in seconds (also conftest's `tiny_config` fixture)."""
-  from configs import default  # pylint: disable=g-import-not-at-top
-  config = default.get_config()
+  from cla_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load("configs/default.py")
   config.model.update(num_layers=4, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
                       vocab_size=256, dtype="float32")
   config.train.update(steps=20, batch_size=8, seq_len=32, log_every=5, eval_every=0)

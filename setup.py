@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["cla_jax", "configs"],
+    packages=["cla_jax", "cla_jax.data", "configs"],
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.0",
@@ -19,6 +19,8 @@ setup(
         "absl-py",
         "numpy",
         "tensorflow-datasets>=4.9.10",
+        "grain>=0.2.18",  # random access into the prepared ArrayRecord shards
+        "array_record>=0.8.6",
         "importlib_resources",  # tfds 4.9.10 imports it to prepare datasets, but only declares it for Python < 3.9
         "sentencepiece>=0.2.0",
         "tokenizers",

@@ -21,6 +21,7 @@ import ml_collections
 
 from cla_jax import checkpoint, config_lib, metrics as metrics_lib, optim, sharding
 from cla_jax import train_step as train_step_lib
+from cla_jax.data import batches as batches_lib, tokenizer as tokenizer_lib
 from cla_jax.errors import UserError
 from cla_jax import model as model_lib
 from cla_jax.model import Transformer
@@ -105,13 +106,12 @@ class Trainer:
   """State and loop of one training run (see `run`)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    from cla_jax import input_pipeline, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
     self.config = config = ml_collections.ConfigDict(config.to_dict())
     self.mesh = sharding.make_mesh(config.mesh)
     check_train_config(config, self.mesh)
     self.tokenizer = tokenizer_lib.get_tokenizer(config)
-    tokenizer_lib.check_vocab_size(config, self.tokenizer)
+    tokenizer_lib.set_vocab_size(config, self.tokenizer)
     self.cfg = config_lib.model_config(config)
     sharding.check_model_fits(self.cfg, self.mesh)
     _check_workdir_config(self.workdir, config)
@@ -119,7 +119,6 @@ class Trainer:
     if jax.process_index() == 0:
       # A copy in the workdir keeps eval.py independent of the tokenizer cache (evaluate.load_tokenizer).
       self.tokenizer.save(self.workdir)
-    self._input_pipeline = input_pipeline
 
     self.model = Transformer(self.cfg)
     self.tx = optim.make_optimizer(config.train)
@@ -177,7 +176,7 @@ class Trainer:
   def evaluate(self, params: Any, eval_fn) -> dict[str, float]:
     """Validation loss over `train.eval_batches` batches of the eval split."""
     cfg = self.config
-    batches = self._input_pipeline.eval_batches(
+    batches = batches_lib.eval_batches(
         cfg, self.tokenizer, batch_size=cfg.eval.batch_size,
         max_tokens=cfg.train.eval_batches * cfg.eval.batch_size * cfg.train.seq_len)
     loss_sum, tokens = 0.0, 0.0
@@ -202,7 +201,7 @@ class Trainer:
     train_fn = train_step_lib.jit_train_step(self.model, self.tx, cfg.train.grad_accum_steps, self.mesh,
                                              self.param_shardings, self.opt_shardings)
     eval_fn = train_step_lib.jit_eval_step(self.model, self.mesh, self.param_shardings)
-    batches: Iterator[dict] = self._input_pipeline.TrainBatches(cfg, self.tokenizer, "train").iterator(start)
+    batches: Iterator[dict] = batches_lib.TrainBatches(cfg, self.tokenizer, "train").iterator(start)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     pending = None  # (step, device metrics) of the last dispatched step, fetched one step late
     last_time = time.perf_counter()

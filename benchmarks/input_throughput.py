@@ -70,7 +70,7 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   tok = tokenizer_lib.get_tokenizer(config)
   tokenizer_lib.set_vocab_size(config, tok)
-  batches = input_pipeline.TrainBatches(config, tok, process_index=0, process_count=1)
+  batches = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
   direct, prefetched = pipeline_tokens_per_s(batches, _BATCHES.value)
   train = train_tokens_per_s(config, batches.batch(0), _TRAIN_STEPS.value)
   print(json.dumps({

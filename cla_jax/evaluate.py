@@ -237,7 +237,7 @@ def load_tokenizer(workdir: str, config: ml_collections.ConfigDict):
       break
   tokenizer = tokenizer_lib.get_tokenizer(config)
   tokenizer_lib.check_vocab_covers(tokenizer, config.model.vocab_size,
-                                "evaluate with the tokenizer the model was trained with.")
+                                   "evaluate with the tokenizer the model was trained with.")
   return tokenizer
 
 

@@ -6,6 +6,7 @@ import math
 import os
 import pathlib
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -355,10 +356,14 @@ def test_prefetch_iterator_reraises(config, tok):
     next(it)
 
 
-def test_max_cache_tokens_caps_the_stream(config, tok):
+def test_max_cache_tokens_caps_the_stream(config, tok, tmp_path):
   config.data.max_cache_tokens = 300
   stream, _ = prepared_stream(config, tok, "train")
   np.testing.assert_array_equal(stream, reference_stream(config, tok, "train")[:300])
+  # Prepared in chunks of 2 documents, of which only those up to the cap are tokenized.
+  prepare.prepare_split(config, sources.get_source(config), tok, "train", tmp_path / "p" / "train", docs_per_chunk=2)
+  config.data.prepared_dir = str(tmp_path / "p")
+  np.testing.assert_array_equal(prepared_stream(config, tok, "train")[0], stream)
 
 
 # ---------------------------------------------------------------------------------------------- prepared splits
@@ -455,7 +460,8 @@ prepare.prepare(config, sys.argv[1], docs_per_chunk=4, records_per_shard=5)
 """
 
 
-@pytest.mark.parametrize("die_at", [4, 20])  # in phase 1 (tokenizing), in phase 2 (writing window shards)
+# The nth os.replace: 1 tokenizer, 2 plan, then 2 per train chunk (9 chunks), then window shards.
+@pytest.mark.parametrize("die_at", [4, 25])  # in phase 1 (tokenizing), in phase 2 (writing window shards)
 def test_prepare_killed_midway_resumes_to_identical_shards(text_config, tmp_path, die_at):
   import subprocess
   import sys
@@ -468,6 +474,7 @@ def test_prepare_killed_midway_resumes_to_identical_shards(text_config, tmp_path
                           env=train_helpers.env(), capture_output=True, text=True, timeout=120)
   assert killed.returncode == -9, killed.stderr
   assert not (tmp_path / "a" / "train" / "index.json").exists()
+  assert any((tmp_path / "a" / "train").glob("windows-*.array_record")) == (die_at == 25)
   for directory, die in ((tmp_path / "a", 0), (tmp_path / "b", 0)):  # resume; and an uninterrupted run
     done = subprocess.run(cmd + [str(directory), str(die)] + args, cwd=train_helpers.REPO_ROOT,
                           env=train_helpers.env(), capture_output=True, text=True, timeout=120)
@@ -524,3 +531,22 @@ def test_eval_fraction_zero_holds_out_nothing(tiny_config, tmp_path):
   assert source.num_documents("validation") == 0 and source.num_documents("train") == 5
   tiny_config.data.eval_fraction = 0.2
   assert sources.get_source(tiny_config).num_documents("validation") == 1
+
+
+def test_prepare_refuses_bad_arguments(text_config, tmp_path):
+  for kwargs, message in (({"shard": 2, "num_shards": 2}, "--shard=2 must lie in"),
+                          ({"num_workers": 0}, "--num_workers=0 must be at least 1")):
+    with pytest.raises(UserError, match=message):
+      prepare.prepare(text_config, str(tmp_path / "p"), **kwargs)
+  text_config.data.prepared_dir = str(tmp_path / "p")
+  with pytest.raises(UserError, match="pass --output=DIR instead"):
+    prepare.prepare(text_config, str(tmp_path / "q"))
+  tok = tokenizer_lib.get_tokenizer(_without_prepared(text_config))
+  with pytest.raises(UserError, match="has no prepared 'train' split"):
+    batches_lib.TrainBatches(text_config, tok, process_index=0, process_count=1)
+
+
+def _without_prepared(config):
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.prepared_dir = ""
+  return config

@@ -199,10 +199,10 @@ def _prepare_phases(directory, work, key, plan, source, tokenizer, split, seq_le
             for c in mine[first:first + wave] if not (work / _chunk_name(c)).with_suffix(".json").exists()]
     logging.info("tokenizing %d chunks of %s %s into %s", len(todo), source.name, split, work)
     _run(_tokenize_chunk, todo, num_workers, init_args, local)
-    if max_tokens and _tokens_in_prefix(work, num_chunks) >= max_tokens:
-      break
-  counts = _chunk_counts(work, num_chunks)
-  if counts is None:
+    if max_tokens and sum(_done_prefix(work, num_chunks)) >= max_tokens:
+      break  # the cap is reached: later chunks are never read
+  counts = _done_prefix(work, num_chunks)
+  if len(counts) < num_chunks and not (max_tokens and sum(counts) >= max_tokens):
     done = sum((work / _chunk_name(c)).with_suffix(".json").exists() for c in range(num_chunks))
     print(f"{directory}: {done} of {num_chunks} chunks tokenized; rerun once every shard's run has finished.")
     return None
@@ -241,27 +241,15 @@ def _check_same(where: epath.Path, found: dict, wanted: dict) -> None:
                     "into another directory.")
 
 
-def _chunk_counts(work: epath.Path, num_chunks: int) -> list[int] | None:
+def _done_prefix(work: epath.Path, num_chunks: int) -> list[int]:
+  """Token counts of the leading chunks that are tokenized (all of them when the phase is complete)."""
   counts = []
   for c in range(num_chunks):
     meta = (work / _chunk_name(c)).with_suffix(".json")
     if not meta.exists():
-      return None
+      break
     counts.append(json.loads(meta.read_text())["num_tokens"])
   return counts
-
-
-def _tokens_in_prefix(work: epath.Path, num_chunks: int) -> int:
-  """Tokens in the leading chunks that are all done (what a max_tokens cap can already be cut from)."""
-  total = 0
-  for c in range(num_chunks):
-    meta = (work / _chunk_name(c)).with_suffix(".json")
-    if not meta.exists():
-      break
-    total += json.loads(meta.read_text())["num_tokens"]
-  else:
-    return math.inf  # everything is tokenized
-  return total
 
 
 def _remove(path: epath.Path) -> None:
@@ -361,7 +349,7 @@ def _fetch(config: ml_collections.ConfigDict) -> None:
       except OSError as e:  # network / storage failures: one line, not a traceback
         raise UserError(f"preparing TFDS {config.data.tfds_name} in {sources.data_dir_of(config)} failed: "
                         f"{e}".replace("\n", " ")) from None
-  elif config.data.source == "python_docs":
+  elif config.data.source == "python_docs" and not python_docs.builder(sources.data_dir_of(config)).is_prepared():
     python_docs.fetch_sources(sources.data_dir_of(config))
 
 

@@ -36,6 +36,10 @@ WRITER_OPTIONS = "group_size:1"
 SHARD_BYTES = 128 << 20  # target shard size: large enough for few files, small enough to write in parallel
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
   """uint16 when every id fits, else uint32."""
   return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
@@ -66,6 +70,7 @@ def atomic_write(path: epath.Path, write: Callable[[str], None]) -> None:
   os.close(fd)
   try:
     write(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; prepared data is meant to be shared
     if local:
       os.replace(tmp, path)
     else:

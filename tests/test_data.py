@@ -550,3 +550,20 @@ def _without_prepared(config):
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.prepared_dir = ""
   return config
+
+
+def test_data_modules_import_one_way():
+  """Each module of cla_jax/data imports only modules listed before it in the package docstring (no circle)."""
+  import ast
+  import re
+  import cla_jax.data
+  order = re.findall(r"^  (\w+)\s", cla_jax.data.__doc__, flags=re.M)
+  directory = pathlib.Path(cla_jax.data.__file__).parent
+  assert sorted(order) == sorted(p.stem for p in directory.glob("*.py") if p.stem != "__init__")
+  for position, name in enumerate(order):
+    tree = ast.parse((directory / f"{name}.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and node.module == "cla_jax.data" for alias in node.names}
+    imported |= {node.module.rsplit(".", 1)[1] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 and (node.module or "").startswith("cla_jax.data.")}
+    assert imported <= set(order[:position]), (name, imported - set(order[:position]))

@@ -24,7 +24,6 @@ from typing import Callable, Sequence
 
 from array_record.python import array_record_module
 from etils import epath
-import grain.python as grain
 import numpy as np
 
 from cla_jax.errors import UserError
@@ -137,6 +136,9 @@ class PreparedSplit:
     self.tokenizer_checksum = str(index["tokenizer_checksum"])
     shards = [_ShardInstruction(str(self.directory / s["file"]), 0, int(s["num_records"]), int(s["num_records"]))
               for s in index["shards"]]
+    # Imported here, not at the top: grain imports jax (2 CPU-s), which the prepare step's worker processes,
+    # which only write shards, would otherwise pay each.
+    import grain.python as grain  # pylint: disable=g-import-not-at-top
     # Grain's ArrayRecord data source: global record keys over the shards, readers created lazily per shard.
     self._source = grain.ArrayRecordDataSource(shards) if shards else None
 

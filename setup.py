@@ -32,6 +32,8 @@ setup(
         "absl-py",
         "numpy",
         "tensorflow-datasets>=4.9.10",
+        "grain>=0.2.18",  # random access into the prepared ArrayRecord shards
+        "array_record>=0.8.6",
         "importlib_resources",  # tfds 4.9.10 imports it to prepare datasets, but only declares it for Python < 3.9
         "sentencepiece>=0.2.0",
         "tokenizers",

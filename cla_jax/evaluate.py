@@ -28,8 +28,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from cla_jax import checkpoint, config_lib, input_pipeline, metrics as metrics_lib, sharding, train_step
-from cla_jax import tokenizer as tokenizer_lib
+from cla_jax import checkpoint, config_lib, metrics as metrics_lib, sharding, train_step
+from cla_jax.data import batches as batches_lib, prepare, splits, tokenizer as tokenizer_lib
 from cla_jax import model as model_lib
 from cla_jax.errors import UserError
 
@@ -231,9 +231,8 @@ def load_tokenizer(workdir: str, config: ml_collections.ConfigDict):
       config.data.tokenizer = str(path)
       break
   tokenizer = tokenizer_lib.get_tokenizer(config)
-  if tokenizer.vocab_size > config.model.vocab_size:
-    raise UserError(f"the tokenizer ({tokenizer.description}) has {tokenizer.vocab_size} tokens but the model "
-                    f"only {config.model.vocab_size}; evaluate with the tokenizer the model was trained with.")
+  tokenizer_lib.check_vocab_covers(tokenizer, config.model.vocab_size,
+                                   "evaluate with the tokenizer the model was trained with.")
   return tokenizer
 
 
@@ -283,10 +282,9 @@ def _progress(iterable: Iterable, total: int | None, desc: str, enabled: bool):
 def evaluate_split(scorer: Scorer, config: ml_collections.ConfigDict, tokenizer: Any, *, batch_size: int,
                    max_tokens: int, split: str, progress: bool = True) -> dict[str, Any]:
   """Mean loss and perplexity over the first `max_tokens` target tokens of a split (<= 0: all of it)."""
-  batches = input_pipeline.eval_batches(config, tokenizer, batch_size, max_tokens, split=split,
-                                        process_index=jax.process_index(), process_count=jax.process_count())
-  available = max(len(input_pipeline.load_tokens(config, tokenizer, split)) - 1, 0)  # cached memmap: cheap
-  scored = min(available, max_tokens) if max_tokens > 0 else available
+  batches = batches_lib.eval_batches(config, tokenizer, batch_size, max_tokens, split=split,
+                                     process_index=jax.process_index(), process_count=jax.process_count())
+  scored = batches_lib.num_targets(prepare.open_split(config, tokenizer, split, check_seq_len=False), max_tokens)
   total = -(-scored // (batch_size * int(config.train.seq_len)))
   nll, tokens = scorer.score(_progress(batches, total, f"eval {split}", progress))
   return {"split": split, "loss": nll / tokens, "perplexity": metrics_lib.perplexity(nll / tokens),
@@ -360,8 +358,7 @@ def run(workdir: str, *, step: int | None = None, text_file: str | None = None, 
     name = re.sub(r"\W+", "_", path.stem).strip("_") or "text"
     source = {"text_file": str(path), "text_format": text_format}
   else:
-    # 'train' / 'validation' name the config's splits; anything else is a split of data.source as written.
-    split = str({"train": config.data.train_split, "validation": config.data.eval_split}.get(split or "validation", split))
+    split = splits.resolve_split(config, split)
     max_tokens = int(config.eval.max_tokens if max_tokens is None else max_tokens)
     metrics = evaluate_split(scorer, config, tokenizer, batch_size=batch_size, max_tokens=max_tokens,
                              split=split, progress=progress)

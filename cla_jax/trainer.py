@@ -20,7 +20,8 @@ import ml_collections
 
 from cla_jax import checkpoint, config_lib, health, metrics as metrics_lib, optim, sharding
 from cla_jax import train_step as train_step_lib
-from cla_jax import workdir_lock
+from cla_jax import paths, workdir_lock
+from cla_jax.data import batches as batches_lib, tokenizer as tokenizer_lib
 from cla_jax.errors import UserError
 from cla_jax import model as model_lib
 from cla_jax.model import Transformer
@@ -138,33 +139,31 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, explicit_model_fields=None):
     """Validates everything first, then takes the workdir lock, then writes; see `run` for the arguments."""
-    from cla_jax import input_pipeline, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-    self.workdir = os.path.abspath(os.path.expanduser(workdir)) if "://" not in workdir else workdir
+    self.workdir = workdir if paths.is_remote(workdir) else os.path.abspath(os.path.expanduser(workdir))
     self.config = config = ml_collections.ConfigDict(config.to_dict())
     config_lib.check_values(config)
     from_workdir = _model_from_workdir(self.workdir, config, explicit_model_fields)
     self.mesh = sharding.make_mesh(config.mesh)
     check_train_config(config, self.mesh)
     self.tokenizer = _first_process_then_others(lambda: tokenizer_lib.get_tokenizer(config))
-    tokenizer_lib.check_vocab_size(config, self.tokenizer)
+    tokenizer_lib.set_vocab_size(config, self.tokenizer)
     self.model_config = config_lib.model_config(config)
     sharding.check_model_fits(self.model_config, self.mesh)
     _prepare_workdir(self.workdir)
     self.lock = workdir_lock.WorkdirLock(self.workdir).acquire()  # before anything in the workdir changes
     try:
-      self._set_up(input_pipeline, from_workdir)
+      self._set_up(from_workdir)
     except BaseException:
       self.lock.release()
       raise
 
-  def _set_up(self, input_pipeline, from_workdir: list[str]) -> None:
+  def _set_up(self, from_workdir: list[str]) -> None:
     """Writes the workdir's config and tokenizer; builds model, optimizer, writer and checkpoint manager."""
     config = self.config
     checkpoint.write_config(self.workdir, config)
     if jax.process_index() == 0:
       # A copy in the workdir keeps eval.py independent of the tokenizer cache (evaluate.load_tokenizer).
       self.tokenizer.save(self.workdir)
-    self._input_pipeline = input_pipeline
     self._scorer = None  # built at the first validation
 
     self.model = Transformer(self.model_config)
@@ -235,7 +234,7 @@ class Trainer:
     config = self.config
     if self._scorer is None:
       self._scorer = evaluate_lib.Scorer(params, config, self.mesh)
-    batches = self._input_pipeline.eval_batches(
+    batches = batches_lib.eval_batches(
         config, self.tokenizer, batch_size=config.eval.batch_size,
         max_tokens=config.train.eval_batches * config.eval.batch_size * config.train.seq_len)
     loss_sum, tokens = self._scorer.score(batches, params)
@@ -255,7 +254,7 @@ class Trainer:
                         f"peak {self.peak_flops / 1e12:.2f} TFLOP/s ({self.peak_source})")
     train_fn = train_step_lib.jit_train_step(self.model, self.tx, config.train.grad_accum_steps, self.mesh,
                                              self.param_shardings, self.opt_shardings)
-    batches: Iterator[dict] = self._input_pipeline.TrainBatches(config, self.tokenizer, "train").iterator(start)
+    batches: Iterator[dict] = batches_lib.TrainBatches(config, self.tokenizer, "train").iterator(start)
     tokens_per_step = config.train.batch_size * config.train.seq_len
     pending = None  # (step, device metrics) of the last dispatched step, fetched one step late
     saved_steps = {start} & set(self.manager.all_steps())  # checkpoints the next step's health check vouches for

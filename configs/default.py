@@ -28,14 +28,15 @@ def get_config() -> ml_collections.ConfigDict:
   data.text_glob = ""           # for source=text: a glob of .txt (one document each) / .jsonl (one per line) files
   data.eval_fraction = 0.05     # source=text: share of documents held out for validation (fixed, by name hash)
   data.data_dir = "~/.cache/cla_jax"  # TFDS data dir and default cache dir (a gs:// path works for TFDS on pods)
-  data.cache_dir = ""           # local dir for tokenizers and token caches; "" = data_dir (or ~/.cache/cla_jax if remote)
-  data.max_cache_tokens = 0     # cap on tokens cached per split (0: whole split); bounds disk/time for big TFDS sets
+  data.cache_dir = ""           # tokenizers and auto-prepared splits; "" = data_dir (~/.cache/cla_jax if remote)
+  data.max_cache_tokens = 0     # cap on tokens prepared per split (0: whole split); bounds disk/time for big TFDS sets
+  data.prepared_dir = ""        # `python -m cla_jax.data.prepare --output` dir (or gs://); "": prepare in cache_dir
   data.tokenizer = "sentencepiece"  # sentencepiece (trained on the train split) | path to .model | path to tokenizer.json
   data.tokenizer_train_chars = 3_000_000  # characters of the train split sentencepiece trains on (0: all)
   data.pad_vocab = False        # True: set model.vocab_size to the tokenizer's, rounded up to a multiple of 128
   data.packing = False          # True: segment ids and positions keep attention inside each document
   data.seed = 0                 # shuffling seed (data order is a pure function of seed and step)
-  data.prefetch = 2             # batches prepared ahead of the step (background thread)
+  data.prefetch = 2             # batches read ahead of the step (background thread)
 
   config.train = train = ml_collections.ConfigDict()
   train.steps = 300

@@ -6,11 +6,12 @@ import math
 import os
 import pathlib
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from cla_jax import input_pipeline, python_docs, tokenizer as tokenizer_lib
+from cla_jax.data import batches as batches_lib, prepare, python_docs, sources, tokenizer as tokenizer_lib
 from cla_jax.errors import UserError
 
 WORDS = ("the a an of to in is and for with that this module function class object value return "
@@ -106,7 +107,7 @@ def test_text_source_txt_and_jsonl(tiny_config, tmp_path):
   (tmp_path / "sub").mkdir()
   (tmp_path / "sub" / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
   tiny_config.data.update(source="text", text_glob=str(tmp_path / "**" / "*"), eval_fraction=0.1)
-  source = input_pipeline.get_source(tiny_config)
+  source = sources.get_source(tiny_config)
   train, val = list(source.documents("train")), list(source.documents("validation"))
   assert len(val) == math.ceil(0.1 * 20) and len(train) == 18
   assert sorted(train + val) == sorted(list(txt.values()) + [r["text"] for r in rows])
@@ -114,10 +115,10 @@ def test_text_source_txt_and_jsonl(tiny_config, tmp_path):
 
   tiny_config.data.text_key = "body"
   with pytest.raises(UserError, match="no field 'body'"):
-    list(input_pipeline.get_source(tiny_config).documents("train"))
+    list(sources.get_source(tiny_config).documents("train"))
   tiny_config.data.text_glob = str(tmp_path / "nothing*.txt")
   with pytest.raises(UserError, match="matches no files"):
-    input_pipeline.get_source(tiny_config)
+    sources.get_source(tiny_config)
 
 
 class ClaTestToyText(tfds.core.GeneratorBasedBuilder):
@@ -140,11 +141,11 @@ class ClaTestToyText(tfds.core.GeneratorBasedBuilder):
 def test_tfds_source_by_name(tiny_config, tmp_path):
   tiny_config.data.update(source="tfds", tfds_name="cla_test_toy_text", data_dir=str(tmp_path), text_key="body",
                           eval_split="test")
-  with pytest.raises(UserError, match=r"not prepared.*python -m cla_jax\.input_pipeline"):
-    input_pipeline.get_source(tiny_config)
+  with pytest.raises(UserError, match=r"not prepared.*python -m cla_jax\.data\.prepare"):
+    sources.get_source(tiny_config)
   tfds.display_progress_bar(False)
   ClaTestToyText(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
-  source = input_pipeline.get_source(tiny_config)
+  source = sources.get_source(tiny_config)
   docs = list(source.documents("train"))
   assert sorted(int(d.split()[0][3:]) for d in docs) == list(range(30))
   assert len(list(source.documents("test"))) == 5
@@ -153,13 +154,13 @@ def test_tfds_source_by_name(tiny_config, tmp_path):
     list(source.documents("validation"))
   tiny_config.data.text_key = "text"
   with pytest.raises(UserError, match="no feature 'text'"):
-    input_pipeline.get_source(tiny_config)
+    sources.get_source(tiny_config)
 
 
 def test_tfds_unknown_name(tiny_config, tmp_path):
   tiny_config.data.update(source="tfds", tfds_name="no_such_dataset_xyz", data_dir=str(tmp_path))
   with pytest.raises(UserError, match="not a TFDS dataset"):
-    input_pipeline.get_source(tiny_config)
+    sources.get_source(tiny_config)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizers
@@ -206,9 +207,9 @@ def test_hf_tokenizer_json(tiny_config, tmp_path):
 def test_vocab_size_check_and_padding(config, tok):
   config.model.vocab_size = tok.vocab_size - 1
   with pytest.raises(UserError, match="smaller than the tokenizer"):
-    tokenizer_lib.check_vocab_size(config, tok)
+    tokenizer_lib.set_vocab_size(config, tok)
   config.data.pad_vocab = True
-  assert tokenizer_lib.check_vocab_size(config, tok) == config.model.vocab_size == 128 * math.ceil(tok.vocab_size / 128)
+  assert tokenizer_lib.set_vocab_size(config, tok) == config.model.vocab_size == 128 * math.ceil(tok.vocab_size / 128)
 
 
 def test_missing_tokenizer_file(tiny_config):
@@ -223,19 +224,32 @@ def test_missing_tokenizer_file(tiny_config):
 def reference_stream(config, tok, split):
   """The EOS-joined token stream, rebuilt from the documents with plain encode calls."""
   stream = []
-  for doc in input_pipeline.get_source(config).documents(split):
+  for doc in sources.get_source(config).documents(split):
     stream += tok.encode(doc) + [tok.eos_id]
   return np.array(stream)
 
 
-def test_token_cache_matches_reference(config, tok):
-  tokens = input_pipeline.load_tokens(config, tok, "train")
-  assert tokens.dtype == np.uint16
-  np.testing.assert_array_equal(tokens, reference_stream(config, tok, "train"))
+def prepared_stream(config, tok, split):
+  """The whole token stream of the prepared split, read back from its records."""
+  data = prepare.open_split(config, tok, split)
+  return data.tokens(0, data.num_tokens), data
+
+
+def test_prepared_split_matches_reference(config, tok):
+  stream, data = prepared_stream(config, tok, "train")
+  reference = reference_stream(config, tok, "train")
+  assert data.dtype == np.uint16
+  np.testing.assert_array_equal(stream, reference)
+  seq_len = config.train.seq_len
+  # Record r is window r: tokens [r * seq_len, r * seq_len + seq_len + 1); one shorter record holds the tail.
+  assert data.num_windows == (len(reference) - 1) // seq_len
+  for r, record in enumerate(data.records(range(data.num_records))):
+    np.testing.assert_array_equal(record, reference[r * seq_len:r * seq_len + seq_len + 1])
+  assert data.num_records == data.num_windows + (len(reference) - 1 > data.num_windows * seq_len)
 
 
 def test_train_batches_cover_each_window_once_per_epoch(config, tok):
-  batches = input_pipeline.TrainBatches(config, tok, process_index=0, process_count=1)
+  batches = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
   stream = reference_stream(config, tok, "train")
   seq_len, width = config.train.seq_len, config.train.batch_size
   num_windows = (len(stream) - 1) // seq_len
@@ -256,8 +270,8 @@ def test_train_batches_cover_each_window_once_per_epoch(config, tok):
 
 
 def test_deterministic_seeded_and_resumable(config, tok):
-  a = input_pipeline.TrainBatches(config, tok, process_index=0, process_count=1)
-  b = input_pipeline.TrainBatches(config, tok, process_index=0, process_count=1)
+  a = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
+  b = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
   for step in (0, 3, 1000):
     np.testing.assert_array_equal(a.batch(step)["inputs"], b.batch(step)["inputs"])
   # Resumption: the state is the step. An uninterrupted run vs one stopped after k batches and restarted.
@@ -271,35 +285,35 @@ def test_deterministic_seeded_and_resumable(config, tok):
       np.testing.assert_array_equal(x[key], y[key])
   assert not np.array_equal(straight[0]["inputs"], straight[1]["inputs"])
   config.data.seed = 1
-  other = input_pipeline.TrainBatches(config, tok, process_index=0, process_count=1)
+  other = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
   assert not np.array_equal(other.batch(0)["inputs"], a.batch(0)["inputs"])
 
 
 @pytest.mark.parametrize("hosts", [2, 4])
 def test_hosts_together_give_the_one_host_batch(config, tok, hosts):
   config.data.packing = True
-  single = input_pipeline.TrainBatches(config, tok, process_index=0, process_count=1)
-  parts = [input_pipeline.TrainBatches(config, tok, process_index=p, process_count=hosts) for p in range(hosts)]
+  single = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
+  parts = [batches_lib.TrainBatches(config, tok, process_index=p, process_count=hosts) for p in range(hosts)]
   for step in (0, 7, 123):
     whole = single.batch(step)
     for key in whole:
       np.testing.assert_array_equal(np.concatenate([p.batch(step)[key] for p in parts]), whole[key])
   config.train.batch_size = 6
   with pytest.raises(UserError, match="divisible by the number of hosts"):
-    input_pipeline.TrainBatches(config, tok, process_index=0, process_count=4)
+    batches_lib.TrainBatches(config, tok, process_index=0, process_count=4)
 
 
 def test_packing_features_by_hand():
   eos = 1
   inputs = np.array([[5, 6, 1, 7, 8, 9, 1, 1, 4], [1, 2, 3, 4, 5, 6, 7, 8, 9]])
-  segment_ids, positions = input_pipeline.packing_features(inputs, eos)
+  segment_ids, positions = batches_lib.packing_features(inputs, eos)
   np.testing.assert_array_equal(segment_ids, [[1, 1, 2, 2, 2, 2, 3, 4, 4], [1, 1, 1, 1, 1, 1, 1, 1, 1]])
   np.testing.assert_array_equal(positions, [[0, 1, 0, 1, 2, 3, 0, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
 
 
 def test_packed_batches_segments_follow_eos(config, tok):
   config.data.packing = True
-  b = input_pipeline.TrainBatches(config, tok, process_index=0, process_count=1).batch(2)
+  b = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1).batch(2)
   for inputs, seg, pos in zip(b["inputs"], b["segment_ids"], b["positions"]):
     expected_seg, expected_pos, current = [], [], 1  # plain loop reference
     for i, token in enumerate(inputs):
@@ -315,7 +329,7 @@ def test_eval_batches(config, tok, max_tokens, hosts):
   config.data.packing = True
   stream = reference_stream(config, tok, "validation")
   total = min(len(stream) - 1, max_tokens) if max_tokens else len(stream) - 1
-  per_host = [list(input_pipeline.eval_batches(config, tok, batch_size=4, max_tokens=max_tokens,
+  per_host = [list(batches_lib.eval_batches(config, tok, batch_size=4, max_tokens=max_tokens,
                                                process_index=p, process_count=hosts)) for p in range(hosts)]
   batches = [{k: np.concatenate([h[i][k] for h in per_host]) for k in per_host[0][i]} for i in range(len(per_host[0]))]
   assert all(b["inputs"].shape == (4, config.train.seq_len) for b in batches)
@@ -332,17 +346,224 @@ def test_eval_batches(config, tok, max_tokens, hosts):
 def test_too_little_data_is_a_clear_error(config, tok):
   config.train.seq_len = 10**6
   with pytest.raises(UserError, match="fewer than train.seq_len"):
-    input_pipeline.TrainBatches(config, tok, process_index=0, process_count=1)
+    batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
 
 
 def test_prefetch_iterator_reraises(config, tok):
-  batches = input_pipeline.TrainBatches(config, tok, process_index=0, process_count=1)
+  batches = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
   it = batches.iterator(-1)  # batch(-1) raises in the prefetch thread
   with pytest.raises(ValueError, match="step must be"):
     next(it)
 
 
-def test_max_cache_tokens_caps_the_stream(config, tok):
+def test_max_cache_tokens_caps_the_stream(config, tok, tmp_path):
   config.data.max_cache_tokens = 300
-  tokens = input_pipeline.load_tokens(config, tok, "train")
-  np.testing.assert_array_equal(tokens, reference_stream(config, tok, "train")[:300])
+  stream, _ = prepared_stream(config, tok, "train")
+  np.testing.assert_array_equal(stream, reference_stream(config, tok, "train")[:300])
+  # Prepared in chunks of 2 documents, of which only those up to the cap are tokenized.
+  prepare.prepare_split(config, sources.get_source(config), tok, "train", tmp_path / "p" / "train", docs_per_chunk=2)
+  config.data.prepared_dir = str(tmp_path / "p")
+  np.testing.assert_array_equal(prepared_stream(config, tok, "train")[0], stream)
+
+
+# ---------------------------------------------------------------------------------------------- prepared splits
+
+
+def text_corpus(directory: pathlib.Path, num_docs: int = 40) -> str:
+  rng = np.random.default_rng(3)
+  directory.mkdir(parents=True, exist_ok=True)
+  for i in range(num_docs):
+    (directory / f"doc{i:03d}.txt").write_text(prose(rng, 1 + i % 3))
+  return str(directory / "*.txt")
+
+
+@pytest.fixture
+def text_config(config, tmp_path_factory):
+  """`config` on a local text corpus of 40 documents (tokenizer trained and cached once per test)."""
+  corpus = tmp_path_factory.mktemp("corpus")
+  config.data.update(source="text", text_glob=text_corpus(corpus), eval_fraction=0.1, cache_dir=str(corpus / "cache"))
+  return config
+
+
+def test_prepared_dir_batches_equal_pinned_order(text_config, tmp_path):
+  """`prepare --output` (2 worker processes, several chunks and shards) trains to the order pinned here."""
+  config = text_config
+  tok = tokenizer_lib.get_tokenizer(config)
+  out = tmp_path / "prepared"
+  summary = prepare.prepare(config, str(out), num_workers=2, docs_per_chunk=7, records_per_shard=5)
+  assert summary["train"]["windows"] > 10 and len(list((out / "train").glob("windows-*"))) > 2
+  assert not (out / "train" / prepare.WORK_DIR).exists()  # intermediate chunks removed
+  # Same bytes with one worker and the default chunking: the shards depend on the data only.
+  again = tmp_path / "again"
+  prepare.prepare(config, str(again), num_workers=1, docs_per_chunk=3, records_per_shard=5)
+  for f in sorted((out / "train").iterdir()):
+    assert (again / "train" / f.name).read_bytes() == f.read_bytes(), f.name
+
+  config.data.prepared_dir = str(out)
+  assert tokenizer_lib.get_tokenizer(config).checksum == tok.checksum  # the prepared dir's copy
+  batches = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
+  # Independent pin of the order: global row r is window perm_{r // W}[r % W] of the plain-encoded stream.
+  stream = reference_stream(config, tok, "train")
+  seq_len, width = config.train.seq_len, config.train.batch_size
+  num_windows = (len(stream) - 1) // seq_len
+  for step in (0, 1, num_windows // width + 1):
+    rows = step * width + np.arange(width)
+    for row, inputs in zip(rows, batches.batch(step)["inputs"]):
+      start = np.random.default_rng([config.data.seed, row // num_windows]).permutation(num_windows)[row % num_windows]
+      np.testing.assert_array_equal(inputs, stream[start * seq_len:(start + 1) * seq_len])
+  config.train.seq_len = 16
+  with pytest.raises(UserError, match="seq_len=32, not 16"):
+    batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
+  config.data.prepared_dir = str(tmp_path / "missing")
+  with pytest.raises(UserError, match="holds no tokenizer"):
+    tokenizer_lib.get_tokenizer(config)
+
+
+def test_two_hosts_read_disjoint_rows_and_only_their_shards(text_config, tmp_path):
+  config = text_config
+  tok = tokenizer_lib.get_tokenizer(config)
+  prepare.prepare(config, str(tmp_path / "p"), docs_per_chunk=10, records_per_shard=3)
+  config.data.prepared_dir = str(tmp_path / "p")
+  step = 1
+  whole = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
+  hosts = [batches_lib.TrainBatches(config, tok, process_index=p, process_count=2) for p in range(2)]
+  parts = [h.batch(step) for h in hosts]
+  np.testing.assert_array_equal(np.concatenate([p["inputs"] for p in parts]), whole.batch(step)["inputs"])
+  rows = [set(h.window_indices(step).tolist()) for h in hosts]
+  assert not rows[0] & rows[1]
+  for host, windows in zip(hosts, rows):
+    # Records r live in shard r // 3: a host opens exactly the shards holding its rows, no other.
+    opened = {int(pathlib.Path(p).name.split("-")[1]) for p in host.data.opened_shards()}
+    assert opened == {w // 3 for w in windows}
+    assert len(opened) < len(host.data.index["shards"])
+
+
+_KILLED_PREPARE = """
+import os, signal, sys
+from cla_jax import config_lib
+from cla_jax.data import prepare, prepared
+calls = [0]
+real = os.replace
+def replace_then_die(src, dst):
+  calls[0] += 1
+  if calls[0] == int(sys.argv[2]):  # dies between writing a file and moving it into place
+    os.kill(os.getpid(), signal.SIGKILL)
+  real(src, dst)
+os.replace = replace_then_die
+config = config_lib.load("configs/default.py")
+config.unlock()
+config.data.update(source="text", text_glob=sys.argv[3], eval_fraction=0.1, cache_dir=sys.argv[4],
+                   tokenizer=sys.argv[5])
+config.model.vocab_size = 256
+config.train.seq_len = 32
+prepare.prepare(config, sys.argv[1], docs_per_chunk=4, records_per_shard=5)
+"""
+
+
+# The nth os.replace: 1 tokenizer, 2 plan, then 2 per train chunk (9 chunks), then window shards.
+@pytest.mark.parametrize("die_at", [4, 25])  # in phase 1 (tokenizing), in phase 2 (writing window shards)
+def test_prepare_killed_midway_resumes_to_identical_shards(text_config, tmp_path, die_at):
+  import subprocess
+  import sys
+  import train_helpers
+  tok = tokenizer_lib.get_tokenizer(text_config)
+  tok_path = tok.save(tmp_path / "tok")
+  args = [text_config.data.text_glob, text_config.data.cache_dir, str(tok_path)]
+  cmd = [sys.executable, "-c", _KILLED_PREPARE]
+  killed = subprocess.run(cmd + [str(tmp_path / "a"), str(die_at)] + args, cwd=train_helpers.REPO_ROOT,
+                          env=train_helpers.env(), capture_output=True, text=True, timeout=120)
+  assert killed.returncode == -9, killed.stderr
+  assert not (tmp_path / "a" / "train" / "index.json").exists()
+  assert any((tmp_path / "a" / "train").glob("windows-*.array_record")) == (die_at == 25)
+  for directory, die in ((tmp_path / "a", 0), (tmp_path / "b", 0)):  # resume; and an uninterrupted run
+    done = subprocess.run(cmd + [str(directory), str(die)] + args, cwd=train_helpers.REPO_ROOT,
+                          env=train_helpers.env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+  for split in ("train", "validation"):
+    names = sorted(p.name for p in (tmp_path / "b" / split).iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "a" / split).iterdir() if ".tmp" not in p.name)
+    for name in names:
+      assert (tmp_path / "a" / split / name).read_bytes() == (tmp_path / "b" / split / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------------------------------------- bad data input
+
+
+def test_tokenizer_path_that_is_a_directory_or_not_a_tokenizer(tiny_config, tmp_path):
+  tiny_config.data.tokenizer = str(tmp_path)
+  with pytest.raises(UserError, match="is a directory") as e:
+    tokenizer_lib.get_tokenizer(tiny_config)
+  (tmp_path / "config.json").write_text('{"hidden_size": 64}')
+  tiny_config.data.tokenizer = str(tmp_path / "config.json")
+  with pytest.raises(UserError, match="not a Hugging Face tokenizer.json") as e:
+    tokenizer_lib.get_tokenizer(tiny_config)
+  assert "\n" not in str(e.value)
+
+
+def test_binary_empty_and_tiny_vocab_corpora_get_their_own_hint(tiny_config, tmp_path):
+  (tmp_path / "bin").mkdir()
+  (tmp_path / "bin" / "a.txt").write_bytes(bytes(range(256)) * 8)
+  tiny_config.data.update(source="text", text_glob=str(tmp_path / "bin" / "*.txt"), cache_dir=str(tmp_path / "c"))
+  with pytest.raises(UserError, match=r"a\.txt is not UTF-8 text") as e:
+    tokenizer_lib.get_tokenizer(tiny_config)
+  assert "vocab_size" not in str(e.value)
+  (tmp_path / "empty").mkdir()
+  for i in range(3):
+    (tmp_path / "empty" / f"{i}.txt").write_text("\n  \n")
+  tiny_config.data.text_glob = str(tmp_path / "empty" / "*.txt")
+  with pytest.raises(UserError, match="training text is empty") as e:
+    tokenizer_lib.get_tokenizer(tiny_config)
+  assert "vocab_size" not in str(e.value)
+  (tmp_path / "ok").mkdir()
+  for i in range(3):
+    (tmp_path / "ok" / f"{i}.txt").write_text(prose(np.random.default_rng(i), 2))
+  tiny_config.data.text_glob = str(tmp_path / "ok" / "*.txt")
+  tiny_config.model.vocab_size = 0
+  with pytest.raises(UserError, match="model.vocab_size=0 is too small"):
+    tokenizer_lib.get_tokenizer(tiny_config)
+
+
+def test_eval_fraction_zero_holds_out_nothing(tiny_config, tmp_path):
+  for i in range(5):
+    (tmp_path / f"{i}.txt").write_text(f"document {i}")
+  tiny_config.data.update(source="text", text_glob=str(tmp_path / "*.txt"), eval_fraction=0.0)
+  source = sources.get_source(tiny_config)
+  assert source.num_documents("validation") == 0 and source.num_documents("train") == 5
+  tiny_config.data.eval_fraction = 0.2
+  assert sources.get_source(tiny_config).num_documents("validation") == 1
+
+
+def test_prepare_refuses_bad_arguments(text_config, tmp_path):
+  for kwargs, message in (({"shard": 2, "num_shards": 2}, "--shard=2 must lie in"),
+                          ({"num_workers": 0}, "--num_workers=0 must be at least 1")):
+    with pytest.raises(UserError, match=message):
+      prepare.prepare(text_config, str(tmp_path / "p"), **kwargs)
+  text_config.data.prepared_dir = str(tmp_path / "p")
+  with pytest.raises(UserError, match="pass --output=DIR instead"):
+    prepare.prepare(text_config, str(tmp_path / "q"))
+  tok = tokenizer_lib.get_tokenizer(_without_prepared(text_config))
+  with pytest.raises(UserError, match="has no prepared 'train' split"):
+    batches_lib.TrainBatches(text_config, tok, process_index=0, process_count=1)
+
+
+def _without_prepared(config):
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.prepared_dir = ""
+  return config
+
+
+def test_data_modules_import_one_way():
+  """Each module of cla_jax/data imports only modules listed before it in the package docstring (no circle)."""
+  import ast
+  import re
+  import cla_jax.data
+  order = re.findall(r"^  (\w+)\s", cla_jax.data.__doc__, flags=re.M)
+  directory = pathlib.Path(cla_jax.data.__file__).parent
+  assert sorted(order) == sorted(p.stem for p in directory.glob("*.py") if p.stem != "__init__")
+  for position, name in enumerate(order):
+    tree = ast.parse((directory / f"{name}.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and node.module == "cla_jax.data" for alias in node.names}
+    imported |= {node.module.rsplit(".", 1)[1] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 and (node.module or "").startswith("cla_jax.data.")}
+    assert imported <= set(order[:position]), (name, imported - set(order[:position]))

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from cla_jax import checkpoint, config_lib, evaluate
-from cla_jax import tokenizer as tokenizer_lib
+from cla_jax import model as model_lib
+from cla_jax.data import batches as batches_lib, tokenizer as tokenizer_lib
 from cla_jax.errors import UserError
 from tests import model_helpers, numpy_reference
 
@@ -124,12 +125,11 @@ def test_text_file_equals_hand_computed_windows(setup):
 
 
 def test_split_loss_equals_numpy_reference(setup):
-  from cla_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   workdir, config, params, _ = setup
   result = evaluate.run(workdir, max_tokens=100, progress=False)
   tok = tokenizer_lib.get_tokenizer(config)
   nll = tokens = 0.0
-  for batch in input_pipeline.eval_batches(config, tok, 8, 100, process_index=0, process_count=1):
+  for batch in batches_lib.eval_batches(config, tok, 8, 100, process_index=0, process_count=1):
     for row in range(len(batch["inputs"])):
       assert "segment_ids" not in batch
       nll += _nll_numpy(params, config, batch["inputs"][row], batch["targets"][row], batch["weights"][row])

@@ -194,7 +194,7 @@ def _word_tokenizer(path: pathlib.Path, words: list[str]) -> None:
 
 def test_tokenizers_export_and_encode_like_cla_jax(tmp_path, keep_ends_workdir):
   """A workdir's tokenizer.model (sentencepiece) or tokenizer.json loads with AutoTokenizer and encodes the same."""
-  from cla_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from cla_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   text = "the cat sees the ball.\n\n  a dog likes the river, 42 times!  "
   corpus = [f"the cat sees the ball {i}.\n  a dog likes the river, my friend calls {i * 7} times!" for i in range(300)]

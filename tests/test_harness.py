@@ -19,7 +19,7 @@ import cla_jax  # noqa: E402
 import cla_jax.load  # noqa: E402
 from cla_jax import checkpoint, config_lib, evaluate  # noqa: E402
 from cla_jax import model as model_lib  # noqa: E402
-from cla_jax import tokenizer as tokenizer_lib  # noqa: E402
+from cla_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from cla_jax.errors import UserError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

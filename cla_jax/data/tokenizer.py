@@ -1,23 +1,26 @@
 """Tokenizers: sentencepiece (trained on the training split and cached, or a given .model) and HF tokenizer.json.
 
-`get_tokenizer(config)` is the one entry point; `check_vocab_size(config, tokenizer)` reconciles the model's
-embedding size with it.
+`get_tokenizer(config)` is the one entry point; `set_vocab_size(config, tokenizer)` fits the model's embedding
+size to it and `check_vocab_covers` is the one check that a model's vocabulary covers a tokenizer's ids.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import logging
 import os
 import pathlib
 import tempfile
 from typing import Iterable, Iterator, Sequence
 
+from etils import epath
 import ml_collections
 import sentencepiece as spm
 
 from cla_jax import paths
+from cla_jax.data import sources
 from cla_jax.errors import UserError
 
 # Bump when the sentencepiece trainer options below change, so cached tokenizers are retrained.
@@ -25,6 +28,8 @@ _SPM_RECIPE_VERSION = 1
 # Byte fallback needs 256 byte pieces; below this vocab size they would crowd out real pieces.
 _BYTE_FALLBACK_MIN_VOCAB = 1024
 VOCAB_MULTIPLE = 128
+# unk, </s> and "\n" are fixed pieces; sentencepiece needs room for at least a few learned ones.
+_MIN_SPM_VOCAB = 8
 
 
 class Tokenizer:
@@ -32,10 +37,15 @@ class Tokenizer:
 
   vocab_size: int
   eos_id: int
-  checksum: str  # sha256 of the model file: part of every token cache's fingerprint
+  checksum: str  # sha256 of the model file: part of every prepared split's fingerprint
   description: str
+  threads: int = 0  # encode_batch threads; 0: all cores (prepare's worker processes use 1 each)
   filename: str  # what `save` writes: tokenizer.model or tokenizer.json
   _file_bytes: bytes
+
+  def file_bytes(self) -> bytes:
+    """The tokenizer file's contents (what `save` writes; prepare copies it next to the prepared splits)."""
+    return self._file_bytes
 
   def save(self, directory: str | os.PathLike) -> pathlib.Path:
     """Writes the tokenizer file into `directory` (e.g. a workdir); `data.tokenizer=<path>` loads it back."""
@@ -73,7 +83,7 @@ class SentencePieceTokenizer(Tokenizer):
     return self._sp.encode(text)
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return self._sp.encode(list(texts), num_threads=os.cpu_count() or 1)
+    return self._sp.encode(list(texts), num_threads=self.threads or os.cpu_count() or 1)
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
@@ -84,11 +94,15 @@ class HFTokenizer(Tokenizer):
 
   _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>", "<eos>")
 
-  def __init__(self, path: str):
-    import tokenizers  # pylint: disable=g-import-not-at-top
+  def __init__(self, data: bytes, path: str):
+    import tokenizers  # pylint: disable=g-import-not-at-top  (only for tokenizer.json)
 
-    data = pathlib.Path(path).read_bytes()
-    self._tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+    try:
+      self._tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as e:  # pylint: disable=broad-except  # tokenizers raises a bare Exception
+      reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+      raise UserError(f"data.tokenizer={path!r} is not a Hugging Face tokenizer.json ({reason}); give the "
+                      "tokenizer.json of a model, a sentencepiece .model file, or 'sentencepiece'.") from None
     self._file_bytes, self.filename = data, "tokenizer.json"
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     vocab = self._tok.get_vocab(with_added_tokens=True)
@@ -103,6 +117,8 @@ class HFTokenizer(Tokenizer):
     return self._tok.encode(text, add_special_tokens=False).ids
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    if self.threads == 1:  # encode_batch would use every core (Rayon)
+      return [self.encode(t) for t in texts]
     return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
   def decode(self, ids: Sequence[int]) -> str:
@@ -127,11 +143,19 @@ def _sentences(texts: Iterable[str], max_chars: int) -> Iterator[str]:
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, max_chars: int = 0) -> bytes:
   """Trains a unigram sentencepiece model on `texts` whose encode/decode round-trips text exactly."""
+  if vocab_size < _MIN_SPM_VOCAB:
+    raise UserError(f"model.vocab_size={vocab_size} is too small to train a sentencepiece vocabulary; use at least "
+                    f"{_MIN_SPM_VOCAB} (the default is 2048).")
+  sentences = _sentences(texts, max_chars)
+  first = next(sentences, None)
+  if first is None:
+    raise UserError("the training text is empty (no non-blank line to train a tokenizer on); check that "
+                    "data.text_glob / the data source holds text.")
   writer = io.BytesIO()
   byte_fallback = vocab_size >= _BYTE_FALLBACK_MIN_VOCAB
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_sentences(texts, max_chars),
+        sentence_iterator=itertools.chain([first], sentences),
         model_writer=writer,
         vocab_size=vocab_size,
         model_type="unigram",
@@ -151,12 +175,16 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, max_chars: int = 
         minloglevel=2,
     )
   except RuntimeError as e:
-    raise UserError(f"sentencepiece training failed ({str(e).strip()}); try a smaller model.vocab_size.") from None
+    message = str(e).strip()
+    if "vocab" in message.lower():  # e.g. "Vocabulary size is too high": the corpus has fewer pieces
+      raise UserError(f"sentencepiece training failed ({message}); the corpus is too small for vocab_size="
+                      f"{vocab_size}: try a smaller model.vocab_size or more data.") from None
+    raise UserError(f"sentencepiece training failed ({message}).") from None
   return writer.getvalue()
 
 
 def cache_dir_of(config: ml_collections.ConfigDict) -> pathlib.Path:
-  """Where tokenizers and token caches live: data.cache_dir, else data.data_dir when it is a local path."""
+  """Where tokenizers and prepared splits live: data.cache_dir, else data.data_dir when it is a local path."""
   cache_dir = config.data.get("cache_dir", "") or ""
   if not cache_dir:
     data_dir = str(config.data.data_dir)
@@ -176,25 +204,45 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
 def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
   """The tokenizer named by `config.data.tokenizer`, training and caching sentencepiece when asked."""
   name = str(config.data.tokenizer)
+  prepared_dir = str(config.data.get("prepared_dir", "") or "")
+  if name == "sentencepiece" and prepared_dir:
+    # A prepared dataset keeps the tokenizer it was tokenized with, so training needs no raw corpus.
+    return _prepared_tokenizer(prepared_dir)
   if name == "sentencepiece":
     return _trained_sentencepiece(config)
   path = os.path.expanduser(name)
   if not os.path.exists(path):
     raise UserError(f"data.tokenizer={name!r}: no such file; use 'sentencepiece' (train one on the data), "
                     "a sentencepiece .model file or a Hugging Face tokenizer.json.")
+  if os.path.isdir(path):
+    raise UserError(f"data.tokenizer={name!r} is a directory; name the tokenizer file inside it "
+                    "(tokenizer.json or a sentencepiece .model).")
+  return from_file_bytes(pathlib.Path(path).read_bytes(), path)
+
+
+def from_file_bytes(data: bytes, path: str, description: str = "") -> Tokenizer:
+  """The tokenizer in file `path` whose bytes are `data`: tokenizer.json by its suffix, else sentencepiece."""
   if path.endswith(".json"):
-    return HFTokenizer(path)
+    return HFTokenizer(data, path)
   try:
-    return SentencePieceTokenizer(pathlib.Path(path).read_bytes(), path)
+    return SentencePieceTokenizer(data, description or path)
   except RuntimeError:
-    raise UserError(f"data.tokenizer={name!r} is not a sentencepiece model (or tokenizer.json).") from None
+    raise UserError(f"data.tokenizer={path!r} is not a sentencepiece model (or tokenizer.json).") from None
+
+
+def _prepared_tokenizer(prepared_dir: str) -> Tokenizer:
+  """The tokenizer file that `python -m cla_jax.data.prepare` saved in its output directory."""
+  root = epath.Path(prepared_dir if paths.is_remote(prepared_dir) else os.path.expanduser(prepared_dir))
+  for filename in ("tokenizer.model", "tokenizer.json"):
+    if (root / filename).exists():
+      return from_file_bytes((root / filename).read_bytes(), str(root / filename))
+  raise UserError(f"data.prepared_dir={prepared_dir!r} holds no tokenizer.model / tokenizer.json; prepare it with "
+                  f"`python -m cla_jax.data.prepare --config=... --output={prepared_dir}`.")
 
 
 def _trained_sentencepiece(config: ml_collections.ConfigDict) -> SentencePieceTokenizer:
   """Loads the cached sentencepiece model trained on this data, training it first when missing."""
-  from cla_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (the pipeline imports this module)
-
-  source = input_pipeline.get_source(config)
+  source = sources.get_source(config)
   split = str(config.data.train_split)
   vocab_size = int(config.model.vocab_size)
   max_chars = int(config.data.get("tokenizer_train_chars", 0) or 0)
@@ -208,20 +256,30 @@ def _trained_sentencepiece(config: ml_collections.ConfigDict) -> SentencePieceTo
   return SentencePieceTokenizer(path.read_bytes(), description)
 
 
-def check_vocab_size(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> int:
-  """The model vocab size to use: config.model.vocab_size, which must cover every token id.
+def check_vocab_covers(tokenizer: Tokenizer, vocab_size: int, fix: str) -> None:
+  """Raises a UserError (ending with `fix`) when a model of `vocab_size` cannot embed every id of `tokenizer`.
 
-  With `data.pad_vocab`, `config.model.vocab_size` is set to the tokenizer's size rounded up to a multiple
-  of 128 (extra embedding rows are never looked up; the rounding keeps matmuls aligned). Otherwise a model
-  vocab smaller than the tokenizer's is an error: out-of-range ids would be silently clipped by the gather.
+  An out-of-range id would be silently clipped by the embedding gather, so this is an error, never a warning.
   """
-  needed = tokenizer.vocab_size
-  padded = -(-needed // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+  if int(vocab_size) < tokenizer.vocab_size:
+    raise UserError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens "
+                    f"({tokenizer.description}); {fix}")
+
+
+def padded_vocab_size(tokenizer: Tokenizer) -> int:
+  """The tokenizer's size rounded up to a multiple of 128 (extra rows are never looked up; keeps matmuls aligned)."""
+  return -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def set_vocab_size(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> int:
+  """Fits config.model.vocab_size to the tokenizer (in place) and returns it.
+
+  With `data.pad_vocab` it is set to `padded_vocab_size(tokenizer)`; otherwise it is kept and checked to cover
+  every token id.
+  """
   if config.data.get("pad_vocab", False):
-    config.model.vocab_size = padded
-    return padded
-  if int(config.model.vocab_size) < needed:
-    raise UserError(
-        f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {needed} tokens "
-        f"({tokenizer.description}); set --config.model.vocab_size={padded} or --config.data.pad_vocab=True.")
+    config.model.vocab_size = padded_vocab_size(tokenizer)
+  else:
+    check_vocab_covers(tokenizer, config.model.vocab_size,
+                       f"set --config.model.vocab_size={padded_vocab_size(tokenizer)} or --config.data.pad_vocab=True.")
   return int(config.model.vocab_size)

@@ -6,7 +6,7 @@ builder, so the corpus goes through the same path as every TFDS dataset (prepare
 tensorflow-datasets reads without tensorflow). The train/validation split is fixed at the file level and
 the sha256 of the source tree is recorded in the dataset's metadata and checked on every load.
 
-  python -m cla_jax.python_docs [--data_dir=~/.cache/cla_jax]   # make sure the corpus is ready (idempotent)
+  python -m cla_jax.data.python_docs [--data_dir=~/.cache/cla_jax]   # make sure the corpus is ready (idempotent)
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import logging
-import math
 import os
 import pathlib
 import shutil
@@ -24,6 +23,7 @@ from typing import Iterator
 
 import tensorflow_datasets as tfds
 
+from cla_jax.data import splits
 from cla_jax.errors import UserError
 
 NAME = "cla_python_docs"
@@ -104,13 +104,6 @@ def tree_checksum(sources: pathlib.Path) -> str:
   return digest.hexdigest()
 
 
-def validation_files(files: list[str], fraction: float = EVAL_FRACTION) -> set[str]:
-  """The fixed held-out files: the ceil(fraction * n) paths with the smallest sha256 of their name."""
-  ranked = sorted(files, key=lambda rel: hashlib.sha256(rel.encode()).hexdigest())
-  count = min(len(files) - 1, max(1, math.ceil(fraction * len(files)))) if len(files) > 1 else 0
-  return set(ranked[:count])
-
-
 class CLAPythonDocs(tfds.core.GeneratorBasedBuilder):
   """TFDS builder: one example per reST file of the Python 3.11 docs ({'text', 'path'})."""
 
@@ -129,7 +122,8 @@ class CLAPythonDocs(tfds.core.GeneratorBasedBuilder):
       return pathlib.Path(self._source_dir)
     found = find_sources(str(self._data_dir_root))
     if found is None:
-      raise UserError(f"{PACKAGE} not found; run `python -m cla_jax.python_docs --data_dir={self._data_dir_root}`.")
+      raise UserError(f"{PACKAGE} not found; run "
+                      f"`python -m cla_jax.data.python_docs --data_dir={self._data_dir_root}`.")
     return found
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -152,7 +146,7 @@ class CLAPythonDocs(tfds.core.GeneratorBasedBuilder):
     if checksum not in KNOWN_CHECKSUMS and self._source_dir is None:
       logging.warning("python docs checksum %s is not one this project was checked with; results may differ.",
                       checksum[:12])
-    held_out = validation_files(files)
+    held_out = splits.held_out(files, EVAL_FRACTION)
     return {
         "train": self._generate_examples(sources, [f for f in files if f not in held_out]),
         "validation": self._generate_examples(sources, [f for f in files if f in held_out]),
@@ -190,7 +184,7 @@ def verify(b: CLAPythonDocs) -> None:
   current = tree_checksum(pathlib.Path(source_dir))
   if current != recorded:
     raise UserError(f"{NAME} in {b.data_dir} was built from a different {source_dir} (checksum {recorded[:12]}, "
-                    f"now {current[:12]}); delete {b.data_dir} and run `python -m cla_jax.python_docs`.")
+                    f"now {current[:12]}); delete {b.data_dir} and run `python -m cla_jax.data.python_docs`.")
 
 
 def main(argv: list[str]) -> None:

@@ -34,13 +34,13 @@ from cla_jax import model as model_lib
 
 _ROWS = flags.DEFINE_list("rows", ["H128-MQA", "H128-MQA-CLA2", "H64-MQA", "H128-GQA4"], "Paper rows (Table 1).")
 _SCALE = flags.DEFINE_enum("scale", "tiny", ["tiny", "paper"], "tiny: shrunk rows for a CPU; paper: the 1B rows.")
-_CONTEXT = flags.DEFINE_integer("context", None, "Cache length in tokens (default: tiny 2048, paper 4096).")
+_CONTEXT = flags.DEFINE_integer("context", None, "Cache length in tokens (default: tiny 1024, paper 4096).")
 _MEMORY = flags.DEFINE_float("memory_bytes", None, "Memory budget for the decode program "
-                             "(default: tiny 128 MiB, paper 40e9).")
+                             "(default: tiny 64 MiB, paper 40e9).")
 _BATCH = flags.DEFINE_integer("batch", 8, "The common batch for cache bytes, prefill and decode speed.")
 _PROMPT = flags.DEFINE_integer("prompt_len", None, "Prompt tokens per row (default: context / 2).")
-_STEPS = flags.DEFINE_integer("decode_steps", 32, "Tokens per timed decode loop.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (the fastest counts: the machine is shared).")
+_STEPS = flags.DEFINE_integer("decode_steps", 16, "Tokens per timed decode loop.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repeats (the fastest counts: the machine is shared).")
 _HF = flags.DEFINE_bool("hf", None, "Also time transformers' generate (static cache) on the H128-MQA size "
                         "(default: on at tiny scale).")
 
@@ -197,7 +197,7 @@ def side_by_side(cfg: model_lib.ModelConfig, batch: int, prompt_len: int, steps:
   with jax.set_mesh(ours.decoder.mesh):
     for name, fn in timers.items():
       fn()  # warm-up / compile
-    for _ in range(max(_REPEATS.value, 3)):
+    for _ in range(_REPEATS.value + 1):
       for name, fn in timers.items():
         start = time.perf_counter()
         fn()
@@ -210,8 +210,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments {argv[1:]}.")
   scale = _SCALE.value
-  context = _CONTEXT.value or (2048 if scale == "tiny" else 4096)
-  budget = _MEMORY.value or (128 * 2**20 if scale == "tiny" else 40e9)
+  context = _CONTEXT.value or (1024 if scale == "tiny" else 4096)
+  budget = _MEMORY.value or (64 * 2**20 if scale == "tiny" else 40e9)
   prompt_len = _PROMPT.value or context // 2
   batch, steps = _BATCH.value, _STEPS.value
   for name, value, low in (("context", context, 2), ("batch", batch, 1), ("decode_steps", steps, 2)):
@@ -242,11 +242,12 @@ def main(argv: list[str]) -> None:
         f"{steps} decode steps, {device.device_kind} ({jnp.dtype(cfg0.compute_dtype).name} cache)")
   base = rows[0]
   header = (f"{'row':<16}{'KV B/token':>11}{'cache MiB':>10}{'max batch':>10}{'x':>6}{'prefill ms':>11}"
-            f"{'tok/s @' + str(batch):>11}{'tok/s @max':>11}{'x':>6}")
+            f"{'step ms':>9}{'tok/s @' + str(batch):>11}{'tok/s @max':>11}{'x':>6}")
   print(header)
   for r in rows:
+    step_ms = 1e3 * batch / max(r['decode_tokens_per_s'], 1e-9)
     print(f"{r['name']:<16}{r['kv_bytes_per_token']:>11,}{r['cache_bytes'] / 2**20:>10.2f}{r['max_batch']:>10}"
-          f"{r['max_batch'] / max(base['max_batch'], 1):>6.2f}{r['prefill_ms']:>11.1f}"
+          f"{r['max_batch'] / max(base['max_batch'], 1):>6.2f}{r['prefill_ms']:>11.1f}{step_ms:>9.2f}"
           f"{r['decode_tokens_per_s']:>11,.0f}{r['decode_tokens_per_s_at_max_batch']:>11,.0f}"
           f"{r['decode_tokens_per_s_at_max_batch'] / max(base['decode_tokens_per_s_at_max_batch'], 1e-9):>6.2f}")
   print(f"(x: relative to {base['name']})")

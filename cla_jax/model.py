@@ -224,11 +224,13 @@ class DecoderLayer(nn.Module):
 KVCache = tuple[Array, Array]  # (key, value), each [..., b, max_length, k, h]
 
 
-def write_cache(cache: KVCache, key: Array, value: Array, positions: Array) -> KVCache:
-  """Writes new keys/values [b, t, k, h] into a cache [b, s, k, h] at each row's own positions [b, t]."""
+def write_cache(cache: KVCache, key: Array, value: Array, positions: Array, group: Array | None = None) -> KVCache:
+  """Writes new keys/values [b, t, k, h] at each row's own positions [b, t] into a cache [b, s, k, h], or
+  into slice `group` of a segment's stacked cache [num_groups, b, s, k, h] (updated in place when carried)."""
   rows = jnp.arange(key.shape[0])[:, None]
+  index = (rows, positions) if group is None else (group, rows, positions)
   # Slots past the cache's end are dropped; decode.py refuses requests that would need them.
-  return tuple(c.at[rows, positions].set(new.astype(c.dtype), mode="drop")
+  return tuple(c.at[index].set(new.astype(c.dtype), mode="drop")
                for c, new in ((cache[0], key), (cache[1], value)))
 
 
@@ -248,13 +250,13 @@ class LayerGroup(nn.Module):
   group_size: int
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, segment_ids: Array | None,
-               cache: KVCache | None = None) -> Array | tuple[Array, KVCache]:
+  def __call__(self, x: Array, positions: Array, segment_ids: Array | None, cache: KVCache | None = None,
+               group: Array | None = None) -> Array | tuple[Array, KVCache]:
     key, value = KVBlock(self.cfg, name="kv")(x, positions)
     mask = None
     if cache is not None:
-      cache = write_cache(cache, key, value, positions)
-      key, value = cache
+      cache = write_cache(cache, key, value, positions, group)
+      key, value = cache if group is None else (cache[0][group], cache[1][group])
       mask = cache_mask(positions, key.shape[1])
     for i in range(self.group_size):
       x = DecoderLayer(self.cfg, name=f"layer_{i}")(x, key, value, positions, segment_ids, mask)
@@ -262,12 +264,21 @@ class LayerGroup(nn.Module):
 
 
 class _ScannedGroup(LayerGroup):
-  """LayerGroup with the (carry, out) signature nn.scan wants; a group's cache slice is scanned in and out."""
+  """LayerGroup with the (carry, out) signature nn.scan wants."""
 
-  def __call__(self, x, positions, segment_ids, cache=None):  # pytype: disable=signature-mismatch
-    if cache is None:
-      return super().__call__(x, positions, segment_ids), None
-    return super().__call__(x, positions, segment_ids, cache)
+  def __call__(self, x, positions, segment_ids):  # pytype: disable=signature-mismatch
+    return super().__call__(x, positions, segment_ids), None
+
+
+class _ScannedDecodeGroup(LayerGroup):
+  """Decoding: the segment's whole cache rides in the carry and group g updates its slice g in place.
+
+  (Scanning the cache in and out as per-group slices would make XLA build a second, stacked copy.)
+  """
+
+  def __call__(self, carry, positions, segment_ids, group):  # pytype: disable=signature-mismatch
+    x, cache = carry
+    return super().__call__(x, positions, segment_ids, cache, group), None
 
 
 class Transformer(nn.Module):
@@ -297,19 +308,25 @@ class Transformer(nn.Module):
     for s, (group_size, num_groups) in enumerate(cfg.segments):
       # Decoding has no backward pass to save memory for: remat would only add work.
       remat = cfg.remat != "none" and cache is None
-      if cfg.scan_layers:
+      if cfg.scan_layers and cache is not None:
+        # The same scan over the same params; the segment's cache [num_groups, ...] is carried, and the
+        # scanned input is the group index g whose slice the group writes and reads.
+        scanned = nn.scan(
+            _ScannedDecodeGroup, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, 0), length=num_groups,
+            metadata_params={nn.PARTITION_NAME: "layers"})
+        (x, segment_cache), _ = scanned(cfg, group_size, name=f"segment_{s}")(
+            (x, tuple(cache[s])), positions, segment_ids, jnp.arange(num_groups))
+        new_cache.append(segment_cache)
+      elif cfg.scan_layers:
         group_cls = _ScannedGroup
         if remat:
           group_cls = nn.remat(group_cls, policy=policy, prevent_cse=False)
-        # The segment's cache [num_groups, ...] is scanned like the params: group g reads and writes slice g.
-        in_axes = (nn.broadcast, nn.broadcast) + ((0,) if cache is not None else ())
         scanned = nn.scan(
             group_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=in_axes, length=num_groups,
+            in_axes=(nn.broadcast, nn.broadcast), length=num_groups,
             metadata_params={nn.PARTITION_NAME: "layers"})
-        extra = (tuple(cache[s]),) if cache is not None else ()
-        x, segment_cache = scanned(cfg, group_size, name=f"segment_{s}")(x, positions, segment_ids, *extra)
-        new_cache.append(segment_cache)
+        x, _ = scanned(cfg, group_size, name=f"segment_{s}")(x, positions, segment_ids)
       else:
         group_cls = nn.remat(LayerGroup, policy=policy) if remat else LayerGroup
         group_caches = []

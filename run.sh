@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quick start: set up .venv, prepare the default corpus (Python 3.11 docs), train the default
-# MQA+CLA2 model on CPU, then report its validation perplexity.
+# MQA+CLA2 model on CPU, report its validation perplexity, then let it continue a prompt.
 #   bash run.sh [WORKDIR] [extra train.py flags...]     (default WORKDIR: runs/default)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -10,3 +10,4 @@ bash scripts/setup_env.sh
 bash scripts/get_python_docs.sh
 .venv/bin/python train.py --config=configs/default.py --workdir="$WORKDIR" "$@"
 .venv/bin/python eval.py --workdir="$WORKDIR"
+.venv/bin/python generate.py --workdir="$WORKDIR" --prompt="The dictionary" --max_new_tokens=40

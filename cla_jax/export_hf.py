@@ -56,7 +56,7 @@ class ExportError(UserError):
 def _per_group(params: dict, cfg: model_lib.ModelConfig) -> list[dict]:
   """Each group's params (kv, layer_0, ...) in layer order, from the scanned or the unscanned layout."""
   flat = model_lib.unstack_params(params, cfg) if cfg.scan_layers else params
-  return [flat[f"segment_{s}_group_{g}"] for s, (_, count) in enumerate(cfg.segments) for g in range(count)]
+  return [flat[model_lib.group_name(s, g)] for s, (_, count) in enumerate(cfg.segments) for g in range(count)]
 
 
 def is_plain_llama(params: dict, cfg: model_lib.ModelConfig) -> bool:

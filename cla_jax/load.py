@@ -13,6 +13,7 @@ import numpy as np
 from cla_jax import checkpoint
 from cla_jax import config_lib
 from cla_jax import model as model_lib
+from cla_jax import sharding
 from cla_jax.errors import UserError
 
 
@@ -24,13 +25,83 @@ class LoadedModel:
   (`ModelConfig`) and `module` (the Flax `Transformer`, for `module.apply({"params": params}, ...)`).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, params: Any, step: int):
+  def __init__(self, config: ml_collections.ConfigDict, params: Any, step: int,
+               workdir: str | os.PathLike | None = None):
     self.config = config
     self.params = params
     self.step = step
+    self.workdir = workdir
     self.model_config = config_lib.model_config(config)
     self.module = model_lib.Transformer(self.model_config)
     self._apply = jax.jit(lambda p, t, pos, seg: self.module.apply({"params": p}, t, pos, seg))
+    self._tokenizer = None
+    self._decoders: dict[Any, Any] = {}  # compiled prefill/decode programs, per sampling setting
+    self._decode_mesh = None
+    self._sharded_params = None
+
+  def _mesh(self) -> jax.sharding.Mesh:
+    if self._decode_mesh is None:
+      self._decode_mesh = decode_mesh(self.config)
+    return self._decode_mesh
+
+  @property
+  def tokenizer(self) -> Any:
+    """The workdir's tokenizer (the one the model was trained with), loaded on first use."""
+    if self._tokenizer is None:
+      from cla_jax import evaluate  # pylint: disable=g-import-not-at-top  (heavy; only text generation needs it)
+      if self.workdir is None:
+        raise UserError("this model was built without a workdir, so it has no tokenizer; pass token ids.")
+      self._tokenizer = evaluate.load_tokenizer(os.fspath(self.workdir), self.config)
+    return self._tokenizer
+
+  @property
+  def max_length(self) -> int:
+    """Longest prompt + new tokens `generate` accepts: the sequence length the model was trained at."""
+    return int(self.config.train.seq_len)
+
+  def generate(self, prompts: Any, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0, max_length: int | None = None) -> list[str] | list[list[int]]:
+    """Continues each prompt with the KV cache: strings in, strings out; token ids in, new token ids out.
+
+    `prompts` is a list of strings (tokenized with the workdir's tokenizer after an EOS, the separator
+    the model saw before every training document) or a list of token-id lists / an int array [b, t].
+    Generation stops at the tokenizer's EOS (kept at the end of an id list, dropped from text) or after
+    `max_new_tokens`. `temperature=0` is greedy; otherwise softmax(logits / temperature) restricted to
+    the `top_k` most likely tokens (0: all) and the `top_p` nucleus, drawn reproducibly from `seed`.
+    `max_length` caps prompt + new tokens (default: train.seq_len).
+    """
+    from cla_jax import decode  # pylint: disable=g-import-not-at-top
+    is_text = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                           and all(isinstance(p, str) for p in prompts))
+    if isinstance(prompts, str):
+      raise UserError("prompts must be a list of strings (or of token-id lists); wrap one prompt as [prompt].")
+    eos_id = None
+    if is_text:
+      for i, p in enumerate(prompts):
+        if not p:
+          raise UserError(f"prompt {i} is empty; give some text to continue.")
+      tokenizer = self.tokenizer
+      eos_id = tokenizer.eos_id
+      ids = [[eos_id] + t for t in tokenizer.encode_batch(list(prompts))]
+    else:
+      ids = prompts
+      if self.workdir is not None:
+        eos_id = self.tokenizer.eos_id
+    sampling = decode.Sampling(temperature, top_k, top_p)
+    sampling.validate()
+    if sampling not in self._decoders:
+      self._decoders[sampling] = decode.Decoder(self.model_config, self._mesh(), sampling)
+    decoder = self._decoders[sampling]
+    if self._sharded_params is None:
+      self._sharded_params = decoder.shard_params(self.params)  # as trained: the rule table on the mesh
+    new = decode.generate(self._sharded_params, self.model_config, ids, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id,
+                          max_length=self.max_length if max_length is None else max_length, decoder=decoder)
+    if not is_text:
+      return new
+    # The embedding is padded past the tokenizer's vocabulary (to a multiple of 128): those ids have no text.
+    known = self.tokenizer.vocab_size
+    return [self.tokenizer.decode([t for t in row if t != eos_id and t < known]) for row in new]
 
   def __call__(self, tokens: Any, positions: Any = None, segment_ids: Any = None) -> jax.Array:
     """Logits [batch, length, vocab] float32 for int tokens [batch, length] (optional positions/segment ids)."""
@@ -73,4 +144,14 @@ def load_model(workdir: str | os.PathLike, step: int | None = None, dtype: str |
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.dtype = dtype
     config.lock()
-  return LoadedModel(config, params, restored_step)
+  return LoadedModel(config, params, restored_step, workdir=workdir)
+
+
+def decode_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The workdir's training mesh when it fits the devices and the model here, else data parallelism."""
+  try:
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_model_fits(config_lib.model_config(config), mesh)
+    return mesh
+  except sharding.MeshError:
+    return sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))

@@ -175,8 +175,15 @@ class KVBlock(nn.Module):
     return nn.with_logical_constraint(key, kv_axes), nn.with_logical_constraint(value, kv_axes)
 
 
-def attention(query: Array, key: Array, value: Array, segment_ids: Array | None, impl: str) -> Array:
-  """Causal attention of query [b,t,n,h] over shared key/value [b,s,k,h]; GQA without repeating K/V."""
+def attention(query: Array, key: Array, value: Array, segment_ids: Array | None, impl: str,
+              cache_mask: Array | None = None) -> Array:
+  """Causal attention of query [b,t,n,h] over shared key/value [b,s,k,h]; GQA without repeating K/V.
+
+  `cache_mask` [b, 1, t, s] replaces the causal mask when keys come from a decode cache, where query i
+  sits at its row's own position rather than at index i.
+  """
+  if cache_mask is not None:
+    return jax.nn.dot_product_attention(query, key, value, mask=cache_mask, implementation="xla")
   mask = None
   if segment_ids is not None:
     # Packed examples: a token attends only within its own document.
@@ -192,7 +199,7 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, key: Array, value: Array, positions: Array,
-               segment_ids: Array | None) -> Array:
+               segment_ids: Array | None, cache_mask: Array | None = None) -> Array:
     cfg, dtype = self.cfg, self.cfg.compute_dtype
     init = nn.initializers.normal(cfg.init_std)
     w_query = _param(self, "query", (cfg.d_model, cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), init)
@@ -204,7 +211,7 @@ class DecoderLayer(nn.Module):
     h = Norm(cfg, name="attn_norm")(x)
     query = jnp.einsum("btd,dnh->btnh", h, w_query.astype(dtype))  # [b, t, n, h]
     query = apply_rope(query, positions, cfg.rope_theta)
-    attended = attention(query, key, value, segment_ids, cfg.resolved_attention_impl)  # [b, t, n, h]
+    attended = attention(query, key, value, segment_ids, cfg.resolved_attention_impl, cache_mask)  # [b, t, n, h]
     x = x + jnp.einsum("btnh,nhd->btd", attended, w_out.astype(dtype))
 
     h = Norm(cfg, name="mlp_norm")(x)
@@ -215,18 +222,46 @@ class DecoderLayer(nn.Module):
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
 
+KVCache = tuple[Array, Array]  # (key, value), each [..., b, max_length, k, h]
+
+
+def write_cache(cache: KVCache, key: Array, value: Array, positions: Array, group: Array | None = None) -> KVCache:
+  """Writes new keys/values [b, t, k, h] at each row's own positions [b, t] into a cache [b, s, k, h], or
+  into slice `group` of a segment's stacked cache [num_groups, b, s, k, h] (updated in place when carried)."""
+  rows = jnp.arange(key.shape[0])[:, None]
+  index = (rows, positions) if group is None else (group, rows, positions)
+  # Slots past the cache's end are dropped; decode.py refuses requests that would need them.
+  return tuple(c.at[index].set(new.astype(c.dtype), mode="drop")
+               for c, new in ((cache[0], key), (cache[1], value)))
+
+
+def cache_mask(positions: Array, max_length: int) -> Array:
+  """[b, 1, t, s]: query at position p sees cache slots 0..p of its own row (slots past p are stale)."""
+  return (jnp.arange(max_length)[None, None, :] <= positions[:, :, None])[:, None]
+
+
 class LayerGroup(nn.Module):
-  """A CLA group: one KV block computed from the group's input, then `group_size` consumer layers."""
+  """A CLA group: one KV block computed from the group's input, then `group_size` consumer layers.
+
+  With `cache` (decoding), the KV block writes the new positions into the group's one cache and every
+  layer of the group attends to that cache; the updated cache is returned beside x.
+  """
 
   cfg: ModelConfig
   group_size: int
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, segment_ids: Array | None) -> Array:
+  def __call__(self, x: Array, positions: Array, segment_ids: Array | None, cache: KVCache | None = None,
+               group: Array | None = None) -> Array | tuple[Array, KVCache]:
     key, value = KVBlock(self.cfg, name="kv")(x, positions)
+    mask = None
+    if cache is not None:
+      cache = write_cache(cache, key, value, positions, group)
+      key, value = cache if group is None else (cache[0][group], cache[1][group])
+      mask = cache_mask(positions, key.shape[1])
     for i in range(self.group_size):
-      x = DecoderLayer(self.cfg, name=f"layer_{i}")(x, key, value, positions, segment_ids)
-    return x
+      x = DecoderLayer(self.cfg, name=f"layer_{i}")(x, key, value, positions, segment_ids, mask)
+    return x if cache is None else (x, cache)
 
 
 class _ScannedGroup(LayerGroup):
@@ -236,14 +271,31 @@ class _ScannedGroup(LayerGroup):
     return super().__call__(x, positions, segment_ids), None
 
 
+class _ScannedDecodeGroup(LayerGroup):
+  """Decoding: the segment's whole cache rides in the carry and group g updates its slice g in place.
+
+  (Scanning the cache in and out as per-group slices would make XLA build a second, stacked copy.)
+  """
+
+  def __call__(self, carry, positions, segment_ids, group):  # pytype: disable=signature-mismatch
+    x, cache = carry
+    return super().__call__(x, positions, segment_ids, cache, group), None
+
+
 class Transformer(nn.Module):
-  """CLA decoder: tokens [b, t] int32 -> logits [b, t, vocab] float32."""
+  """CLA decoder: tokens [b, t] int32 -> logits [b, t, vocab] float32.
+
+  Decoding passes `cache`, one (key, value) pair per segment, each [num_groups, b, max_length, k, h]
+  (`decode.init_cache`), and gets `(logits, updated cache)` back; `logit_indices` [b, m] keeps only the
+  logits at those indices along t (a prefill needs each row's last prompt token only).
+  """
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens: Array, positions: Array | None = None,
-               segment_ids: Array | None = None) -> Array:
+  def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
+               cache: Sequence[KVCache] | None = None,
+               logit_indices: Array | None = None) -> Array | tuple[Array, list[KVCache]]:
     cfg, dtype = self.cfg, self.cfg.compute_dtype
     init = nn.initializers.normal(cfg.init_std)
     if positions is None:
@@ -257,10 +309,23 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
     policy = REMAT_POLICIES[cfg.remat]
+    new_cache = []
     for s, (group_size, num_groups) in enumerate(cfg.segments):
-      if cfg.scan_layers:
+      # Decoding has no backward pass to save memory for: remat would only add work.
+      remat = cfg.remat != "none" and cache is None
+      if cfg.scan_layers and cache is not None:
+        # The same scan over the same params; the segment's cache [num_groups, ...] is carried, and the
+        # scanned input is the group index g whose slice the group writes and reads.
+        scanned = nn.scan(
+            _ScannedDecodeGroup, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, 0), length=num_groups,
+            metadata_params={nn.PARTITION_NAME: "layers"})
+        (x, segment_cache), _ = scanned(cfg, group_size, name=f"segment_{s}")(
+            (x, tuple(cache[s])), positions, segment_ids, jnp.arange(num_groups))
+        new_cache.append(segment_cache)
+      elif cfg.scan_layers:
         group_cls = _ScannedGroup
-        if cfg.remat != "none":
+        if remat:
           group_cls = nn.remat(group_cls, policy=policy, prevent_cse=False)
         scanned = nn.scan(
             group_cls, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -268,17 +333,28 @@ class Transformer(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = scanned(cfg, group_size, name=f"segment_{s}")(x, positions, segment_ids)
       else:
-        group_cls = nn.remat(LayerGroup, policy=policy) if cfg.remat != "none" else LayerGroup
+        group_cls = nn.remat(LayerGroup, policy=policy) if remat else LayerGroup
+        group_caches = []
         for g in range(num_groups):
-          x = group_cls(cfg, group_size, name=group_name(s, g))(x, positions, segment_ids)
+          group = group_cls(cfg, group_size, name=group_name(s, g))
+          if cache is None:
+            x = group(x, positions, segment_ids)
+          else:
+            x, group_cache = group(x, positions, segment_ids, (cache[s][0][g], cache[s][1][g]))
+            group_caches.append(group_cache)
+        if cache is not None:
+          new_cache.append(tuple(jnp.stack(c) for c in zip(*group_caches)))
 
+    if logit_indices is not None:
+      x = jnp.take_along_axis(x, logit_indices[:, :, None], axis=1)  # [b, m, d]
     x = Norm(cfg, name="final_norm")(x)
     if cfg.tie_embeddings:
       head = embedding.T  # [d, v]
     else:
       head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), init)
     logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
-    return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    return logits if cache is None else (logits, new_cache)
 
 
 def group_name(segment: int, group: int) -> str:

@@ -130,6 +130,10 @@ def test_every_pattern_matches_cla_jax_in_transformers(kind, tmp_path):
         torch.tensor(prompts)), max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True)
     np.testing.assert_array_equal(generated.sequences.numpy(), greedy_reference(loaded, prompts, NEW_TOKENS),
                                   err_msg=f"{kind} {pattern}")
+    # ... and == cla_jax's own KV-cached generation (which stops after an EOS, so compare up to its length).
+    ours = loaded.generate(prompts.tolist(), max_new_tokens=NEW_TOKENS, max_length=PROMPT + NEW_TOKENS)
+    for row, new_ids in enumerate(ours):
+      assert new_ids == generated.sequences.numpy()[row, PROMPT:PROMPT + len(new_ids)].tolist(), (kind, pattern)
     assert len(generated.past_key_values.layers) == info["kv_layers"], pattern
 
 

@@ -227,8 +227,6 @@ def test_cli_gives_the_same_accuracy_and_one_line_errors(setup, tmp_path, monkey
   assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: no checkpoint for step 99")
 
 
-@pytest.mark.skipif(not hasattr(cla_jax.load.LoadedModel, "generate"),
-                    reason="needs KV-cached generation (issue 10)")
 def test_generate_until_equals_greedy_full_forward_loop(setup):
   from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
   tok, model = setup["tokenizer"], setup["model"]

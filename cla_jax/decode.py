@@ -1,0 +1,326 @@
+"""KV-cached generation: one cache per layer group, a one-call prefill, and a jitted decode loop.
+
+The cache is, per segment of the model, a (key, value) pair of arrays [num_groups, b, max_length, k, h]
+in the compute dtype: one K and one V per CLA group, never per layer. `Transformer(cfg).apply(...,
+cache=cache)` scans each segment's cache through the same `nn.scan` over groups as training, so decoding
+runs the training modules' own layer math. Prompts of different lengths are right-padded; row r's
+prompt occupies cache slots 0..len_r-1 and its t-th new token goes to slot len_r + t (RoPE positions
+continue from each row's own length). A query at position p attends to slots 0..p of its row: padding
+that the prefill wrote past a row's length is overwritten before any query can see it.
+
+    params, cfg = ..., ModelConfig(...)
+    new_ids = decode.generate(params, cfg, [[5, 17, 3], [9]], max_new_tokens=32, eos_id=2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cla_jax import model as model_lib
+from cla_jax import sharding
+from cla_jax.errors import UserError
+from cla_jax.model import ModelConfig
+
+Cache = list[tuple[jax.Array, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How the next token is drawn: greedy when temperature is 0, else softmax(logits / T) cut by top-k/top-p."""
+
+  temperature: float = 0.0
+  top_k: int = 0  # 0: no top-k cut
+  top_p: float = 1.0  # 1.0: no nucleus cut
+
+  def validate(self) -> None:
+    """Raises UserError naming the bad setting."""
+    if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+            and self.temperature >= 0):
+      raise UserError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature!r}.")
+    if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+      raise UserError(f"top_k must be an integer >= 0 (0 keeps every token), got {self.top_k!r}.")
+    if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+      raise UserError(f"top_p must lie in (0, 1] (1 keeps every token), got {self.top_p!r}.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cache.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def cache_shapes(cfg: ModelConfig, batch: int, max_length: int, dtype: Any = None) -> Cache:
+  """ShapeDtypeStructs of the cache: per segment (key, value), each [num_groups, b, max_length, k, h]."""
+  dtype = cfg.compute_dtype if dtype is None else dtype
+  return [tuple(jax.ShapeDtypeStruct((num_groups, batch, max_length, cfg.num_kv_heads, cfg.head_dim), dtype)
+                for _ in range(2)) for _, num_groups in cfg.segments]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype: Any = None) -> Cache:
+  """A zero cache (compute dtype unless `dtype` is given)."""
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(cfg, batch, max_length, dtype))
+
+
+def cache_spec(cfg: ModelConfig, mesh: Mesh) -> P:
+  """Batch over (data, fsdp); K/V heads over tensor when they divide (MQA's one head cannot)."""
+  tensor = mesh.shape["tensor"]
+  heads = "tensor" if tensor > 1 and cfg.num_kv_heads % tensor == 0 else None
+  return P(None, sharding.BATCH_AXES, None, heads, None)
+
+
+def _constrain_cache(cache: Cache, cfg: ModelConfig, mesh: Mesh) -> Cache:
+  spec = NamedSharding(mesh, cache_spec(cfg, mesh))
+  return jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, spec), cache)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Logits [..., v] with tokens outside the top-k, then outside the top-p nucleus, set to -inf.
+
+  The nucleus is the smallest set of most probable tokens whose probability reaches `top_p` (the token
+  that crosses it is kept), computed on the distribution left after the top-k cut.
+  """
+  logits = logits.astype(jnp.float32)
+  if top_k > 0 and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    ordered = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)  # descending
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    threshold = jnp.min(jnp.where(mass_before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return logits
+
+
+def sample(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
+  """Next tokens [b] int32 from logits [b, v]; row r draws with fold_in(rng, r) (padding rows change nothing)."""
+  if sampling.temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = filter_logits(logits.astype(jnp.float32) / sampling.temperature, sampling.top_k, sampling.top_p)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(logits.shape[0]))
+  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefill and the decode loop (traced functions; `Decoder` jits them).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _apply(params: Any, cfg: ModelConfig, tokens, positions, cache, logit_indices=None):
+  with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    return model_lib.Transformer(cfg).apply({"params": params}, tokens, positions, cache=cache,
+                                            logit_indices=logit_indices)
+
+
+def prefill(params: Any, tokens: jax.Array, lengths: jax.Array, cache: Cache, rng: jax.Array, *,
+            cfg: ModelConfig, sampling: Sampling) -> tuple[jax.Array, jax.Array, Cache]:
+  """Runs right-padded prompts [b, t] through the model in one call, filling cache slots 0..t-1.
+
+  Returns (first new token [b], its logits [b, v], cache); the logits are each row's last prompt token's.
+  """
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  logits, cache = _apply(params, cfg, tokens, positions, cache, logit_indices=(lengths - 1)[:, None])
+  logits = logits[:, 0]
+  return sample(logits, jax.random.fold_in(rng, 0), sampling), logits, cache
+
+
+def decode_step(params: Any, token: jax.Array, positions: jax.Array, cache: Cache, *,
+                cfg: ModelConfig) -> tuple[jax.Array, Cache]:
+  """Feeds one token per row [b] at its row's position [b]; returns (logits [b, v], updated cache)."""
+  logits, cache = _apply(params, cfg, token[:, None], positions[:, None], cache)
+  return logits[:, 0], cache
+
+
+def decode_loop(params: Any, first_token: jax.Array, lengths: jax.Array, cache: Cache, rng: jax.Array,
+                eos_id: jax.Array, *, cfg: ModelConfig, sampling: Sampling,
+                max_new_tokens: int) -> tuple[jax.Array, Cache]:
+  """New tokens [b, max_new_tokens] starting with `first_token` (rows that ended are padded with eos_id).
+
+  One `lax.while_loop`: a fixed-shape step, so nothing recompiles per token; it ends when every row
+  has emitted eos_id or after max_new_tokens tokens (eos_id -1: never stops early).
+  """
+  batch = first_token.shape[0]
+  out = jnp.full((batch, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first_token)
+  done = first_token == eos_id
+
+  def cond(state):
+    step, _, _, done, _ = state
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    step, token, out, done, cache = state
+    logits, cache = decode_step(params, token, lengths + step - 1, cache, cfg=cfg)
+    token = sample(logits, jax.random.fold_in(rng, step), sampling)
+    token = jnp.where(done, eos_id, token)
+    out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
+    done = done | (token == eos_id)
+    return step + 1, token, out, done, cache
+
+  state = (jnp.asarray(1, jnp.int32), first_token, out, done, cache)
+  _, _, out, _, cache = jax.lax.while_loop(cond, body, state)
+  return out, cache
+
+
+class Decoder:
+  """The jitted prefill and decode loop of one model on one mesh; the cache is donated between them."""
+
+  def __init__(self, cfg: ModelConfig, mesh: Mesh, sampling: Sampling = Sampling()):
+    sampling.validate()
+    self.cfg, self.mesh, self.sampling = cfg, mesh, sampling
+    self.param_shardings = sharding.logical_shardings(model_lib.abstract_params(cfg), mesh)
+    self.cache_sharding = NamedSharding(mesh, cache_spec(cfg, mesh))
+    rows = sharding.batch_sharding(mesh, 1)
+
+    def prefill_fn(params, tokens, lengths, rng, max_length):
+      cache = _constrain_cache(init_cache(cfg, tokens.shape[0], max_length), cfg, mesh)
+      token, logits, cache = prefill(params, tokens, lengths, cache, rng, cfg=cfg, sampling=sampling)
+      return token, logits, _constrain_cache(cache, cfg, mesh)
+
+    def loop_fn(params, first_token, lengths, cache, rng, eos_id, max_new_tokens):
+      out, cache = decode_loop(params, first_token, lengths, cache, rng, eos_id, cfg=cfg, sampling=sampling,
+                               max_new_tokens=max_new_tokens)
+      return out, _constrain_cache(cache, cfg, mesh)
+
+    self.prefill = jax.jit(prefill_fn, static_argnames="max_length",
+                           out_shardings=(rows, sharding.batch_sharding(mesh, 2), self.cache_sharding))
+    self.loop = jax.jit(loop_fn, static_argnames="max_new_tokens", donate_argnames="cache",
+                        out_shardings=(sharding.batch_sharding(mesh, 2), self.cache_sharding))
+    self.step = jax.jit(functools.partial(decode_step, cfg=cfg), donate_argnames="cache",
+                        out_shardings=(sharding.batch_sharding(mesh, 2), self.cache_sharding))
+
+  def shard_params(self, params: Any) -> Any:
+    """Params placed by the training rule table on this mesh (as trained)."""
+    return jax.device_put(params, self.param_shardings)
+
+  def batch_multiple(self) -> int:
+    """Rows per call must be a multiple of this (the data * fsdp ways the batch is split)."""
+    return sharding.batch_parallelism(self.mesh)
+
+  def put_rows(self, x: np.ndarray) -> jax.Array:
+    """A host array [b, ...] split over the batch axes."""
+    return jax.device_put(x, sharding.batch_sharding(self.mesh, np.ndim(x)))
+
+  def __call__(self, params: Any, tokens: np.ndarray, lengths: np.ndarray, *, max_new_tokens: int,
+               max_length: int, seed: int = 0, eos_id: int = -1) -> np.ndarray:
+    """New tokens [b, max_new_tokens] for right-padded prompts [b, t] (b a multiple of batch_multiple())."""
+    rng = jax.random.key(seed)
+    with jax.set_mesh(self.mesh):
+      tokens, lengths = self.put_rows(np.asarray(tokens, np.int32)), self.put_rows(np.asarray(lengths, np.int32))
+      first, _, cache = self.prefill(params, tokens, lengths, rng, max_length=max_length)
+      if max_new_tokens == 1:
+        return np.asarray(first)[:, None]
+      out, _ = self.loop(params, first, lengths, cache, rng, jnp.asarray(eos_id, jnp.int32),
+                         max_new_tokens=max_new_tokens)
+    return np.asarray(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The library entry point: token ids in, new token ids out.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def cached_decoder(cfg: ModelConfig, mesh: Mesh, sampling: Sampling) -> Decoder:
+  """One Decoder (and so one set of compiled programs) per model, mesh and sampling setting."""
+  return Decoder(cfg, mesh, sampling)
+
+
+@functools.lru_cache(maxsize=1)
+def single_device_mesh() -> Mesh:
+  """A (data, fsdp, tensor) = (1, 1, 1) mesh on the first device."""
+  devices = np.asarray(jax.devices()[:1]).reshape(1, 1, 1)
+  return Mesh(devices, sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
+  """Prompts as lists of ints, or UserError for an empty batch, an empty prompt or an id out of range."""
+  if isinstance(prompts, (np.ndarray, jax.Array)):
+    if np.ndim(prompts) != 2 or not np.issubdtype(np.asarray(prompts).dtype, np.integer):
+      raise UserError(f"token prompts must be a 2-D int array [batch, length] or a list of int lists, got "
+                      f"shape {np.shape(prompts)} dtype {np.asarray(prompts).dtype}.")
+    prompts = np.asarray(prompts).tolist()
+  prompts = [list(p) for p in prompts]
+  if not prompts:
+    raise UserError("no prompts given; pass at least one prompt.")
+  for i, p in enumerate(prompts):
+    if not p:
+      raise UserError(f"prompt {i} is empty; every prompt needs at least one token.")
+    if not all(isinstance(t, (int, np.integer)) for t in p):
+      raise UserError(f"prompt {i} holds non-integer token ids; pass lists of ints (or strings with a tokenizer).")
+    if min(p) < 0 or max(p) >= vocab_size:
+      raise UserError(f"prompt {i} has token ids outside [0, {vocab_size}): range [{min(p)}, {max(p)}].")
+  return [[int(t) for t in p] for p in prompts]
+
+
+def check_length(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_length: int | None) -> int:
+  """The cache length a request needs, or UserError when it exceeds `max_length` (None: no limit)."""
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+  longest = max(len(p) for p in prompts)
+  needed = longest + max_new_tokens
+  if max_length is not None and needed > max_length:
+    raise UserError(f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} needs {needed} "
+                    f"cache positions but the limit is {max_length}; shorten the prompt or lower max_new_tokens "
+                    f"to at most {max(max_length - longest, 0)}.")
+  return needed
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], rows_multiple: int, length_multiple: int = 8
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Right-padded tokens [b', t] and lengths [b'], b' rounded up to `rows_multiple` with copies of row 0.
+
+  t is rounded up to `length_multiple` so that nearby prompt lengths share one compiled prefill.
+  """
+  rows = -(-len(prompts) // rows_multiple) * rows_multiple
+  length = -(-max(len(p) for p in prompts) // length_multiple) * length_multiple
+  padded = list(prompts) + [prompts[0]] * (rows - len(prompts))
+  tokens = np.zeros((rows, length), np.int32)
+  for r, p in enumerate(padded):
+    tokens[r, :len(p)] = p
+  return tokens, np.asarray([len(p) for p in padded], np.int32)
+
+
+def trim(new_tokens: np.ndarray, count: int, eos_id: int | None) -> list[list[int]]:
+  """Each of the first `count` rows up to and including its first eos_id."""
+  out = []
+  for row in np.asarray(new_tokens)[:count].tolist():
+    if eos_id is not None and eos_id in row:
+      row = row[:row.index(eos_id) + 1]
+    out.append(row)
+  return out
+
+
+def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             eos_id: int | None = None, max_length: int | None = None, mesh: Mesh | None = None,
+             decoder: Decoder | None = None) -> list[list[int]]:
+  """New token ids for each prompt (a list of int lists), ending at eos_id (kept) or after max_new_tokens.
+
+  `params` is the model's param tree (scanned layout, any placement); `mesh` the (data, fsdp, tensor)
+  mesh to decode on (default: one device), `max_length` a cap on prompt + new tokens (default: none).
+  Pass a `decoder` to reuse its compiled programs across calls.
+  """
+  prompts = check_prompts(prompts, cfg.vocab_size)
+  needed = check_length(prompts, max_new_tokens, max_length)
+  sampling = Sampling(temperature, top_k, top_p)
+  sampling.validate()
+  if decoder is None or decoder.sampling != sampling:
+    decoder = cached_decoder(cfg, mesh or single_device_mesh(), sampling)
+  tokens, lengths = pad_prompts(prompts, decoder.batch_multiple())
+  cache_length = max(needed, tokens.shape[1])
+  new = decoder(decoder.shard_params(params), tokens, lengths, max_new_tokens=max_new_tokens,
+                max_length=cache_length, seed=seed, eos_id=-1 if eos_id is None else int(eos_id))
+  return trim(new, len(prompts), eos_id)

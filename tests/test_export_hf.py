@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import cla_jax  # noqa: E402
-from cla_jax import checkpoint  # noqa: E402
+from cla_jax import decode, checkpoint  # noqa: E402
 from cla_jax import config_lib  # noqa: E402
 from cla_jax import convert_hf  # noqa: E402
 from cla_jax import describe  # noqa: E402
@@ -131,7 +131,9 @@ def test_every_pattern_matches_cla_jax_in_transformers(kind, tmp_path):
     np.testing.assert_array_equal(generated.sequences.numpy(), greedy_reference(loaded, prompts, NEW_TOKENS),
                                   err_msg=f"{kind} {pattern}")
     # ... and == cla_jax's own KV-cached generation (which stops after an EOS, so compare up to its length).
-    ours = loaded.generate(prompts.tolist(), max_new_tokens=NEW_TOKENS, max_length=PROMPT + NEW_TOKENS)
+    eos = hf_model.generation_config.eos_token_id
+    ours = decode.generate(loaded.params, loaded.model_config, prompts.tolist(), max_new_tokens=NEW_TOKENS,
+                           eos_id=eos[0] if isinstance(eos, list) else eos)
     for row, new_ids in enumerate(ours):
       assert new_ids == generated.sequences.numpy()[row, PROMPT:PROMPT + len(new_ids)].tolist(), (kind, pattern)
     assert len(generated.past_key_values.layers) == info["kv_layers"], pattern

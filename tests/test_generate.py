@@ -12,7 +12,7 @@ import pytest
 
 from cla_jax import checkpoint, decode, describe, sharding
 from cla_jax import model as model_lib
-from cla_jax import tokenizer as tokenizer_lib
+from cla_jax.data import tokenizer as tokenizer_lib
 from cla_jax.errors import UserError
 from cla_jax.model import ModelConfig
 from test_model import ATTENTION, PATTERNS, random_params, small_config

@@ -181,7 +181,7 @@ def test_sweep_trains_reports_skips_and_records_failures(tmp_path, corpus):
     assert int(rows[name]["kv_bytes_per_token"]) == kv_layers * 2 * 16 * 2
     assert int(rows[name]["tokens"]) == 12 * 8 * 32
   assert rows["T-BAD_lr-1_s0"]["status"] == "failed"
-  assert "train.lr > 0" in rows["T-BAD_lr-1_s0"]["error"]
+  assert "train.lr must be a number > 0" in rows["T-BAD_lr-1_s0"]["error"]
   assert "\n" not in rows["T-BAD_lr-1_s0"]["error"]
   with open(workdir / "results.jsonl") as f:
     assert [json.loads(line)["name"] for line in f] == list(rows)

@@ -1,0 +1,122 @@
+"""Where the train step's time goes: per-op times from the jax profiler, grouped by the model code that made them.
+
+  python benchmarks/profile_step.py                                # default config, CPU
+  python benchmarks/profile_step.py --config.model.pattern=none --config.model.remat=none --top=30
+
+Runs a few steps under `jax.profiler.trace` (Perfetto JSON, no extra packages), sums each XLA op's
+time over the runtime's worker threads, and joins op names with the compiled HLO's `op_name` metadata,
+so a fusion is reported as the jax code it came from: its phase (forward, backward, optimizer) and the
+last parts of its name scope (e.g. `bwd  btd,df->btf/dot_general`, the MLP's up/gate matmul's backward).
+Op time is summed over threads, so it can exceed the step's wall time on several cores; the shares are
+what to read.
+"""
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from cla_jax import cli, config_lib, optim, sharding, train_step
+from cla_jax import model as model_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG,
+                                          "Config file[:row].", lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 5, "Profiled steps (after two warm-up steps).")
+_TOP = flags.DEFINE_integer("top", 25, "Rows of the per-source table.")
+
+# Name-scope parts that say where in the program an op sits, not what it does.
+_PLUMBING = ("jit(step)", "transpose(", "jvp(", "while", "body", "closed_call", "segment_", "layer_", "checkpoint",
+             "remat", "rematted_computation")
+
+
+def source_of(op_name: str) -> str:
+  """'bwd  btd,df->btf/dot_general' from an HLO op_name (phase, then the last two meaningful scopes)."""
+  phase = "bwd" if "transpose(" in op_name else ("fwd" if "jvp(" in op_name else "opt")
+  parts = [p for p in op_name.split("/") if p and not p.startswith(_PLUMBING)]
+  return f"{phase}  {'/'.join(parts[-2:])}"
+
+
+def op_sources(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> its op_name metadata, for every instruction that has one."""
+  pattern = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]+)\"")
+  sources = {}
+  for line in hlo_text.splitlines():
+    if m := pattern.match(line):
+      sources.setdefault(m.group(1), m.group(2))
+  return sources
+
+
+def op_times(trace_dir: str) -> collections.Counter:
+  """Microseconds per op name, summed over the XLA runtime threads of a Perfetto trace."""
+  path = glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True)[0]
+  with gzip.open(path) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  times = collections.Counter()
+  for e in events:
+    if e.get("ph") != "X" or not threads.get((e["pid"], e["tid"]), "").startswith("tf_XLA"):
+      continue
+    if e["name"].startswith("ThunkExecutor"):  # containers of the ops below, not ops
+      continue
+    times[e["name"]] += e["dur"]
+  return times
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  cfg = config_lib.model_config(config)
+  mesh = sharding.make_mesh(config.mesh)
+  model, tx = model_lib.Transformer(cfg), optim.make_optimizer(config.train)
+  param_sh, opt_sh = train_step.state_shardings(model_lib.abstract_params(cfg), tx, mesh)
+  params, opt_state = train_step.init_state(model, tx, mesh, param_sh, opt_sh, jax.random.key(0))
+  step = train_step.jit_train_step(model, tx, config.train.grad_accum_steps, mesh, param_sh, opt_sh)
+  b, t = config.train.batch_size, config.train.seq_len
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(b, t + 1), dtype=np.int32)
+  batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                                 "weights": np.ones((b, t), np.float32)}, mesh)
+  with jax.set_mesh(mesh):
+    sources = op_sources(step.jitted.lower(params, opt_state, batch).compile().as_text())
+  for _ in range(2):
+    params, opt_state, metrics = step(params, opt_state, batch)
+  jax.block_until_ready(metrics)
+
+  with tempfile.TemporaryDirectory() as trace_dir:
+    start = time.perf_counter()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(_STEPS.value):
+        params, opt_state, metrics = step(params, opt_state, batch)
+      jax.block_until_ready(metrics)
+    wall_ms = 1e3 * (time.perf_counter() - start) / _STEPS.value
+    times = op_times(trace_dir)
+
+  by_source = collections.Counter()
+  for name, us in times.items():
+    by_source[source_of(sources[name]) if name in sources else f"---  {re.sub(r'[.0-9]+$', '', name)}"] += us
+  total = sum(by_source.values())
+  per_step = lambda us: us / _STEPS.value / 1e3  # noqa: E731
+  print(f"{cfg.num_layers} layers, pattern={cfg.pattern}, remat={cfg.remat}, scan={cfg.scan_layers}, "
+        f"batch {b} x {t}; {_STEPS.value} steps, wall {wall_ms:.1f} ms/step (profiled), "
+        f"op time {per_step(total):.1f} ms/step summed over threads")
+  phases = collections.Counter()
+  for source, us in by_source.items():
+    phases[source.split()[0]] += us
+  print("by phase: " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in phases.most_common()))
+  print(f"{'ms/step':>8} {'share':>6}  source (phase, name scope)")
+  for source, us in by_source.most_common(_TOP.value):
+    print(f"{per_step(us):8.2f} {100 * us / total:5.1f}%  {source}")
+
+
+if __name__ == "__main__":
+  cli.run(main)

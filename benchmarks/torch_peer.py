@@ -1,0 +1,129 @@
+"""cla_jax's train step against its PyTorch peer (Hugging Face `LlamaForCausalLM` + `torch.optim.AdamW`).
+
+  python benchmarks/torch_peer.py                                  # default config (MQA+CLA2), CPU
+  python benchmarks/torch_peer.py --config.model.pattern=none      # plain MQA: the same model on both sides
+
+Both sides train the same dims (layers, width, heads, KV heads, head size, FFN, vocab, batch x length),
+fp32, AdamW with the config's betas and weight decay, global-norm clipping. The peer has no CLA, so for
+a CLA pattern it is the same-sized model without sharing (it computes more K/V, not less). Timed in
+alternating rounds in this one process (jax, torch, jax, torch, ...) so that a noisy machine hits both;
+the figure to quote is the median of the per-round ratios. The last line of stdout is one JSON object.
+"""
+
+import json
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from cla_jax import cli, config_lib, optim, sharding, train_step
+from cla_jax import model as model_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG,
+                                          "Config file[:row].", lock_config=True)
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating rounds (each times both sides).")
+_STEPS = flags.DEFINE_integer("steps", 3, "Train steps per side per round.")
+_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0: one per core, like XLA's CPU pool).")
+
+
+def jax_step(config):
+  """(run n steps -> seconds per step) for cla_jax's jitted train step on random tokens."""
+  cfg = config_lib.model_config(config)
+  mesh = sharding.make_mesh(config.mesh)
+  model, tx = model_lib.Transformer(cfg), optim.make_optimizer(config.train)
+  param_sh, opt_sh = train_step.state_shardings(model_lib.abstract_params(cfg), tx, mesh)
+  state = list(train_step.init_state(model, tx, mesh, param_sh, opt_sh, jax.random.key(0)))
+  step = train_step.jit_train_step(model, tx, config.train.grad_accum_steps, mesh, param_sh, opt_sh)
+  b, t = config.train.batch_size, config.train.seq_len
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(b, t + 1), dtype=np.int32)
+  batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                                 "weights": np.ones((b, t), np.float32)}, mesh)
+
+  def run(n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+      state[0], state[1], metrics = step(state[0], state[1], batch)
+    jax.block_until_ready(metrics)
+    return (time.perf_counter() - start) / n
+
+  return run
+
+
+def torch_step(config, threads: int):
+  """(run n steps -> seconds per step) for transformers' Llama of the same dims, or None without torch."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  m, t = config.model, config.train
+  if threads > 0:
+    torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  hf_config = transformers.LlamaConfig(
+      vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.mlp_dim, num_hidden_layers=m.num_layers,
+      num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim,
+      rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
+      max_position_embeddings=t.seq_len, attention_bias=False, mlp_bias=False)
+  model = transformers.LlamaForCausalLM._from_config(hf_config, attn_implementation="sdpa", dtype=torch.float32)
+  model.train()
+  decay = [p for n, p in model.named_parameters() if "norm" not in n]
+  no_decay = [p for n, p in model.named_parameters() if "norm" in n]
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=1e-4, betas=(t.b1, t.b2))
+  tokens = torch.from_numpy(np.random.default_rng(0).integers(0, m.vocab_size, size=(t.batch_size, t.seq_len + 1)))
+  inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+  def one():
+    logits = model(input_ids=inputs, use_cache=False).logits
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  def run(n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+      one()
+    return (time.perf_counter() - start) / n
+
+  return run
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  cfg = config_lib.model_config(config)
+  ours = jax_step(config)
+  peer = torch_step(config, _THREADS.value)
+  if peer is None:
+    raise cli.UserError("torch/transformers are not installed; `pip install -e '.[test]'` brings them in.")
+  ours(1), peer(1)  # compile / warm up
+  ours_s, peer_s, ratios = [], [], []
+  for _ in range(_ROUNDS.value):
+    a = ours(_STEPS.value)
+    b = peer(_STEPS.value)
+    ours_s.append(a)
+    peer_s.append(b)
+    ratios.append(b / a)  # > 1: cla_jax is faster
+  b, t = config.train.batch_size, config.train.seq_len
+  print(f"{cfg.num_layers} layers, d={cfg.d_model}, heads {cfg.num_heads}/{cfg.num_kv_heads} kv, head_dim "
+        f"{cfg.head_dim}, ffn {cfg.mlp_dim}, vocab {cfg.vocab_size}, pattern={cfg.pattern}, batch {b} x {t}, fp32, "
+        f"{jax.device_count()} jax device(s)")
+  print(f"cla_jax step  median {1e3 * statistics.median(ours_s):7.1f} ms  (min {1e3 * min(ours_s):.1f})")
+  print(f"torch   step  median {1e3 * statistics.median(peer_s):7.1f} ms  (min {1e3 * min(peer_s):.1f})")
+  print(f"speed ratio cla_jax/torch (peer time / our time, median of {len(ratios)} rounds): "
+        f"{statistics.median(ratios):.2f}x  (range {min(ratios):.2f}-{max(ratios):.2f})")
+  print(json.dumps({"pattern": cfg.pattern, "cla_jax_step_ms": 1e3 * statistics.median(ours_s),
+                    "torch_step_ms": 1e3 * statistics.median(peer_s), "ratio": statistics.median(ratios),
+                    "ratio_min": min(ratios), "ratio_max": max(ratios)}))
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -15,8 +15,9 @@ from absl import flags, logging
 
 from cla_jax import cli
 
-flags.DEFINE_string("workdir", None, "Workdir written by train.py or convert_hf (config.json + checkpoints/).",
-                    required=True)
+flags.DEFINE_string(
+    "workdir", None, "Workdir written by train.py or convert_hf (config.json + checkpoints/).", required=True
+)
 flags.DEFINE_string("prompt", None, "Text to continue.")
 flags.DEFINE_string("prompt_file", None, "A file of prompts, one a line (blank lines are skipped).")
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt (fewer if EOS comes first).")
@@ -56,12 +57,19 @@ def main(argv: list[str]) -> None:
   prompts = read_prompts()
   import cla_jax  # pylint: disable=g-import-not-at-top  (after flags: fast --help and flag errors)
   from cla_jax import decode  # pylint: disable=g-import-not-at-top
+
   decode.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p).validate()  # before the slow restore
   logging.set_verbosity(logging.ERROR)  # orbax logs warnings on every read-only restore
   model = cla_jax.load_model(FLAGS.workdir, step=FLAGS.step)
   batch = [p for p in prompts for _ in range(FLAGS.num_samples)]
-  texts = model.generate(batch, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                         top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
+  texts = model.generate(
+      batch,
+      max_new_tokens=FLAGS.max_new_tokens,
+      temperature=FLAGS.temperature,
+      top_k=FLAGS.top_k,
+      top_p=FLAGS.top_p,
+      seed=FLAGS.seed,
+  )
   for i, (prompt, text) in enumerate(zip(batch, texts)):
     sample = i % FLAGS.num_samples
     if FLAGS.jsonl:

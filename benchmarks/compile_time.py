@@ -31,8 +31,11 @@ def compile_seconds(config, num_layers: int, scan_layers: bool) -> float:
   model = model_lib.Transformer(cfg)
   params = nn.meta.unbox(model_lib.abstract_params(cfg))
   rows = (config.train.batch_size, config.train.seq_len)
-  batch = {"inputs": jax.ShapeDtypeStruct(rows, jnp.int32), "targets": jax.ShapeDtypeStruct(rows, jnp.int32),
-           "weights": jax.ShapeDtypeStruct(rows, jnp.float32)}
+  batch = {
+      "inputs": jax.ShapeDtypeStruct(rows, jnp.int32),
+      "targets": jax.ShapeDtypeStruct(rows, jnp.int32),
+      "weights": jax.ShapeDtypeStruct(rows, jnp.float32),
+  }
   grad_fn = jax.value_and_grad(lambda p, b: train_step.loss_fn(p, b, model), has_aux=True)
   start = time.perf_counter()
   jax.jit(grad_fn).lower(params, batch).compile()
@@ -44,8 +47,10 @@ def main(argv) -> None:
   config, depths = _CONFIG.value, [int(d) for d in _DEPTHS.value]
   compile_seconds(config, depths[0], True)  # warm up JAX/XLA so the first row is not charged for it
   rows = [(d, compile_seconds(config, d, True), compile_seconds(config, d, False)) for d in depths]
-  print(f"pattern={config.model.pattern} d_model={config.model.d_model} "
-        f"batch={config.train.batch_size}x{config.train.seq_len} backend={jax.default_backend()}")
+  print(
+      f"pattern={config.model.pattern} d_model={config.model.d_model} "
+      f"batch={config.train.batch_size}x{config.train.seq_len} backend={jax.default_backend()}"
+  )
   print(f"{'layers':>6} {'scanned s':>10} {'unrolled s':>11} {'unrolled/scanned':>17}")
   for d, scanned, unrolled in rows:
     print(f"{d:>6} {scanned:>10.2f} {unrolled:>11.2f} {unrolled / scanned:>17.2f}")

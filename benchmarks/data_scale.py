@@ -8,8 +8,8 @@ Generates a corpus of synthetic English-like sentences under --root (deleted at 
 sentencepiece tokenizer on it, prepares the large corpus with `python -m cla_jax.data.prepare` at
 --num_workers=1 and 2 (checking both give the same bytes), then runs `train.py` for one step on each
 prepared corpus (`--config.data.prepared_dir`), recording wall time from process start to exit (start-up,
-compilation, one step, one checkpoint) and the child's peak RSS (wait4). Prints one JSON line per measurement and a summary line of ratios; on a shared
-machine only the ratios mean anything.
+compilation, one step, one checkpoint) and the child's peak RSS (wait4). Prints one JSON line per measurement
+and a summary line of ratios; on a shared machine only the ratios mean anything.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 
 from cla_jax import cli, config_lib  # noqa: E402
 from cla_jax.data import tokenizer as tokenizer_lib  # noqa: E402
@@ -38,14 +38,21 @@ _KEEP = flags.DEFINE_bool("keep", False, "Keep the scratch directory.")
 _MEASURE = flags.DEFINE_list("measure", ["prepare", "startup", "throughput"], "What to measure.")
 _REPEATS = flags.DEFINE_integer("prepare_repeats", 1, "Alternating 1- and 2-worker prepare runs (best of each).")
 
-_WORDS = ("the a an of to in is and for with that this module function class object value return list dict "
-          "string file path error exception import data type call method default argument python interpreter "
-          "thread lock socket buffer bytes encoding iterator generator context manager when which may be can "
-          "not if else raise see also note example version changed added").split()
+_WORDS = (
+    "the a an of to in is and for with that this module function class object value return list dict "
+    "string file path error exception import data type call method default argument python interpreter "
+    "thread lock socket buffer bytes encoding iterator generator context manager when which may be can "
+    "not if else raise see also note example version changed added"
+).split()
 _WORDS_PER_DOC = 2000
-_SMALL_CONFIG = ["--config.model.num_layers=2", "--config.train.steps=1", "--config.train.eval_every=0",
-                 "--config.train.batch_size=16", "--config.mesh.num_devices=1",
-                 "--config.train.peak_flops_per_device=1e10"]
+_SMALL_CONFIG = [
+    "--config.model.num_layers=2",
+    "--config.train.steps=1",
+    "--config.train.eval_every=0",
+    "--config.train.batch_size=16",
+    "--config.mesh.num_devices=1",
+    "--config.train.peak_flops_per_device=1e10",
+]
 
 
 def write_corpus(directory: pathlib.Path, num_words: int, seed: int) -> None:
@@ -64,8 +71,12 @@ def write_corpus(directory: pathlib.Path, num_words: int, seed: int) -> None:
 
 def data_flags(root: pathlib.Path, corpus: str, tokenizer: str) -> list[str]:
   """Config overrides that read `root/corpus/*.txt` with the benchmark's tokenizer."""
-  return ["--config.data.source=text", f"--config.data.text_glob={root / corpus}/*.txt",
-          f"--config.data.cache_dir={root / 'cache'}", f"--config.data.tokenizer={tokenizer}"]
+  return [
+      "--config.data.source=text",
+      f"--config.data.text_glob={root / corpus}/*.txt",
+      f"--config.data.cache_dir={root / 'cache'}",
+      f"--config.data.tokenizer={tokenizer}",
+  ]
 
 
 def timed_child(cmd: list[str]) -> tuple[float, float, str, float]:
@@ -75,8 +86,9 @@ def timed_child(cmd: list[str]) -> tuple[float, float, str, float]:
   """
   start = time.perf_counter()
   with tempfile.TemporaryFile() as stderr:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, cwd=config_lib.REPO_ROOT,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=stderr, cwd=config_lib.REPO_ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}
+    )
     out = proc.stdout.read().decode()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
@@ -112,8 +124,9 @@ def _measure(root: pathlib.Path) -> None:
 
   def prepare_large(workers: int, output: pathlib.Path) -> tuple[float, float, int]:
     shutil.rmtree(output, ignore_errors=True)
-    wall, _, out, cpu = timed_child(prepare + data_flags(root, "large", tokenizer) +
-                                    [f"--output={output}", f"--num_workers={workers}"])
+    wall, _, out, cpu = timed_child(
+        prepare + data_flags(root, "large", tokenizer) + [f"--output={output}", f"--num_workers={workers}"]
+    )
     summary = json.loads(out)
     return wall, cpu, summary["train"]["tokens"] + summary["validation"]["tokens"]
 
@@ -124,10 +137,20 @@ def _measure(root: pathlib.Path) -> None:
       for workers in (1, 2):
         wall, cpu, tokens = prepare_large(workers, root / f"prepared_w{workers}")
         # Cores obtained (CPU s / wall s): on a shared machine the speed-up cannot exceed their ratio.
-        print(json.dumps({"prepare_workers": workers, "tokens": tokens, "wall_s": round(wall, 1),
-                          "tokens_per_s": round(tokens / wall), "cpu_s": round(cpu, 1),
-                          "cores_obtained": round(cpu / wall, 2), "tokens_per_cpu_s": round(tokens / cpu)}),
-              flush=True)
+        print(
+            json.dumps(
+                {
+                    "prepare_workers": workers,
+                    "tokens": tokens,
+                    "wall_s": round(wall, 1),
+                    "tokens_per_s": round(tokens / wall),
+                    "cpu_s": round(cpu, 1),
+                    "cores_obtained": round(cpu / wall, 2),
+                    "tokens_per_cpu_s": round(tokens / cpu),
+                }
+            ),
+            flush=True,
+        )
         if workers not in best or wall < best[workers][0]:
           best[workers] = (wall, cpu)
     for f in sorted((root / "prepared_w1" / "train").iterdir()):
@@ -143,24 +166,46 @@ def _measure(root: pathlib.Path) -> None:
     startup = {}
     for name, prepared in (("small", root / "prepared_small"), ("large", large)):
       # No text glob: once prepared_dir is set, training reads only the prepared shards (and their tokenizer).
-      cmd = [py, "train.py", "--config=configs/default.py", f"--workdir={root / 'work'}",
-             f"--config.data.prepared_dir={prepared}", *_SMALL_CONFIG]
+      cmd = [
+          py,
+          "train.py",
+          "--config=configs/default.py",
+          f"--workdir={root / 'work'}",
+          f"--config.data.prepared_dir={prepared}",
+          *_SMALL_CONFIG,
+      ]
       shutil.rmtree(root / "work", ignore_errors=True)
       timed_child(cmd)  # warm the page cache and imports equally for both
       shutil.rmtree(root / "work", ignore_errors=True)
       wall, rss, _, _ = timed_child(cmd)
       startup[name] = (wall, rss)
       index = json.loads((prepared / "train" / "index.json").read_text())
-      print(json.dumps({"train_startup": name, "train_tokens": index["num_tokens"], "wall_s": round(wall, 2),
-                        "peak_rss_mib": round(rss)}), flush=True)
+      print(
+          json.dumps(
+              {
+                  "train_startup": name,
+                  "train_tokens": index["num_tokens"],
+                  "wall_s": round(wall, 2),
+                  "peak_rss_mib": round(rss),
+              }
+          ),
+          flush=True,
+      )
       startup[name] += (index["num_tokens"],)
     summary["corpus_ratio"] = round(startup["large"][2] / startup["small"][2], 1)
     summary["startup_large_vs_small"] = round(startup["large"][0] / startup["small"][0], 2)
     summary["peak_rss_large_vs_small"] = round(startup["large"][1] / startup["small"][1], 2)
 
   if "throughput" in _MEASURE.value:
-    _, _, out, _ = timed_child([py, "benchmarks/input_throughput.py", "--config=configs/default.py",
-                                f"--config.data.prepared_dir={large}", "--config.mesh.num_devices=1"])
+    _, _, out, _ = timed_child(
+        [
+            py,
+            "benchmarks/input_throughput.py",
+            "--config=configs/default.py",
+            f"--config.data.prepared_dir={large}",
+            "--config.mesh.num_devices=1",
+        ]
+    )
     throughput = json.loads(out.strip().splitlines()[-1])
     print(json.dumps(throughput), flush=True)
     summary["input_vs_train_step"] = throughput["headroom"]

@@ -35,14 +35,16 @@ from cla_jax import model as model_lib
 _ROWS = flags.DEFINE_list("rows", ["H128-MQA", "H128-MQA-CLA2", "H64-MQA", "H128-GQA4"], "Paper rows (Table 1).")
 _SCALE = flags.DEFINE_enum("scale", "tiny", ["tiny", "paper"], "tiny: shrunk rows for a CPU; paper: the 1B rows.")
 _CONTEXT = flags.DEFINE_integer("context", None, "Cache length in tokens (default: tiny 1024, paper 4096).")
-_MEMORY = flags.DEFINE_float("memory_bytes", None, "Memory budget for the decode program "
-                             "(default: tiny 64 MiB, paper 40e9).")
+_MEMORY = flags.DEFINE_float(
+    "memory_bytes", None, "Memory budget for the decode program " "(default: tiny 64 MiB, paper 40e9)."
+)
 _BATCH = flags.DEFINE_integer("batch", 8, "The common batch for cache bytes, prefill and decode speed.")
 _PROMPT = flags.DEFINE_integer("prompt_len", None, "Prompt tokens per row (default: context / 2).")
 _STEPS = flags.DEFINE_integer("decode_steps", 16, "Tokens per timed decode loop.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repeats (the fastest counts: the machine is shared).")
-_HF = flags.DEFINE_bool("hf", None, "Also time transformers' generate (static cache) on the H128-MQA size "
-                        "(default: on at tiny scale).")
+_HF = flags.DEFINE_bool(
+    "hf", None, "Also time transformers' generate (static cache) on the H128-MQA size " "(default: on at tiny scale)."
+)
 
 TINY_WIDTH_DIVISOR, TINY_LAYERS, TINY_VOCAB = 8, 4, 2048
 
@@ -52,8 +54,14 @@ def row_config(name: str, scale: str) -> model_lib.ModelConfig:
   cfg = config_lib.model_config(config_lib.load(f"configs/paper_1b.py:{name}"))
   if scale == "tiny":
     div = TINY_WIDTH_DIVISOR
-    cfg = dataclasses.replace(cfg, d_model=cfg.d_model // div, head_dim=cfg.head_dim // div,
-                              mlp_dim=cfg.mlp_dim // div, num_layers=TINY_LAYERS, vocab_size=TINY_VOCAB)
+    cfg = dataclasses.replace(
+        cfg,
+        d_model=cfg.d_model // div,
+        head_dim=cfg.head_dim // div,
+        mlp_dim=cfg.mlp_dim // div,
+        num_layers=TINY_LAYERS,
+        vocab_size=TINY_VOCAB,
+    )
     cfg.validate()
   return cfg
 
@@ -76,8 +84,9 @@ class RowBench:
     self.cfg, self.steps = cfg, steps
     self.decoder = decode.Decoder(cfg, decode.single_device_mesh(), decode.Sampling())
     with jax.set_mesh(self.decoder.mesh):
-      self.params = jax.jit(lambda: model_lib.init_params(cfg, jax.random.key(0)),
-                            out_shardings=self.decoder.param_shardings)()
+      self.params = jax.jit(
+          lambda: model_lib.init_params(cfg, jax.random.key(0)), out_shardings=self.decoder.param_shardings
+      )()
     self.rng = jax.random.key(0)
 
   def _loop_args(self, batch: int, context: int, abstract: bool):
@@ -90,20 +99,22 @@ class RowBench:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=placement)
       return jax.device_put(jnp.full(shape, fill, dtype), placement)
 
-    cache = [tuple(make(s.shape, s.dtype, self.decoder.cache_sharding) for s in seg)
-             for seg in decode.cache_shapes(self.cfg, batch, context)]
+    cache = [
+        tuple(make(s.shape, s.dtype, self.decoder.cache_sharding) for s in seg)
+        for seg in decode.cache_shapes(self.cfg, batch, context)
+    ]
     return make((batch,), jnp.int32, rows), make((batch,), jnp.int32, rows, context - self.steps), cache
 
   def _loop(self, first, lengths, cache):
-    return self.decoder.loop(self.params, first, lengths, cache, self.rng, jnp.int32(-1),
-                             max_new_tokens=self.steps)
+    return self.decoder.loop(self.params, first, lengths, cache, self.rng, jnp.int32(-1), max_new_tokens=self.steps)
 
   def decode_memory(self, batch: int, context: int) -> int:
     """Bytes the compiled decode loop needs at `batch`: arguments + outputs - donated aliases + temporaries."""
     with jax.set_mesh(self.decoder.mesh):
       first, lengths, cache = self._loop_args(batch, context, abstract=True)
-      compiled = self.decoder.loop.lower(self.params, first, lengths, cache, self.rng, jnp.int32(-1),
-                                         max_new_tokens=self.steps).compile()
+      compiled = self.decoder.loop.lower(
+          self.params, first, lengths, cache, self.rng, jnp.int32(-1), max_new_tokens=self.steps
+      ).compile()
     m = compiled.memory_analysis()
     return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
 
@@ -140,8 +151,9 @@ class RowBench:
     tokens = np.random.default_rng(0).integers(0, self.cfg.vocab_size, (batch, prompt_len), dtype=np.int32)
     lengths = np.full((batch,), prompt_len, np.int32)
     with jax.set_mesh(self.decoder.mesh):
-      return _best_time(lambda: self.decoder.prefill(self.params, tokens, lengths, self.rng,
-                                                     max_length=context)[0], _REPEATS.value)
+      return _best_time(
+          lambda: self.decoder.prefill(self.params, tokens, lengths, self.rng, max_length=context)[0], _REPEATS.value
+      )
 
   def decode_tokens_per_s(self, batch: int, context: int) -> float:
     """Tokens/s of the decode loop: steps - 1 model calls per row (the first token comes from the prefill)."""
@@ -161,18 +173,34 @@ def hf_generate(cfg: model_lib.ModelConfig, batch: int, prompt_len: int):
   """`run(new_tokens)`: greedy transformers LlamaForCausalLM `generate` with a static cache, same shapes as ours."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
+
   hf_config = transformers.LlamaConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
-      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-      head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False)
+      vocab_size=cfg.vocab_size,
+      hidden_size=cfg.d_model,
+      intermediate_size=cfg.mlp_dim,
+      num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads,
+      head_dim=cfg.head_dim,
+      rms_norm_eps=cfg.norm_eps,
+      rope_theta=cfg.rope_theta,
+      tie_word_embeddings=False,
+  )
   torch.manual_seed(0)
   model = transformers.LlamaForCausalLM(hf_config).eval()
   tokens = torch.randint(0, cfg.vocab_size, (batch, prompt_len))
 
   def run(new):
     with torch.inference_mode():
-      return model.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=new, min_new_tokens=new,
-                            do_sample=False, cache_implementation="static", pad_token_id=0)
+      return model.generate(
+          tokens,
+          attention_mask=torch.ones_like(tokens),
+          max_new_tokens=new,
+          min_new_tokens=new,
+          do_sample=False,
+          cache_implementation="static",
+          pad_token_id=0,
+      )
 
   return run
 
@@ -195,7 +223,7 @@ def side_by_side(cfg: model_lib.ModelConfig, batch: int, prompt_len: int, steps:
   timers = {"ours": run_ours, "hf_full": lambda: run_hf(steps), "hf_prefill": lambda: run_hf(1)}
   best = {name: float("inf") for name in timers}
   with jax.set_mesh(ours.decoder.mesh):
-    for name, fn in timers.items():
+    for fn in timers.values():
       fn()  # warm-up / compile
     for _ in range(_REPEATS.value + 1):
       for name, fn in timers.items():
@@ -226,30 +254,41 @@ def main(argv: list[str]) -> None:
   for name in _ROWS.value:
     cfg = row_config(name, scale)
     bench = RowBench(cfg, steps)
-    row = {"name": name, "kv_bytes_per_token": describe.describe(cfg)["kv_bytes_per_token"],
-           "cache_bytes": bench.cache_bytes(batch, context), "max_batch": bench.max_batch(budget, context),
-           "prefill_ms": 1e3 * bench.prefill_seconds(batch, prompt_len, context),
-           "decode_tokens_per_s": bench.decode_tokens_per_s(batch, context)}
+    row = {
+        "name": name,
+        "kv_bytes_per_token": describe.describe(cfg)["kv_bytes_per_token"],
+        "cache_bytes": bench.cache_bytes(batch, context),
+        "max_batch": bench.max_batch(budget, context),
+        "prefill_ms": 1e3 * bench.prefill_seconds(batch, prompt_len, context),
+        "decode_tokens_per_s": bench.decode_tokens_per_s(batch, context),
+    }
     row["decode_tokens_per_s_at_max_batch"] = (
-        bench.decode_tokens_per_s(row["max_batch"], context) if row["max_batch"] else 0.0)
+        bench.decode_tokens_per_s(row["max_batch"], context) if row["max_batch"] else 0.0
+    )
     rows.append(row)
     print(f"  {name}: done", flush=True)
 
   device = jax.devices()[0]
   cfg0 = row_config(_ROWS.value[0], scale)
-  print(f"\nscale={scale} ({cfg0.num_layers} layers, d_model {cfg0.d_model}, vocab {cfg0.vocab_size}), "
-        f"context {context}, prompt {prompt_len}, budget {budget / 2**20:.0f} MiB, batch {batch}, "
-        f"{steps} decode steps, {device.device_kind} ({jnp.dtype(cfg0.compute_dtype).name} cache)")
+  print(
+      f"\nscale={scale} ({cfg0.num_layers} layers, d_model {cfg0.d_model}, vocab {cfg0.vocab_size}), "
+      f"context {context}, prompt {prompt_len}, budget {budget / 2**20:.0f} MiB, batch {batch}, "
+      f"{steps} decode steps, {device.device_kind} ({jnp.dtype(cfg0.compute_dtype).name} cache)"
+  )
   base = rows[0]
-  header = (f"{'row':<16}{'KV B/token':>11}{'cache MiB':>10}{'max batch':>10}{'x':>6}{'prefill ms':>11}"
-            f"{'step ms':>9}{'tok/s @' + str(batch):>11}{'tok/s @max':>11}{'x':>6}")
+  header = (
+      f"{'row':<16}{'KV B/token':>11}{'cache MiB':>10}{'max batch':>10}{'x':>6}{'prefill ms':>11}"
+      f"{'step ms':>9}{'tok/s @' + str(batch):>11}{'tok/s @max':>11}{'x':>6}"
+  )
   print(header)
   for r in rows:
-    step_ms = 1e3 * batch / max(r['decode_tokens_per_s'], 1e-9)
-    print(f"{r['name']:<16}{r['kv_bytes_per_token']:>11,}{r['cache_bytes'] / 2**20:>10.2f}{r['max_batch']:>10}"
-          f"{r['max_batch'] / max(base['max_batch'], 1):>6.2f}{r['prefill_ms']:>11.1f}{step_ms:>9.2f}"
-          f"{r['decode_tokens_per_s']:>11,.0f}{r['decode_tokens_per_s_at_max_batch']:>11,.0f}"
-          f"{r['decode_tokens_per_s_at_max_batch'] / max(base['decode_tokens_per_s_at_max_batch'], 1e-9):>6.2f}")
+    step_ms = 1e3 * batch / max(r["decode_tokens_per_s"], 1e-9)
+    print(
+        f"{r['name']:<16}{r['kv_bytes_per_token']:>11,}{r['cache_bytes'] / 2**20:>10.2f}{r['max_batch']:>10}"
+        f"{r['max_batch'] / max(base['max_batch'], 1):>6.2f}{r['prefill_ms']:>11.1f}{step_ms:>9.2f}"
+        f"{r['decode_tokens_per_s']:>11,.0f}{r['decode_tokens_per_s_at_max_batch']:>11,.0f}"
+        f"{r['decode_tokens_per_s_at_max_batch'] / max(base['decode_tokens_per_s_at_max_batch'], 1e-9):>6.2f}"
+    )
   print(f"(x: relative to {base['name']})")
 
   result = {"context": context, "memory_bytes": int(budget), "rows": rows}
@@ -258,11 +297,18 @@ def main(argv: list[str]) -> None:
     mqa = row_config("H128-MQA", scale)
     hf_prompt = min(prompt_len, 128)
     ours, hf = side_by_side(mqa, batch, hf_prompt, steps)
-    print(f"H128-MQA size, batch {batch}, prompt {hf_prompt}, cache {hf_prompt + steps}, greedy: "
-          f"cla_jax {ours:,.0f} tokens/s, transformers generate (static cache) {hf:,.0f} tokens/s: "
-          f"{ours / hf:.2f}x")
-    result["transformers_static_cache"] = {"name": "H128-MQA", "batch": batch, "prompt_len": hf_prompt,
-                                           "cla_jax_tokens_per_s": ours, "transformers_tokens_per_s": hf}
+    print(
+        f"H128-MQA size, batch {batch}, prompt {hf_prompt}, cache {hf_prompt + steps}, greedy: "
+        f"cla_jax {ours:,.0f} tokens/s, transformers generate (static cache) {hf:,.0f} tokens/s: "
+        f"{ours / hf:.2f}x"
+    )
+    result["transformers_static_cache"] = {
+        "name": "H128-MQA",
+        "batch": batch,
+        "prompt_len": hf_prompt,
+        "cla_jax_tokens_per_s": ours,
+        "transformers_tokens_per_s": hf,
+    }
   print(json.dumps(result), flush=True)
 
 

@@ -16,15 +16,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import flags, logging  # noqa: E402
 import jax  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cla_jax import cli, config_lib, model as model_lib, optim, sharding, train_step  # noqa: E402
-from cla_jax.data import batches as batches_lib, tokenizer as tokenizer_lib  # noqa: E402
+from cla_jax import cli, config_lib, optim, sharding, train_step  # noqa: E402
+from cla_jax import model as model_lib
+from cla_jax.data import batches as batches_lib  # noqa: E402
+from cla_jax.data import tokenizer as tokenizer_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG,
-                                          "Experiment config.")
+_CONFIG = config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG, "Experiment config.")
 _BATCHES = flags.DEFINE_integer("batches", 200, "Batches timed through the pipeline.")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 5, "Train steps timed (after 2 for compilation).")
 
@@ -73,11 +74,20 @@ def main(argv: list[str]) -> None:
   batches = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
   direct, prefetched = pipeline_tokens_per_s(batches, _BATCHES.value)
   train = train_tokens_per_s(config, batches.batch(0), _TRAIN_STEPS.value)
-  print(json.dumps({
-      "device": jax.devices()[0].device_kind, "batch_size": batches.global_batch, "seq_len": batches.seq_len,
-      "packing": batches.packing, "pipeline_tokens_per_s": round(direct),
-      "pipeline_prefetched_tokens_per_s": round(prefetched), "train_step_tokens_per_s": round(train),
-      "headroom": round(direct / train, 1)}))
+  print(
+      json.dumps(
+          {
+              "device": jax.devices()[0].device_kind,
+              "batch_size": batches.global_batch,
+              "seq_len": batches.seq_len,
+              "packing": batches.packing,
+              "pipeline_tokens_per_s": round(direct),
+              "pipeline_prefetched_tokens_per_s": round(prefetched),
+              "train_step_tokens_per_s": round(train),
+              "headroom": round(direct / train, 1),
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

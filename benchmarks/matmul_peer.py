@@ -31,6 +31,7 @@ def _time(fn, rounds: int = 7, calls: int = 20) -> list[float]:
 
 def main() -> None:
   import torch  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   x, w, g = (rng.standard_normal(s).astype(np.float32) for s in ((TOKENS, D_MODEL), (D_MODEL, MLP), (TOKENS, MLP)))
   jx, jw, jg = map(jnp.asarray, (x, w, g))
@@ -40,13 +41,17 @@ def main() -> None:
       "input grad g @ w^T": (jax.jit(lambda a, b: a @ b.T), (jg, jw), lambda: tg @ tw.t()),
       "weight grad x^T @ g": (jax.jit(lambda a, b: a.T @ b), (jx, jg), lambda: tx.t() @ tg),
   }
-  print(f"tokens {TOKENS}, d_model {D_MODEL}, mlp {MLP}; fp32; jax {jax.devices()[0].device_kind}, "
-        f"torch threads {torch.get_num_threads()}")
+  print(
+      f"tokens {TOKENS}, d_model {D_MODEL}, mlp {MLP}; fp32; jax {jax.devices()[0].device_kind}, "
+      f"torch threads {torch.get_num_threads()}"
+  )
   for name, (jfn, args, tfn) in cases.items():
     j = _time(lambda jfn=jfn, args=args: jfn(*args).block_until_ready())
     t = _time(tfn)
-    print(f"{name:22s} jax {1e3 * statistics.median(j):6.2f} ms   torch {1e3 * statistics.median(t):6.2f} ms   "
-          f"torch/jax {statistics.median(t) / statistics.median(j):.2f}")
+    print(
+        f"{name:22s} jax {1e3 * statistics.median(j):6.2f} ms   torch {1e3 * statistics.median(t):6.2f} ms   "
+        f"torch/jax {statistics.median(t) / statistics.median(j):.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -28,14 +28,24 @@ from ml_collections import config_flags
 from cla_jax import cli, config_lib, optim, sharding, train_step
 from cla_jax import model as model_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG,
-                                          "Config file[:row].", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG, "Config file[:row].", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 5, "Profiled steps (after two warm-up steps).")
 _TOP = flags.DEFINE_integer("top", 25, "Rows of the per-source table.")
 
 # Name-scope parts that say where in the program an op sits, not what it does.
-_PLUMBING = ("jit(step)", "transpose(", "jvp(", "while", "body", "closed_call", "segment_", "layer_", "checkpoint",
-             "remat", "rematted_computation")
+_PLUMBING = (
+    "jit(step)",
+    "transpose(",
+    "jvp(",
+    "while",
+    "body",
+    "closed_call",
+    "segment_",
+    "layer_",
+    "checkpoint",
+    "remat",
+    "rematted_computation",
+)
 
 
 def source_of(op_name: str) -> str:
@@ -61,8 +71,9 @@ def op_times(trace_dir: str) -> collections.Counter:
   with gzip.open(path) as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  threads = {
+      (e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
+  }
   times = collections.Counter()
   for e in events:
     if e.get("ph") != "X" or not threads.get((e["pid"], e["tid"]), "").startswith("tf_XLA"):
@@ -84,8 +95,9 @@ def main(argv):
   step = train_step.jit_train_step(model, tx, config.train.grad_accum_steps, mesh, param_sh, opt_sh)
   b, t = config.train.batch_size, config.train.seq_len
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(b, t + 1), dtype=np.int32)
-  batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                                 "weights": np.ones((b, t), np.float32)}, mesh)
+  batch = sharding.global_batch(
+      {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((b, t), np.float32)}, mesh
+  )
   with jax.set_mesh(mesh):
     sources = op_sources(step.jitted.lower(params, opt_state, batch).compile().as_text())
   for _ in range(2):
@@ -106,9 +118,11 @@ def main(argv):
     by_source[source_of(sources[name]) if name in sources else f"---  {re.sub(r'[.0-9]+$', '', name)}"] += us
   total = sum(by_source.values())
   per_step = lambda us: us / _STEPS.value / 1e3  # noqa: E731
-  print(f"{cfg.num_layers} layers, pattern={cfg.pattern}, remat={cfg.remat}, scan={cfg.scan_layers}, "
-        f"batch {b} x {t}; {_STEPS.value} steps, wall {wall_ms:.1f} ms/step (profiled), "
-        f"op time {per_step(total):.1f} ms/step summed over threads")
+  print(
+      f"{cfg.num_layers} layers, pattern={cfg.pattern}, remat={cfg.remat}, scan={cfg.scan_layers}, "
+      f"batch {b} x {t}; {_STEPS.value} steps, wall {wall_ms:.1f} ms/step (profiled), "
+      f"op time {per_step(total):.1f} ms/step summed over threads"
+  )
   phases = collections.Counter()
   for source, us in by_source.items():
     phases[source.split()[0]] += us

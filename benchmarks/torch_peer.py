@@ -23,8 +23,7 @@ from ml_collections import config_flags
 from cla_jax import cli, config_lib, optim, sharding, train_step
 from cla_jax import model as model_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG,
-                                          "Config file[:row].", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG, "Config file[:row].", lock_config=True)
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating rounds (each times both sides).")
 _STEPS = flags.DEFINE_integer("steps", 3, "Train steps per side per round.")
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0: one per core, like XLA's CPU pool).")
@@ -40,8 +39,9 @@ def jax_step(config):
   step = train_step.jit_train_step(model, tx, config.train.grad_accum_steps, mesh, param_sh, opt_sh)
   b, t = config.train.batch_size, config.train.seq_len
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(b, t + 1), dtype=np.int32)
-  batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                                 "weights": np.ones((b, t), np.float32)}, mesh)
+  batch = sharding.global_batch(
+      {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((b, t), np.float32)}, mesh
+  )
 
   def run(n: int) -> float:
     start = time.perf_counter()
@@ -65,16 +65,29 @@ def torch_step(config, threads: int):
     torch.set_num_threads(threads)
   torch.manual_seed(0)
   hf_config = transformers.LlamaConfig(
-      vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.mlp_dim, num_hidden_layers=m.num_layers,
-      num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim,
-      rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
-      max_position_embeddings=t.seq_len, attention_bias=False, mlp_bias=False)
+      vocab_size=m.vocab_size,
+      hidden_size=m.d_model,
+      intermediate_size=m.mlp_dim,
+      num_hidden_layers=m.num_layers,
+      num_attention_heads=m.num_heads,
+      num_key_value_heads=m.num_kv_heads,
+      head_dim=m.head_dim,
+      rms_norm_eps=m.norm_eps,
+      rope_theta=m.rope_theta,
+      tie_word_embeddings=m.tie_embeddings,
+      max_position_embeddings=t.seq_len,
+      attention_bias=False,
+      mlp_bias=False,
+  )
   model = transformers.LlamaForCausalLM._from_config(hf_config, attn_implementation="sdpa", dtype=torch.float32)
   model.train()
   decay = [p for n, p in model.named_parameters() if "norm" not in n]
   no_decay = [p for n, p in model.named_parameters() if "norm" in n]
-  opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}], lr=1e-4, betas=(t.b1, t.b2))
+  opt = torch.optim.AdamW(
+      [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+      lr=1e-4,
+      betas=(t.b1, t.b2),
+  )
   tokens = torch.from_numpy(np.random.default_rng(0).integers(0, m.vocab_size, size=(t.batch_size, t.seq_len + 1)))
   inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
@@ -112,16 +125,29 @@ def main(argv):
     peer_s.append(b)
     ratios.append(b / a)  # > 1: cla_jax is faster
   b, t = config.train.batch_size, config.train.seq_len
-  print(f"{cfg.num_layers} layers, d={cfg.d_model}, heads {cfg.num_heads}/{cfg.num_kv_heads} kv, head_dim "
-        f"{cfg.head_dim}, ffn {cfg.mlp_dim}, vocab {cfg.vocab_size}, pattern={cfg.pattern}, batch {b} x {t}, fp32, "
-        f"{jax.device_count()} jax device(s)")
+  print(
+      f"{cfg.num_layers} layers, d={cfg.d_model}, heads {cfg.num_heads}/{cfg.num_kv_heads} kv, head_dim "
+      f"{cfg.head_dim}, ffn {cfg.mlp_dim}, vocab {cfg.vocab_size}, pattern={cfg.pattern}, batch {b} x {t}, fp32, "
+      f"{jax.device_count()} jax device(s)"
+  )
   print(f"cla_jax step  median {1e3 * statistics.median(ours_s):7.1f} ms  (min {1e3 * min(ours_s):.1f})")
   print(f"torch   step  median {1e3 * statistics.median(peer_s):7.1f} ms  (min {1e3 * min(peer_s):.1f})")
-  print(f"speed ratio cla_jax/torch (peer time / our time, median of {len(ratios)} rounds): "
-        f"{statistics.median(ratios):.2f}x  (range {min(ratios):.2f}-{max(ratios):.2f})")
-  print(json.dumps({"pattern": cfg.pattern, "cla_jax_step_ms": 1e3 * statistics.median(ours_s),
-                    "torch_step_ms": 1e3 * statistics.median(peer_s), "ratio": statistics.median(ratios),
-                    "ratio_min": min(ratios), "ratio_max": max(ratios)}))
+  print(
+      f"speed ratio cla_jax/torch (peer time / our time, median of {len(ratios)} rounds): "
+      f"{statistics.median(ratios):.2f}x  (range {min(ratios):.2f}-{max(ratios):.2f})"
+  )
+  print(
+      json.dumps(
+          {
+              "pattern": cfg.pattern,
+              "cla_jax_step_ms": 1e3 * statistics.median(ours_s),
+              "torch_step_ms": 1e3 * statistics.median(peer_s),
+              "ratio": statistics.median(ratios),
+              "ratio_min": min(ratios),
+              "ratio_max": max(ratios),
+          }
+      )
+  )
   sys.stdout.flush()
 
 

@@ -37,8 +37,9 @@ def main(argv):
   b, t = config.train.batch_size, config.train.seq_len
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, cfg.vocab_size, size=(b, t + 1), dtype=np.int32)
-  batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                                 "weights": np.ones((b, t), np.float32)}, mesh)
+  batch = sharding.global_batch(
+      {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((b, t), np.float32)}, mesh
+  )
   start = time.perf_counter()
   params, opt_state, m = step(params, opt_state, batch)
   jax.block_until_ready(m)
@@ -51,12 +52,16 @@ def main(argv):
   flops = metrics.flops_per_token(cfg, t) * b * t / step_s
   devices = list(mesh.devices.flat)
   peak, source = metrics.total_peak_flops(devices, float(config.train.peak_flops_per_device))
-  print(f"config {config.name}: {cfg.num_layers} layers, d={cfg.d_model}, pattern={cfg.pattern}, "
-        f"dtype={jnp.dtype(cfg.compute_dtype).name}, batch {b} x {t}, accum {config.train.grad_accum_steps}")
+  print(
+      f"config {config.name}: {cfg.num_layers} layers, d={cfg.d_model}, pattern={cfg.pattern}, "
+      f"dtype={jnp.dtype(cfg.compute_dtype).name}, batch {b} x {t}, accum {config.train.grad_accum_steps}"
+  )
   print(f"devices: {len(devices)} x {devices[0].device_kind}; mesh {sharding.describe(mesh)}")
   print(f"first step (compile) {compile_s:.1f} s; step {step_s * 1e3:.1f} ms; {b * t / step_s:,.0f} tokens/s")
-  print(f"model FLOPs/token {metrics.flops_per_token(cfg, t) / 1e6:.1f} M; achieved {flops / 1e12:.3f} TFLOP/s; "
-        f"peak {peak / 1e12:.3f} TFLOP/s ({source}); MFU {100 * flops / peak:.1f}%")
+  print(
+      f"model FLOPs/token {metrics.flops_per_token(cfg, t) / 1e6:.1f} M; achieved {flops / 1e12:.3f} TFLOP/s; "
+      f"peak {peak / 1e12:.3f} TFLOP/s ({source}); MFU {100 * flops / peak:.1f}%"
+  )
   if devices[0].platform == "cpu":
     print(f"CPU: achieved / measured peak matmul FLOP/s = {flops / metrics.measured_cpu_peak():.2f}")
 

@@ -34,9 +34,11 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from cla_jax import config_lib, model as model_lib, paths, sharding
+from cla_jax import config_lib, paths, sharding
+from cla_jax import model as model_lib
 from cla_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -71,7 +73,8 @@ def _disk_full(manager: ocp.CheckpointManager, step: int, needed: int) -> DiskFu
   return DiskFullError(
       f"disk full: {manager.directory} has {(free or 0) / 2**20:.1f} MiB free but checkpoint step {step} needs "
       f"about {needed / 2**20:.1f} MiB; checkpoints {sorted(latest)[-3:] or 'none'} are intact. Free space (or "
-      f"lower checkpoint.keep) and rerun the same command to resume.")
+      f"lower checkpoint.keep) and rerun the same command to resume."
+  )
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -112,8 +115,10 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   if not path.exists():
     raise CheckpointError(f"workdir {os.fspath(workdir)!r} does not exist; pass the --workdir of a training run.")
   if not (path / CONFIG_FILE).exists():
-    raise CheckpointError(f"{os.fspath(workdir)!r} has no {CONFIG_FILE}; it is not a cla_jax workdir "
-                          f"(train.py or the HF converter writes one).")
+    raise CheckpointError(
+        f"{os.fspath(workdir)!r} has no {CONFIG_FILE}; it is not a cla_jax workdir "
+        f"(train.py or the HF converter writes one)."
+    )
   return config_lib.from_json((path / CONFIG_FILE).read_text())
 
 
@@ -129,18 +134,31 @@ class KeepNewestAndVerified:
   verified: int | None = None
 
   def should_preserve(self, checkpoints, *, context) -> list[bool]:  # pylint: disable=unused-argument
-    newest = sorted((c.step for c in checkpoints), reverse=True)[:self.keep] if self.keep else None
+    newest = sorted((c.step for c in checkpoints), reverse=True)[: self.keep] if self.keep else None
     return [newest is None or c.step in newest or c.step == self.verified for c in checkpoints]
 
 
-def make_manager(workdir: str | os.PathLike, keep: int | None = None, async_save: bool = True,
-                 read_only: bool = False, policy: KeepNewestAndVerified | None = None) -> ocp.CheckpointManager:
+def make_manager(
+    workdir: str | os.PathLike,
+    keep: int | None = None,
+    async_save: bool = True,
+    read_only: bool = False,
+    policy: KeepNewestAndVerified | None = None,
+) -> ocp.CheckpointManager:
   """An orbax CheckpointManager on DIR/checkpoints keeping the newest `keep` steps (None: all) or per `policy`."""
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy or KeepNewestAndVerified(keep), save_interval_steps=1, create=not read_only,
-      read_only=read_only, enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
-  handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
-              "meta": ocp.JsonCheckpointHandler()}
+      preservation_policy=policy or KeepNewestAndVerified(keep),
+      save_interval_steps=1,
+      create=not read_only,
+      read_only=read_only,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=not read_only,
+  )
+  handlers = {
+      "params": ocp.StandardCheckpointHandler(),
+      "opt_state": ocp.StandardCheckpointHandler(),
+      "meta": ocp.JsonCheckpointHandler(),
+  }
   return ocp.CheckpointManager(_path(workdir) / CHECKPOINT_DIR, options=options, item_handlers=handlers)
 
 
@@ -177,8 +195,9 @@ def _verify(name: str, tree: Any, stored: dict[str, int] | None) -> None:
   got = fingerprints(tree)
   bad = sorted(k for k in stored if got.get(k) != stored[k])
   if bad or set(got) != set(stored):
-    raise FingerprintMismatch(f"{name} fingerprint mismatch in {len(bad)} array(s), first {bad[:1]} (bit rot or "
-                              f"an overwritten file)")
+    raise FingerprintMismatch(
+        f"{name} fingerprint mismatch in {len(bad)} array(s), first {bad[:1]} (bit rot or " f"an overwritten file)"
+    )
 
 
 def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any | None, meta: dict) -> None:
@@ -196,9 +215,10 @@ def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any 
   prints = {"params": fingerprints(params)}
   if opt_state is not None:
     prints["opt_state"] = fingerprints(opt_state)
-  items = {"params": ocp.args.StandardSave(params),
-           "meta": ocp.args.JsonSave({**meta, "step": int(step), "params_only": opt_state is None,
-                                      "fingerprints": prints})}
+  items = {
+      "params": ocp.args.StandardSave(params),
+      "meta": ocp.args.JsonSave({**meta, "step": int(step), "params_only": opt_state is None, "fingerprints": prints}),
+  }
   if opt_state is not None:
     items["opt_state"] = ocp.args.StandardSave(opt_state)
   try:
@@ -211,8 +231,10 @@ def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any 
 
 def shape_differences(got: Any, expected: Any) -> list[str]:
   """'path: shape -> expected shape' for every param whose path or shape differs between two trees (sorted)."""
+
   def shapes(tree):
     return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
   a, b = shapes(got), shapes(expected)
   return [f"{path}: {a.get(path)} -> {b.get(path)}" for path in sorted(set(a) | set(b)) if a.get(path) != b.get(path)]
 
@@ -226,11 +248,13 @@ def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract_params: An
   if diff:
     raise CheckpointError(
         f"checkpoint step {step} in {manager.directory} does not match the model config (first differences, "
-        f"stored -> config: {'; '.join(diff[:3])}); use the config the checkpoint was trained with or a new workdir.")
+        f"stored -> config: {'; '.join(diff[:3])}); use the config the checkpoint was trained with or a new workdir."
+    )
 
 
-def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
-                  abstract_opt_state: Any | None) -> Restored:
+def _restore_step(
+    manager: ocp.CheckpointManager, step: int, abstract_params: Any, abstract_opt_state: Any | None
+) -> Restored:
   _check_shapes(manager, step, abstract_params)
   items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
   has_opt = (epath.Path(manager.directory) / str(step) / "opt_state").exists()
@@ -246,8 +270,13 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_params: An
   return Restored(step=step, params=out["params"], opt_state=opt_state, meta=meta)
 
 
-def restore(manager: ocp.CheckpointManager, abstract_params: Any, abstract_opt_state: Any | None = None,
-            step: int | None = None, quarantine: bool = False) -> Restored | None:
+def restore(
+    manager: ocp.CheckpointManager,
+    abstract_params: Any,
+    abstract_opt_state: Any | None = None,
+    step: int | None = None,
+    quarantine: bool = False,
+) -> Restored | None:
   """Restores `step` (default: the newest readable one) onto the shardings carried by the abstract trees.
 
   With `step=None`, an unreadable checkpoint is reported and the next older one is tried; with
@@ -258,15 +287,18 @@ def restore(manager: ocp.CheckpointManager, abstract_params: Any, abstract_opt_s
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None:
     if step not in steps:
-      raise CheckpointError(f"no checkpoint for step {step} in {manager.directory}; available steps: "
-                            f"{sorted(steps) or 'none'}.")
+      raise CheckpointError(
+          f"no checkpoint for step {step} in {manager.directory}; available steps: " f"{sorted(steps) or 'none'}."
+      )
     try:
       return _restore_step(manager, step, abstract_params, abstract_opt_state)
     except CheckpointError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"checkpoint step {step} in {manager.directory} is unreadable "
-                            f"({type(e).__name__}: {_first_line(e)}); pick another step.") from e
+      raise CheckpointError(
+          f"checkpoint step {step} in {manager.directory} is unreadable "
+          f"({type(e).__name__}: {_first_line(e)}); pick another step."
+      ) from e
   failures = []
   for candidate in steps:
     try:
@@ -274,9 +306,11 @@ def restore(manager: ocp.CheckpointManager, abstract_params: Any, abstract_opt_s
     except CheckpointError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      message = (f"checkpoint step {candidate} in {manager.directory} is unreadable "
-                 f"({type(e).__name__}: {_first_line(e)}); trying the previous one"
-                 f"{f' (this one goes to {CORRUPT_DIR}/)' if quarantine else ''}.")
+      message = (
+          f"checkpoint step {candidate} in {manager.directory} is unreadable "
+          f"({type(e).__name__}: {_first_line(e)}); trying the previous one"
+          f"{f' (this one goes to {CORRUPT_DIR}/)' if quarantine else ''}."
+      )
       print(f"warning: {message}", file=sys.stderr, flush=True)  # one line per unreadable step
       failures.append(candidate)
       continue
@@ -284,8 +318,10 @@ def restore(manager: ocp.CheckpointManager, abstract_params: Any, abstract_opt_s
       _quarantine(manager, failures)
     return restored
   if failures:
-    raise CheckpointError(f"no readable checkpoint in {manager.directory} (tried steps {failures}); "
-                          f"start a new workdir or restore the files.")
+    raise CheckpointError(
+        f"no readable checkpoint in {manager.directory} (tried steps {failures}); "
+        f"start a new workdir or restore the files."
+    )
   return None
 
 
@@ -340,8 +376,9 @@ def _replicated_mesh():
   return jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def restore_params(workdir: str | os.PathLike, step: int | None = None,
-                   mesh: jax.sharding.Mesh | None = None) -> tuple[Any, ml_collections.ConfigDict, int]:
+def restore_params(
+    workdir: str | os.PathLike, step: int | None = None, mesh: jax.sharding.Mesh | None = None
+) -> tuple[Any, ml_collections.ConfigDict, int]:
   """Loads (params, config, step) from a workdir: the newest readable step unless `step` is given.
 
   Params land sharded by the rule table on `mesh`, or replicated on all devices when mesh is None,
@@ -369,8 +406,7 @@ def restore_params(workdir: str | os.PathLike, step: int | None = None,
   return restored.params, config, restored.step
 
 
-def save_params_only(workdir: str | os.PathLike, params: Any, config: ml_collections.ConfigDict,
-                     step: int = 0) -> None:
+def save_params_only(workdir: str | os.PathLike, params: Any, config: ml_collections.ConfigDict, step: int = 0) -> None:
   """Writes DIR/config.json and a params-only checkpoint (e.g. a converted HF model); waits until done."""
   config_lib.model_config(config)  # validate before writing anything
   write_config(workdir, config)

@@ -6,7 +6,7 @@ import errno
 import os
 import re
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from absl import app, flags, logging
 
@@ -23,13 +23,15 @@ def _one_line(message: str) -> str:
 def define_config_dict(name: str, default, help_string: str) -> None:
   """`config_flags.DEFINE_config_dict`, whose eager parse of --name.x=y overrides fails in one line."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   try:
     config_flags.DEFINE_config_dict(name, default, help_string)
   except (AttributeError, KeyError) as e:
     field = str(e).strip("'\"")
     given = [a.split("=")[0] for a in sys.argv[1:] if a.startswith(f"--{name}.") and field in a.split("=")[0]]
-    sys.stderr.write(f"error: {given[0] if given else field}: no such config field; see configs/default.py for the "
-                     f"fields.\n")
+    sys.stderr.write(
+        f"error: {given[0] if given else field}: no such config field; see configs/default.py for the " f"fields.\n"
+    )
     sys.exit(2)
 
 
@@ -37,8 +39,10 @@ def _config_file_problem(error: BaseException) -> str:
   """'config file X not found' from ml_collections' multi-line load error."""
   found = re.search(r"No such file or directory: '([^']*)'", str(error))
   if found:
-    return (f"--config file {found.group(1)!r} not found; pass a config file such as configs/default.py or "
-            f"configs/paper_1b.py:H128-MQA-CLA2.")
+    return (
+        f"--config file {found.group(1)!r} not found; pass a config file such as configs/default.py or "
+        f"configs/paper_1b.py:H128-MQA-CLA2."
+    )
   return f"--config could not be loaded: {_one_line(str(error))}"
 
 
@@ -47,11 +51,14 @@ def _with_shipped_config(arg: str) -> str:
   if not arg.startswith("--config="):
     return arg
   from cla_jax import config_lib  # pylint: disable=g-import-not-at-top  (jax; only when a config is named)
-  spec = config_lib.resolve(arg[len("--config="):])
+
+  spec = config_lib.resolve(arg[len("--config=") :])
   if not os.path.isfile(spec.partition(":")[0]):
     # config_flags would defer this error to the first use of the config, as a traceback.
-    raise UserError(f"config file {spec.partition(':')[0]!r} not found; e.g. --config=configs/default.py or "
-                    "--config=configs/paper_1b.py:H128-MQA.")
+    raise UserError(
+        f"config file {spec.partition(':')[0]!r} not found; e.g. --config=configs/default.py or "
+        "--config=configs/paper_1b.py:H128-MQA."
+    )
   return "--config=" + spec
 
 

@@ -8,7 +8,6 @@ import math
 import pathlib
 
 import jax
-
 import ml_collections
 
 from cla_jax.model import ConfigError, ModelConfig
@@ -62,8 +61,10 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   """
   t, d = config.train, config.data
   rules = [  # (field, value, ok, what it must be)
-      *((f"train.{n}", t[n], _is_int(t[n]) and t[n] >= 1, "a positive integer")
-        for n in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "eval_batches")),
+      *(
+          (f"train.{n}", t[n], _is_int(t[n]) and t[n] >= 1, "a positive integer")
+          for n in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "eval_batches")
+      ),
       ("train.eval_every", t.eval_every, _is_int(t.eval_every) and t.eval_every >= 0, "an integer >= 0 (0: never)"),
       ("train.seed", t.seed, _is_int(t.seed) and t.seed >= 0, "an integer >= 0"),
       ("train.lr", t.lr, _is_number(t.lr) and t.lr > 0, "a number > 0"),
@@ -71,38 +72,79 @@ def check_values(config: ml_collections.ConfigDict) -> None:
       ("train.min_lr_ratio", t.min_lr_ratio, _is_number(t.min_lr_ratio) and 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
       ("train.b1", t.b1, _is_number(t.b1) and 0 <= t.b1 < 1, "in [0, 1) (Adam's first-moment decay, e.g. 0.9)"),
       ("train.b2", t.b2, _is_number(t.b2) and 0 <= t.b2 < 1, "in [0, 1) (Adam's second-moment decay, e.g. 0.95)"),
-      ("train.weight_decay", t.weight_decay, _is_number(t.weight_decay) and t.weight_decay >= 0,
-       "a number >= 0 (negative decay grows the weights)"),
-      ("train.clip_norm", t.clip_norm, _is_number(t.clip_norm) and t.clip_norm > 0,
-       "a number > 0 (a gradient-norm bound; use a large value to clip less)"),
-      ("train.peak_flops_per_device", t.peak_flops_per_device,
-       _is_number(t.peak_flops_per_device) and t.peak_flops_per_device >= 0, "a number >= 0 (0: table/measured)"),
+      (
+          "train.weight_decay",
+          t.weight_decay,
+          _is_number(t.weight_decay) and t.weight_decay >= 0,
+          "a number >= 0 (negative decay grows the weights)",
+      ),
+      (
+          "train.clip_norm",
+          t.clip_norm,
+          _is_number(t.clip_norm) and t.clip_norm > 0,
+          "a number > 0 (a gradient-norm bound; use a large value to clip less)",
+      ),
+      (
+          "train.peak_flops_per_device",
+          t.peak_flops_per_device,
+          _is_number(t.peak_flops_per_device) and t.peak_flops_per_device >= 0,
+          "a number >= 0 (0: table/measured)",
+      ),
       ("train.divergence_check", t.divergence_check, isinstance(t.divergence_check, bool), "True or False"),
-      ("train.divergence_spike_factor", t.divergence_spike_factor,
-       _is_number(t.divergence_spike_factor) and (t.divergence_spike_factor == 0 or t.divergence_spike_factor > 1),
-       "a number > 1 (0: no spike check)"),
-      ("train.divergence_window", t.divergence_window, _is_int(t.divergence_window) and t.divergence_window >= 1,
-       "a positive integer"),
-      ("train.divergence_max_grad_norm", t.divergence_max_grad_norm,
-       _is_number(t.divergence_max_grad_norm) and t.divergence_max_grad_norm >= 0, "a number >= 0 (0: no bound)"),
+      (
+          "train.divergence_spike_factor",
+          t.divergence_spike_factor,
+          _is_number(t.divergence_spike_factor) and (t.divergence_spike_factor == 0 or t.divergence_spike_factor > 1),
+          "a number > 1 (0: no spike check)",
+      ),
+      (
+          "train.divergence_window",
+          t.divergence_window,
+          _is_int(t.divergence_window) and t.divergence_window >= 1,
+          "a positive integer",
+      ),
+      (
+          "train.divergence_max_grad_norm",
+          t.divergence_max_grad_norm,
+          _is_number(t.divergence_max_grad_norm) and t.divergence_max_grad_norm >= 0,
+          "a number >= 0 (0: no bound)",
+      ),
       ("data.seed", d.seed, _is_int(d.seed) and 0 <= d.seed < 2**32, "an integer in [0, 2**32)"),
       ("data.prefetch", d.prefetch, _is_int(d.prefetch) and d.prefetch >= 0, "an integer >= 0 (0: no prefetch)"),
-      ("data.max_cache_tokens", d.max_cache_tokens, _is_int(d.max_cache_tokens) and d.max_cache_tokens >= 0,
-       "an integer >= 0 (0: whole split)"),
-      ("checkpoint.every_steps", config.checkpoint.every_steps,
-       _is_int(config.checkpoint.every_steps) and config.checkpoint.every_steps >= 1, "a positive integer"),
-      ("checkpoint.keep", config.checkpoint.keep, _is_int(config.checkpoint.keep) and config.checkpoint.keep >= 1,
-       "a positive integer"),
-      ("eval.batch_size", config.eval.batch_size, _is_int(config.eval.batch_size) and config.eval.batch_size >= 1,
-       "a positive integer"),
+      (
+          "data.max_cache_tokens",
+          d.max_cache_tokens,
+          _is_int(d.max_cache_tokens) and d.max_cache_tokens >= 0,
+          "an integer >= 0 (0: whole split)",
+      ),
+      (
+          "checkpoint.every_steps",
+          config.checkpoint.every_steps,
+          _is_int(config.checkpoint.every_steps) and config.checkpoint.every_steps >= 1,
+          "a positive integer",
+      ),
+      (
+          "checkpoint.keep",
+          config.checkpoint.keep,
+          _is_int(config.checkpoint.keep) and config.checkpoint.keep >= 1,
+          "a positive integer",
+      ),
+      (
+          "eval.batch_size",
+          config.eval.batch_size,
+          _is_int(config.eval.batch_size) and config.eval.batch_size >= 1,
+          "a positive integer",
+      ),
       ("eval.max_tokens", config.eval.max_tokens, _is_int(config.eval.max_tokens), "an integer (<= 0: whole split)"),
   ]
   for field, value, ok, must in rules:
     if not ok:
       raise ConfigError(f"{field} must be {must}, got {value!r}.")
   if config.model.attention_impl == "cudnn" and jax.default_backend() != "gpu":
-    raise ConfigError(f"model.attention_impl=cudnn needs an NVIDIA GPU with cuDNN, but this machine runs on "
-                      f"{jax.default_backend()}; use auto (cuDNN when it applies) or xla.")
+    raise ConfigError(
+        f"model.attention_impl=cudnn needs an NVIDIA GPU with cuDNN, but this machine runs on "
+        f"{jax.default_backend()}; use auto (cuDNN when it applies) or xla."
+    )
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

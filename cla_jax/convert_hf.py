@@ -27,7 +27,8 @@ import dataclasses
 import json
 import pathlib
 import shutil
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import flax.linen as nn
 import ml_collections
@@ -37,10 +38,8 @@ from absl import flags
 from ml_collections import config_flags
 from safetensors import safe_open
 
-from cla_jax import cli
-from cla_jax import config_lib
+from cla_jax import cli, config_lib, patterns
 from cla_jax import model as model_lib
-from cla_jax import patterns
 from cla_jax.errors import UserError
 
 REPORT_FILE = "convert_report.json"
@@ -48,8 +47,19 @@ ROPE_LAYOUTS = ("half", "interleaved")
 # Buffers some older exports saved next to the weights; recomputed from rope_theta, so safe to skip.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 # Model fields that come from the checkpoint; the rest of config.model (dtype, remat, ...) stays the user's.
-ARCH_FIELDS = ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_size",
-               "norm", "norm_eps", "rope_theta", "tie_embeddings")
+ARCH_FIELDS = (
+    "num_layers",
+    "d_model",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "mlp_dim",
+    "vocab_size",
+    "norm",
+    "norm_eps",
+    "rope_theta",
+    "tie_embeddings",
+)
 
 
 class ConvertError(UserError):
@@ -87,8 +97,10 @@ def read_hf_config(hf_dir: str | pathlib.Path) -> dict[str, Any]:
   """The parsed `config.json` of a Hugging Face model directory."""
   path = pathlib.Path(hf_dir) / "config.json"
   if not path.is_file():
-    raise ConvertError(f"{path} not found; --hf_dir must be a Hugging Face model directory "
-                       "(config.json + *.safetensors), e.g. the output of save_pretrained().")
+    raise ConvertError(
+        f"{path} not found; --hf_dir must be a Hugging Face model directory "
+        "(config.json + *.safetensors), e.g. the output of save_pretrained()."
+    )
   try:
     return json.loads(path.read_text())
   except json.JSONDecodeError as e:
@@ -110,21 +122,29 @@ def parse_llama_config(hf: Mapping[str, Any]) -> LlamaArch:
   if hf.get("model_type") == "cla":
     return _parse_cla_config(hf)
   if hf.get("model_type") != "llama":
-    raise ConvertError(f"config.json model_type={hf.get('model_type')!r} is not supported; only Llama "
-                       "(model_type='llama', LlamaForCausalLM) checkpoints can be converted.")
+    raise ConvertError(
+        f"config.json model_type={hf.get('model_type')!r} is not supported; only Llama "
+        "(model_type='llama', LlamaForCausalLM) checkpoints can be converted."
+    )
   if architectures and "LlamaForCausalLM" not in architectures:
-    raise ConvertError(f"config.json architectures={architectures} is not supported; "
-                       "only LlamaForCausalLM checkpoints can be converted.")
+    raise ConvertError(
+        f"config.json architectures={architectures} is not supported; "
+        "only LlamaForCausalLM checkpoints can be converted."
+    )
   theta, rope_type = _rope_theta_and_type(hf)
   if rope_type != "default":
-    raise ConvertError(f"config.json rope type {rope_type!r} (rope_parameters/rope_scaling) is not supported; "
-                       "only the default RoPE (no scaling, e.g. not Llama 3.1's 'llama3') can be converted.")
+    raise ConvertError(
+        f"config.json rope type {rope_type!r} (rope_parameters/rope_scaling) is not supported; "
+        "only the default RoPE (no scaling, e.g. not Llama 3.1's 'llama3') can be converted."
+    )
   for field in ("attention_bias", "mlp_bias"):
     if hf.get(field, False):
       raise ConvertError(f"config.json {field}=true is not supported: cla_jax projections have no biases.")
   if hf.get("hidden_act", "silu") != "silu":
-    raise ConvertError(f"config.json hidden_act={hf.get('hidden_act')!r} is not supported; "
-                       "cla_jax's MLP is SwiGLU (hidden_act='silu').")
+    raise ConvertError(
+        f"config.json hidden_act={hf.get('hidden_act')!r} is not supported; "
+        "cla_jax's MLP is SwiGLU (hidden_act='silu')."
+    )
   for field in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
     if not isinstance(hf.get(field), int) or hf[field] <= 0:
       raise ConvertError(f"config.json {field}={hf.get(field)!r} must be a positive integer.")
@@ -132,27 +152,42 @@ def parse_llama_config(hf: Mapping[str, Any]) -> LlamaArch:
   num_kv_heads = hf.get("num_key_value_heads") or num_heads
   head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
   if num_heads % num_kv_heads:
-    raise ConvertError(f"config.json num_attention_heads={num_heads} is not divisible by "
-                       f"num_key_value_heads={num_kv_heads}.")
+    raise ConvertError(
+        f"config.json num_attention_heads={num_heads} is not divisible by " f"num_key_value_heads={num_kv_heads}."
+    )
   return LlamaArch(
-      num_layers=hf["num_hidden_layers"], d_model=hf["hidden_size"], num_heads=num_heads,
-      num_kv_heads=num_kv_heads, head_dim=head_dim, mlp_dim=hf["intermediate_size"],
-      vocab_size=hf["vocab_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+      num_layers=hf["num_hidden_layers"],
+      d_model=hf["hidden_size"],
+      num_heads=num_heads,
+      num_kv_heads=num_kv_heads,
+      head_dim=head_dim,
+      mlp_dim=hf["intermediate_size"],
+      vocab_size=hf["vocab_size"],
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      rope_theta=theta,
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      max_position_embeddings=hf.get("max_position_embeddings"))
+      max_position_embeddings=hf.get("max_position_embeddings"),
+  )
 
 
 def _parse_cla_config(hf: Mapping[str, Any]) -> LlamaArch:
   """A CLA `config.json` (cla_jax.export_hf): Llama's fields plus `kv_group_sizes`."""
   if (hf.get("architectures") or ["CLAForCausalLM"]) != ["CLAForCausalLM"]:
-    raise ConvertError(f"config.json architectures={hf.get('architectures')} is not supported for model_type='cla'; "
-                       "expected ['CLAForCausalLM'] (a cla_jax.export_hf export).")
+    raise ConvertError(
+        f"config.json architectures={hf.get('architectures')} is not supported for model_type='cla'; "
+        "expected ['CLAForCausalLM'] (a cla_jax.export_hf export)."
+    )
   arch = parse_llama_config(dict(hf, model_type="llama", architectures=["LlamaForCausalLM"]))
   sizes = hf.get("kv_group_sizes")
-  if (not isinstance(sizes, list) or not all(isinstance(s, int) and s > 0 for s in sizes)
-      or sum(sizes) != arch.num_layers):
-    raise ConvertError(f"config.json kv_group_sizes={sizes!r} must be positive integers summing to "
-                       f"num_hidden_layers={arch.num_layers}.")
+  if (
+      not isinstance(sizes, list)
+      or not all(isinstance(s, int) and s > 0 for s in sizes)
+      or sum(sizes) != arch.num_layers
+  ):
+    raise ConvertError(
+        f"config.json kv_group_sizes={sizes!r} must be positive integers summing to "
+        f"num_hidden_layers={arch.num_layers}."
+    )
   return dataclasses.replace(arch, kv_group_sizes=tuple(sizes))
 
 
@@ -164,8 +199,10 @@ def cla_pattern(hf: Mapping[str, Any], arch: LlamaArch, pattern: str) -> str:
   if pattern == "none" and own != "none":  # the default: keep the checkpoint's grouping
     return own
   if _sizes_or_none(pattern, arch.num_layers) != sizes:
-    raise ConvertError(f"--pattern={pattern!r} differs from the exported CLA model's KV groups {list(sizes)} "
-                       f"(pattern {own!r}); omit --pattern: an exported CLA model keeps its grouping.")
+    raise ConvertError(
+        f"--pattern={pattern!r} differs from the exported CLA model's KV groups {list(sizes)} "
+        f"(pattern {own!r}); omit --pattern: an exported CLA model keeps its grouping."
+    )
   return pattern
 
 
@@ -193,8 +230,10 @@ class SafetensorsReader:
     else:
       files = sorted(p.name for p in hf_dir.glob("*.safetensors"))
     if not files:
-      raise ConvertError(f"no *.safetensors files in {hf_dir}; re-save the model with "
-                         "save_pretrained(..., safe_serialization=True) (PyTorch .bin files are not read).")
+      raise ConvertError(
+          f"no *.safetensors files in {hf_dir}; re-save the model with "
+          "save_pretrained(..., safe_serialization=True) (PyTorch .bin files are not read)."
+      )
     self._handles: dict[str, Any] = {}
     self.dtypes: set[str] = set()
     for name in files:
@@ -203,8 +242,10 @@ class SafetensorsReader:
       try:
         handle = stack.enter_context(safe_open(str(hf_dir / name), framework="np"))
       except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own error types)
-        raise ConvertError(f"{hf_dir / name} is not a readable safetensors file ({str(e).splitlines()[0][:120]}); "
-                           f"it may be truncated: download or save it again.") from None
+        raise ConvertError(
+            f"{hf_dir / name} is not a readable safetensors file ({str(e).splitlines()[0][:120]}); "
+            f"it may be truncated: download or save it again."
+        ) from None
       for key in handle.keys():
         self._handles[key] = handle
 
@@ -226,11 +267,15 @@ class SafetensorsReader:
     try:
       tensor = np.asarray(self._handles[name].get_tensor(name), dtype=np.float32)
     except Exception as e:  # pylint: disable=broad-except
-      raise ConvertError(f"tensor {name!r} cannot be read ({str(e).splitlines()[0][:120]}); the safetensors file "
-                         f"may be truncated: download or save it again.") from None
+      raise ConvertError(
+          f"tensor {name!r} cannot be read ({str(e).splitlines()[0][:120]}); the safetensors file "
+          f"may be truncated: download or save it again."
+      ) from None
     if not np.isfinite(tensor).all():
-      raise ConvertError(f"tensor {name!r} holds {int((~np.isfinite(tensor)).sum())} NaN/inf values; the checkpoint "
-                         f"is damaged (or was saved from a diverged run): use another one.")
+      raise ConvertError(
+          f"tensor {name!r} holds {int((~np.isfinite(tensor)).sum())} NaN/inf values; the checkpoint "
+          f"is damaged (or was saved from a diverged run): use another one."
+      )
     return tensor
 
 
@@ -254,8 +299,10 @@ def _check_shape(reader: SafetensorsReader, name: str, shape: tuple[int, ...], f
     raise ConvertError(f"tensor {name!r} is missing from the checkpoint; is this a LlamaForCausalLM export?")
   actual = reader.shape(name)
   if actual != shape:
-    raise ConvertError(f"tensor {name!r} has shape {list(actual)} but config.json ({field}) implies "
-                       f"{list(shape)}; fix config.json or the checkpoint.")
+    raise ConvertError(
+        f"tensor {name!r} has shape {list(actual)} but config.json ({field}) implies "
+        f"{list(shape)}; fix config.json or the checkpoint."
+    )
 
 
 def _expect(reader: SafetensorsReader, name: str, shape: tuple[int, ...], field: str) -> np.ndarray:
@@ -263,8 +310,9 @@ def _expect(reader: SafetensorsReader, name: str, shape: tuple[int, ...], field:
   return reader.get(name)
 
 
-def _layer_tensors(reader: SafetensorsReader, arch: LlamaArch, i: int, rope_layout: str,
-                   with_kv: bool) -> tuple[dict, dict | None]:
+def _layer_tensors(
+    reader: SafetensorsReader, arch: LlamaArch, i: int, rope_layout: str, with_kv: bool
+) -> tuple[dict, dict | None]:
   """(layer params, kv params or None) of HF layer i in cla_jax's layout."""
   d, n, k, h, f = arch.d_model, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.mlp_dim
   p = f"model.layers.{i}."
@@ -308,8 +356,15 @@ def _check_unused(reader: SafetensorsReader, arch: LlamaArch) -> None:
   if arch.kv_group_sizes is not None:
     producers = {layers[0] for layers in patterns.layer_groups(arch.kv_group_sizes)}
   for i in range(arch.num_layers):
-    for suffix in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-                   "input_layernorm", "post_attention_layernorm"):
+    for suffix in (
+        "self_attn.q_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+        "input_layernorm",
+        "post_attention_layernorm",
+    ):
       known.add(f"model.layers.{i}.{suffix}.weight")
     if i in producers:
       known.update(f"model.layers.{i}.self_attn.{w}_proj.weight" for w in ("k", "v"))
@@ -318,20 +373,27 @@ def _check_unused(reader: SafetensorsReader, arch: LlamaArch) -> None:
   unknown = [n for n in reader.names if n not in known and not n.endswith(_IGNORED_SUFFIXES)]
   if unknown:
     more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
-    raise ConvertError(f"checkpoint tensor(s) {unknown[:3]}{more} have no place in a cla_jax Llama "
-                       "(biases? more layers than config.json num_hidden_layers?); they are not supported.")
+    raise ConvertError(
+        f"checkpoint tensor(s) {unknown[:3]}{more} have no place in a cla_jax Llama "
+        "(biases? more layers than config.json num_hidden_layers?); they are not supported."
+    )
 
 
-def convert_params(reader: SafetensorsReader, arch: LlamaArch, cfg: model_lib.ModelConfig,
-                   rope_layout: str = "half") -> tuple[dict, dict]:
+def convert_params(
+    reader: SafetensorsReader, arch: LlamaArch, cfg: model_lib.ModelConfig, rope_layout: str = "half"
+) -> tuple[dict, dict]:
   """(scanned params as float32 numpy, report of dropped K/V) for the CLA model `cfg`."""
   if rope_layout not in ROPE_LAYOUTS:
-    raise ConvertError(f"rope_layout={rope_layout!r} is not one of {ROPE_LAYOUTS}: 'half' for Hugging Face "
-                       "checkpoints, 'interleaved' for Meta-layout Q/K weights.")
+    raise ConvertError(
+        f"rope_layout={rope_layout!r} is not one of {ROPE_LAYOUTS}: 'half' for Hugging Face "
+        "checkpoints, 'interleaved' for Meta-layout Q/K weights."
+    )
   _check_unused(reader, arch)
   if arch.kv_group_sizes is not None and tuple(cfg.group_sizes) != arch.kv_group_sizes:
-    raise ConvertError(f"model.pattern={cfg.pattern!r} gives KV groups {list(cfg.group_sizes)} but the exported CLA "
-                       f"model has {list(arch.kv_group_sizes)}; an exported CLA model keeps its grouping.")
+    raise ConvertError(
+        f"model.pattern={cfg.pattern!r} gives KV groups {list(cfg.group_sizes)} but the exported CLA "
+        f"model has {list(arch.kv_group_sizes)}; an exported CLA model keeps its grouping."
+    )
   d, v = arch.d_model, arch.vocab_size
   params: dict[str, Any] = {
       "embed": _expect(reader, "model.embed_tokens.weight", (v, d), "vocab_size, hidden_size"),
@@ -342,15 +404,18 @@ def convert_params(reader: SafetensorsReader, arch: LlamaArch, cfg: model_lib.Mo
     ignored.append("lm_head.weight")  # transformers also ties it to the embedding on load, ignoring the file's
   if not arch.tie_embeddings:
     if "lm_head.weight" not in reader:
-      raise ConvertError("tensor 'lm_head.weight' is missing but config.json tie_word_embeddings is false; "
-                         "set tie_word_embeddings=true if the head shares the embedding.")
+      raise ConvertError(
+          "tensor 'lm_head.weight' is missing but config.json tie_word_embeddings is false; "
+          "set tie_word_embeddings=true if the head shares the embedding."
+      )
     params["lm_head"] = _expect(reader, "lm_head.weight", (v, d), "vocab_size, hidden_size").T
 
   groups = patterns.layer_groups(cfg.group_sizes)
   dropped = []
   # Group names of the unscanned layout, in layer order; model.stack_params stacks them per segment.
-  group_names = [model_lib.group_name(s, g)
-                 for s, (_, num_groups) in enumerate(cfg.segments) for g in range(num_groups)]
+  group_names = [
+      model_lib.group_name(s, g) for s, (_, num_groups) in enumerate(cfg.segments) for g in range(num_groups)
+  ]
   for layers, group_name in zip(groups, group_names):
     group = {}
     for j, i in enumerate(layers):
@@ -379,6 +444,7 @@ def convert_params(reader: SafetensorsReader, arch: LlamaArch, cfg: model_lib.Mo
 def check_against_model(params: dict, cfg: model_lib.ModelConfig) -> None:
   """Raises ConvertError if the converted tree differs (paths or shapes) from what `Transformer(cfg)` declares."""
   from cla_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax is slow to import)
+
   diff = checkpoint.shape_differences(params, nn.meta.unbox(model_lib.abstract_params(cfg)))
   if diff:
     raise ConvertError(f"converted params do not match the model (param: got -> expected): {'; '.join(diff[:3])}.")
@@ -387,8 +453,9 @@ def check_against_model(params: dict, cfg: model_lib.ModelConfig) -> None:
 # ----------------------------------------------------------------------------- workdir
 
 
-def build_config(arch: LlamaArch, pattern: str, base: ml_collections.ConfigDict | None = None
-                 ) -> ml_collections.ConfigDict:
+def build_config(
+    arch: LlamaArch, pattern: str, base: ml_collections.ConfigDict | None = None
+) -> ml_collections.ConfigDict:
   """`base` (default: configs/default.py) with the model architecture taken from the checkpoint."""
   if base is None:
     base = config_lib.load(config_lib.DEFAULT_CONFIG)
@@ -401,8 +468,14 @@ def build_config(arch: LlamaArch, pattern: str, base: ml_collections.ConfigDict 
   return config
 
 
-def convert(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, *, pattern: str = "none",
-            config: ml_collections.ConfigDict | None = None, rope_layout: str = "half") -> dict:
+def convert(
+    hf_dir: str | pathlib.Path,
+    workdir: str | pathlib.Path,
+    *,
+    pattern: str = "none",
+    config: ml_collections.ConfigDict | None = None,
+    rope_layout: str = "half",
+) -> dict:
   """Converts `hf_dir` into a params-only CLA workdir; returns the report also written to REPORT_FILE."""
   from cla_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax is slow to import)
 
@@ -431,9 +504,14 @@ def convert(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, *, pattern:
   config.lock()
   checkpoint.save_params_only(str(workdir), params, config, step=0)
 
-  report = dict(report, hf_dir=str(hf_dir.resolve()), source_dtypes=source_dtypes,
-                num_layers=arch.num_layers, tokenizer=config.data.tokenizer,
-                max_position_embeddings=arch.max_position_embeddings)
+  report = dict(
+      report,
+      hf_dir=str(hf_dir.resolve()),
+      source_dtypes=source_dtypes,
+      num_layers=arch.num_layers,
+      tokenizer=config.data.tokenizer,
+      max_position_embeddings=arch.max_position_embeddings,
+  )
   (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
   return report
 
@@ -443,30 +521,46 @@ def describe_report(report: dict) -> Iterator[str]:
   yield f"pattern {report['pattern']}: KV groups {report['groups']}"
   if report["dropped_kv"]:
     layers = [d["layer"] for d in report["dropped_kv"]]
-    yield (f"dropped K/V projections of layers {layers} ({report['dropped_parameters']:,} parameters); "
-           f"their groups use the K/V of layers {report['kv_source_layers']}")
+    yield (
+        f"dropped K/V projections of layers {layers} ({report['dropped_parameters']:,} parameters); "
+        f"their groups use the K/V of layers {report['kv_source_layers']}"
+    )
   else:
     yield "no K/V weights dropped: the converted model computes the same function as the original"
   if report["tokenizer"].endswith("tokenizer.json"):
     yield f"tokenizer: {report['tokenizer']}"
   else:
-    yield (f"warning: no tokenizer.json in the checkpoint, so data.tokenizer={report['tokenizer']!r}; the model "
-           "only makes sense with its own tokenizer: pass --config.data.tokenizer=PATH (tokenizer.json or .model).")
+    yield (
+        f"warning: no tokenizer.json in the checkpoint, so data.tokenizer={report['tokenizer']!r}; the model "
+        "only makes sense with its own tokenizer: pass --config.data.tokenizer=PATH (tokenizer.json or .model)."
+    )
 
 
 # ----------------------------------------------------------------------------- CLI
+
 
 def define_flags() -> None:
   """The CLI flags; defined on demand so importing this module as a library adds no global flags."""
   flags.DEFINE_string("hf_dir", None, "Hugging Face LlamaForCausalLM directory (config.json + *.safetensors).")
   flags.DEFINE_string("workdir", None, "Output workdir (new or empty).")
-  flags.DEFINE_string("pattern", "none", "KV sharing pattern of the converted model, e.g. none, cla2, keep_ends, "
-                      "'1,2,1'; 'none' keeps the original function exactly.")
-  flags.DEFINE_enum("rope_layout", "half", ROPE_LAYOUTS, "Q/K RoPE layout of the checkpoint: 'half' for Hugging "
-                    "Face exports, 'interleaved' for Meta-layout weights.")
+  flags.DEFINE_string(
+      "pattern",
+      "none",
+      "KV sharing pattern of the converted model, e.g. none, cla2, keep_ends, "
+      "'1,2,1'; 'none' keeps the original function exactly.",
+  )
+  flags.DEFINE_enum(
+      "rope_layout",
+      "half",
+      ROPE_LAYOUTS,
+      "Q/K RoPE layout of the checkpoint: 'half' for Hugging " "Face exports, 'interleaved' for Meta-layout weights.",
+  )
   config_flags.DEFINE_config_file(
-      "config", config_lib.DEFAULT_CONFIG, "Base config for the workdir (training "
-      "and eval settings; the model architecture comes from the checkpoint), e.g. --config.train.lr=3e-4.")
+      "config",
+      config_lib.DEFAULT_CONFIG,
+      "Base config for the workdir (training "
+      "and eval settings; the model architecture comes from the checkpoint), e.g. --config.train.lr=3e-4.",
+  )
 
 
 def main(argv: list[str]) -> None:
@@ -476,8 +570,7 @@ def main(argv: list[str]) -> None:
   args = flags.FLAGS
   if not args.hf_dir or not args.workdir:
     raise UserError("--hf_dir and --workdir are required, e.g. --hf_dir=llama-hf --workdir=runs/llama_cla2.")
-  report = convert(args.hf_dir, args.workdir, pattern=args.pattern, config=args.config,
-                   rope_layout=args.rope_layout)
+  report = convert(args.hf_dir, args.workdir, pattern=args.pattern, config=args.config, rope_layout=args.rope_layout)
   for line in describe_report(report):
     print(line)
   print(f"wrote {args.workdir} (report: {pathlib.Path(args.workdir) / REPORT_FILE})")

@@ -17,13 +17,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cla_jax import model as model_lib
 from cla_jax import sharding
@@ -43,8 +45,7 @@ class Sampling:
 
   def validate(self) -> None:
     """Raises UserError naming the bad setting."""
-    if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-            and self.temperature >= 0):
+    if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
       raise UserError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature!r}.")
     if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
       raise UserError(f"top_k must be an integer >= 0 (0 keeps every token), got {self.top_k!r}.")
@@ -60,8 +61,12 @@ class Sampling:
 def cache_shapes(cfg: ModelConfig, batch: int, max_length: int, dtype: Any = None) -> Cache:
   """ShapeDtypeStructs of the cache: per segment (key, value), each [num_groups, b, max_length, k, h]."""
   dtype = cfg.compute_dtype if dtype is None else dtype
-  return [tuple(jax.ShapeDtypeStruct((num_groups, batch, max_length, cfg.num_kv_heads, cfg.head_dim), dtype)
-                for _ in range(2)) for _, num_groups in cfg.segments]
+  return [
+      tuple(
+          jax.ShapeDtypeStruct((num_groups, batch, max_length, cfg.num_kv_heads, cfg.head_dim), dtype) for _ in range(2)
+      )
+      for _, num_groups in cfg.segments
+  ]
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype: Any = None) -> Cache:
@@ -121,12 +126,21 @@ def sample(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
 
 def _apply(params: Any, cfg: ModelConfig, tokens, positions, cache, logit_indices=None):
   with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    return model_lib.Transformer(cfg).apply({"params": params}, tokens, positions, cache=cache,
-                                            logit_indices=logit_indices)
+    return model_lib.Transformer(cfg).apply(
+        {"params": params}, tokens, positions, cache=cache, logit_indices=logit_indices
+    )
 
 
-def prefill(params: Any, tokens: jax.Array, lengths: jax.Array, cache: Cache, rng: jax.Array, *,
-            cfg: ModelConfig, sampling: Sampling) -> tuple[jax.Array, jax.Array, Cache]:
+def prefill(
+    params: Any,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    cache: Cache,
+    rng: jax.Array,
+    *,
+    cfg: ModelConfig,
+    sampling: Sampling,
+) -> tuple[jax.Array, jax.Array, Cache]:
   """Runs right-padded prompts [b, t] through the model in one call, filling cache slots 0..t-1.
 
   Returns (first new token [b], its logits [b, v], cache); the logits are each row's last prompt token's.
@@ -137,16 +151,26 @@ def prefill(params: Any, tokens: jax.Array, lengths: jax.Array, cache: Cache, rn
   return sample(logits, jax.random.fold_in(rng, 0), sampling), logits, cache
 
 
-def decode_step(params: Any, token: jax.Array, positions: jax.Array, cache: Cache, *,
-                cfg: ModelConfig) -> tuple[jax.Array, Cache]:
+def decode_step(
+    params: Any, token: jax.Array, positions: jax.Array, cache: Cache, *, cfg: ModelConfig
+) -> tuple[jax.Array, Cache]:
   """Feeds one token per row [b] at its row's position [b]; returns (logits [b, v], updated cache)."""
   logits, cache = _apply(params, cfg, token[:, None], positions[:, None], cache)
   return logits[:, 0], cache
 
 
-def decode_loop(params: Any, first_token: jax.Array, lengths: jax.Array, cache: Cache, rng: jax.Array,
-                eos_id: jax.Array, *, cfg: ModelConfig, sampling: Sampling,
-                max_new_tokens: int) -> tuple[jax.Array, Cache]:
+def decode_loop(
+    params: Any,
+    first_token: jax.Array,
+    lengths: jax.Array,
+    cache: Cache,
+    rng: jax.Array,
+    eos_id: jax.Array,
+    *,
+    cfg: ModelConfig,
+    sampling: Sampling,
+    max_new_tokens: int,
+) -> tuple[jax.Array, Cache]:
   """New tokens [b, max_new_tokens] starting with `first_token` (rows that ended are padded with eos_id).
 
   One `lax.while_loop`: a fixed-shape step, so nothing recompiles per token; it ends when every row
@@ -190,16 +214,27 @@ class Decoder:
       return token, logits, _constrain_cache(cache, cfg, mesh)
 
     def loop_fn(params, first_token, lengths, cache, rng, eos_id, max_new_tokens):
-      out, cache = decode_loop(params, first_token, lengths, cache, rng, eos_id, cfg=cfg, sampling=sampling,
-                               max_new_tokens=max_new_tokens)
+      out, cache = decode_loop(
+          params, first_token, lengths, cache, rng, eos_id, cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens
+      )
       return out, _constrain_cache(cache, cfg, mesh)
 
-    self.prefill = jax.jit(prefill_fn, static_argnames="max_length",
-                           out_shardings=(rows, sharding.batch_sharding(mesh, 2), self.cache_sharding))
-    self.loop = jax.jit(loop_fn, static_argnames="max_new_tokens", donate_argnames="cache",
-                        out_shardings=(sharding.batch_sharding(mesh, 2), self.cache_sharding))
-    self.step = jax.jit(functools.partial(decode_step, cfg=cfg), donate_argnames="cache",
-                        out_shardings=(sharding.batch_sharding(mesh, 2), self.cache_sharding))
+    self.prefill = jax.jit(
+        prefill_fn,
+        static_argnames="max_length",
+        out_shardings=(rows, sharding.batch_sharding(mesh, 2), self.cache_sharding),
+    )
+    self.loop = jax.jit(
+        loop_fn,
+        static_argnames="max_new_tokens",
+        donate_argnames="cache",
+        out_shardings=(sharding.batch_sharding(mesh, 2), self.cache_sharding),
+    )
+    self.step = jax.jit(
+        functools.partial(decode_step, cfg=cfg),
+        donate_argnames="cache",
+        out_shardings=(sharding.batch_sharding(mesh, 2), self.cache_sharding),
+    )
 
   def shard_params(self, params: Any) -> Any:
     """Params placed by the training rule table on this mesh (as trained)."""
@@ -213,8 +248,17 @@ class Decoder:
     """A host array [b, ...] split over the batch axes."""
     return jax.device_put(x, sharding.batch_sharding(self.mesh, np.ndim(x)))
 
-  def __call__(self, params: Any, tokens: np.ndarray, lengths: np.ndarray, *, max_new_tokens: int,
-               max_length: int, seed: int = 0, eos_id: int = -1) -> np.ndarray:
+  def __call__(
+      self,
+      params: Any,
+      tokens: np.ndarray,
+      lengths: np.ndarray,
+      *,
+      max_new_tokens: int,
+      max_length: int,
+      seed: int = 0,
+      eos_id: int = -1,
+  ) -> np.ndarray:
     """New tokens [b, max_new_tokens] for right-padded prompts [b, t] (b a multiple of batch_multiple())."""
     rng = jax.random.key(seed)
     with jax.set_mesh(self.mesh):
@@ -222,8 +266,9 @@ class Decoder:
       first, _, cache = self.prefill(params, tokens, lengths, rng, max_length=max_length)
       if max_new_tokens == 1:
         return np.asarray(first)[:, None]
-      out, _ = self.loop(params, first, lengths, cache, rng, jnp.asarray(eos_id, jnp.int32),
-                         max_new_tokens=max_new_tokens)
+      out, _ = self.loop(
+          params, first, lengths, cache, rng, jnp.asarray(eos_id, jnp.int32), max_new_tokens=max_new_tokens
+      )
     return np.asarray(out)
 
 
@@ -249,8 +294,10 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[lis
   """Prompts as lists of ints, or UserError for an empty batch, an empty prompt or an id out of range."""
   if isinstance(prompts, (np.ndarray, jax.Array)):
     if np.ndim(prompts) != 2 or not np.issubdtype(np.asarray(prompts).dtype, np.integer):
-      raise UserError(f"token prompts must be a 2-D int array [batch, length] or a list of int lists, got "
-                      f"shape {np.shape(prompts)} dtype {np.asarray(prompts).dtype}.")
+      raise UserError(
+          f"token prompts must be a 2-D int array [batch, length] or a list of int lists, got "
+          f"shape {np.shape(prompts)} dtype {np.asarray(prompts).dtype}."
+      )
     prompts = np.asarray(prompts).tolist()
   prompts = [list(p) for p in prompts]
   if not prompts:
@@ -272,14 +319,17 @@ def check_length(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_leng
   longest = max(len(p) for p in prompts)
   needed = longest + max_new_tokens
   if max_length is not None and needed > max_length:
-    raise UserError(f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} needs {needed} "
-                    f"cache positions but the limit is {max_length}; shorten the prompt or lower max_new_tokens "
-                    f"to at most {max(max_length - longest, 0)}.")
+    raise UserError(
+        f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} needs {needed} "
+        f"cache positions but the limit is {max_length}; shorten the prompt or lower max_new_tokens "
+        f"to at most {max(max_length - longest, 0)}."
+    )
   return needed
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], rows_multiple: int, length_multiple: int = 8
-                ) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], rows_multiple: int, length_multiple: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
   """Right-padded tokens [b', t] and lengths [b'], b' rounded up to `rows_multiple` with copies of row 0.
 
   t is rounded up to `length_multiple` so that nearby prompt lengths share one compiled prefill.
@@ -289,7 +339,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], rows_multiple: int, length_mul
   padded = list(prompts) + [prompts[0]] * (rows - len(prompts))
   tokens = np.zeros((rows, length), np.int32)
   for r, p in enumerate(padded):
-    tokens[r, :len(p)] = p
+    tokens[r, : len(p)] = p
   return tokens, np.asarray([len(p) for p in padded], np.int32)
 
 
@@ -298,15 +348,26 @@ def trim(new_tokens: np.ndarray, count: int, eos_id: int | None) -> list[list[in
   out = []
   for row in np.asarray(new_tokens)[:count].tolist():
     if eos_id is not None and eos_id in row:
-      row = row[:row.index(eos_id) + 1]
+      row = row[: row.index(eos_id) + 1]
     out.append(row)
   return out
 
 
-def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_id: int | None = None, max_length: int | None = None, mesh: Mesh | None = None,
-             decoder: Decoder | None = None) -> list[list[int]]:
+def generate(
+    params: Any,
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_id: int | None = None,
+    max_length: int | None = None,
+    mesh: Mesh | None = None,
+    decoder: Decoder | None = None,
+) -> list[list[int]]:
   """New token ids for each prompt (a list of int lists), ending at eos_id (kept) or after max_new_tokens.
 
   `params` is the model's param tree (scanned layout, any placement); `mesh` the (data, fsdp, tensor)
@@ -321,6 +382,13 @@ def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
     decoder = cached_decoder(cfg, mesh or single_device_mesh(), sampling)
   tokens, lengths = pad_prompts(prompts, decoder.batch_multiple())
   cache_length = max(needed, tokens.shape[1])
-  new = decoder(decoder.shard_params(params), tokens, lengths, max_new_tokens=max_new_tokens,
-                max_length=cache_length, seed=seed, eos_id=-1 if eos_id is None else int(eos_id))
+  new = decoder(
+      decoder.shard_params(params),
+      tokens,
+      lengths,
+      max_new_tokens=max_new_tokens,
+      max_length=cache_length,
+      seed=seed,
+      eos_id=-1 if eos_id is None else int(eos_id),
+  )
   return trim(new, len(prompts), eos_id)

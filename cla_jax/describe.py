@@ -26,8 +26,7 @@ KV_BYTES_PER_ELEMENT = 2  # the paper reports 16-bit caches
 
 def describe(cfg: ModelConfig) -> dict[str, Any]:
   """Groups (layer indices), number of KV blocks, 16-bit KV bytes per token, and parameter count."""
-  params = jax.tree.map(lambda box: box.value, model_lib.abstract_params(cfg),
-                        is_leaf=lambda x: hasattr(x, "names"))
+  params = jax.tree.map(lambda box: box.value, model_lib.abstract_params(cfg), is_leaf=lambda x: hasattr(x, "names"))
   if cfg.scan_layers:
     stacks = [params[k] for k in sorted(params, key=_segment_index) if k.startswith("segment_")]
     # Leading axis of a scanned segment = its number of groups.
@@ -56,10 +55,12 @@ def _segment_index(name: str) -> tuple[int, ...]:
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def define_flags() -> None:
   """The command's flags; defined on demand, so importing this module as a library adds no global flags."""
-  config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG, "Experiment config (path[:row]).",
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+      "config", config_lib.DEFAULT_CONFIG, "Experiment config (path[:row]).", lock_config=True
+  )
 
 
 def main(argv: list[str]) -> None:

@@ -21,16 +21,20 @@ import os
 import pathlib
 import re
 import sys
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import tqdm
 
-from cla_jax import checkpoint, config_lib, metrics as metrics_lib, sharding, train_step
-from cla_jax.data import batches as batches_lib, prepare, splits, tokenizer as tokenizer_lib
+from cla_jax import checkpoint, config_lib, sharding, train_step
+from cla_jax import metrics as metrics_lib
 from cla_jax import model as model_lib
+from cla_jax.data import batches as batches_lib
+from cla_jax.data import prepare, splits
+from cla_jax.data import tokenizer as tokenizer_lib
 from cla_jax.errors import UserError
 
 # Fields of a workdir's config that evaluation may change: what to read and how to run, never the weights.
@@ -45,8 +49,7 @@ TEXT_FORMATS = ("wikitext", "plain")
 def _is_title(line: str) -> bool:
   """A wikitext top-level heading ` = Title = ` (one '=' each side; ` = = Section = = ` is not)."""
   s = line.strip()
-  return (len(s) > 4 and s.startswith("= ") and s.endswith(" =")
-          and not s.startswith("= =") and not s.endswith("= ="))
+  return len(s) > 4 and s.startswith("= ") and s.endswith(" =") and not s.startswith("= =") and not s.endswith("= =")
 
 
 def split_documents(text: str, text_format: str = "wikitext") -> list[str]:
@@ -74,18 +77,18 @@ def split_documents(text: str, text_format: str = "wikitext") -> list[str]:
 
 # Wikitext's tokenized spelling -> ordinary text, applied in order (the harness scores detokenized text too).
 _WIKITEXT_RULES: tuple[tuple[str, str], ...] = (
-    (r"s ' ", "s' "),                         # plural possessive
-    (r" @([-,.])@ ", r"\1"),                  # 1 @,@ 000 -> 1,000 ; well @-@ known -> well-known
-    (r" ([:;.!?,]) ", r"\1 "),                # word , word -> word, word
-    (r"\( *([^)]*?) *\)", r"(\1)"),           # ( x ) -> (x)
+    (r"s ' ", "s' "),  # plural possessive
+    (r" @([-,.])@ ", r"\1"),  # 1 @,@ 000 -> 1,000 ; well @-@ known -> well-known
+    (r" ([:;.!?,]) ", r"\1 "),  # word , word -> word, word
+    (r"\( *([^)]*?) *\)", r"(\1)"),  # ( x ) -> (x)
     (r"\[ *([^\]]*?) *\]", r"[\1]"),
     (r"\{ *([^}]*?) *\}", r"{\1}"),
     (r'" *([^"]*?) *"', r'"\1"'),
-    (r"(=)(?: (?==))", r"\1"),                # = = Section = = -> == Section ==
+    (r"(=)(?: (?==))", r"\1"),  # = = Section = = -> == Section ==
     (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}"),
-    (r" *\n *", "\n"),                        # spaces around line breaks
+    (r" *\n *", "\n"),  # spaces around line breaks
     (r" (n't|'s|'re|'ve|'ll|'d|'m)\b", r"\1"),  # do n't -> don't ; it 's -> it's
-    (r" ([.,;:!?])$", r"\1"),                 # punctuation at the very end
+    (r" ([.,;:!?])$", r"\1"),  # punctuation at the very end
 )
 
 
@@ -115,7 +118,7 @@ def count_bytes(doc: str) -> int:
 class Window:
   """One model call: `inputs` -> `targets` (same length), loss counted where `weights` is 1."""
 
-  inputs: np.ndarray   # int32 [n <= max_length]
+  inputs: np.ndarray  # int32 [n <= max_length]
   targets: np.ndarray  # int32 [n]
   weights: np.ndarray  # float32 [n]
 
@@ -136,15 +139,20 @@ def rolling_windows(tokens: Sequence[int], max_length: int, prefix_token: int) -
     end = min(first + max_length, len(tokens))
     start = max(0, end - max_length)  # window covers seq[start:end] -> seq[start+1:end+1]
     predicts = np.arange(start, end) >= first  # position i predicts tokens[start + i]
-    windows.append(Window(seq[start:end], seq[start + 1:end + 1], predicts.astype(np.float32)))
+    windows.append(Window(seq[start:end], seq[start + 1 : end + 1], predicts.astype(np.float32)))
   return windows
 
 
 def window_batches(windows: Iterable[Window], batch_size: int, length: int) -> Iterator[dict[str, np.ndarray]]:
   """Fixed-shape [batch_size, length] batches of windows, right-padded with weight 0 (rows and positions)."""
+
   def empty():
-    return {"inputs": np.zeros((batch_size, length), np.int32), "targets": np.zeros((batch_size, length), np.int32),
-            "weights": np.zeros((batch_size, length), np.float32)}
+    return {
+        "inputs": np.zeros((batch_size, length), np.int32),
+        "targets": np.zeros((batch_size, length), np.int32),
+        "weights": np.zeros((batch_size, length), np.float32),
+    }
+
   batch, row = empty(), 0
   for w in windows:
     n = len(w.inputs)
@@ -194,8 +202,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
   config = ml_collections.ConfigDict(config.to_dict())
   for key, value in (overrides or {}).items():
     if not any(key == f or (f.endswith(".") and key.startswith(f)) for f in OVERRIDABLE):
-      raise UserError(f"--config.{key} cannot be changed at evaluation (it is fixed by the checkpoint); "
-                      f"evaluation may override {', '.join(f + '*' if f.endswith('.') else f for f in OVERRIDABLE)}.")
+      raise UserError(
+          f"--config.{key} cannot be changed at evaluation (it is fixed by the checkpoint); "
+          f"evaluation may override {', '.join(f + '*' if f.endswith('.') else f for f in OVERRIDABLE)}."
+      )
     section, _, name = key.rpartition(".")
     node = config
     for part in section.split("."):
@@ -231,8 +241,9 @@ def load_tokenizer(workdir: str, config: ml_collections.ConfigDict):
       config.data.tokenizer = str(path)
       break
   tokenizer = tokenizer_lib.get_tokenizer(config)
-  tokenizer_lib.check_vocab_covers(tokenizer, config.model.vocab_size,
-                                   "evaluate with the tokenizer the model was trained with.")
+  tokenizer_lib.check_vocab_covers(
+      tokenizer, config.model.vocab_size, "evaluate with the tokenizer the model was trained with."
+  )
   return tokenizer
 
 
@@ -275,24 +286,58 @@ class Scorer:
 
 def _progress(iterable: Iterable, total: int | None, desc: str, enabled: bool):
   """A tqdm bar over evaluation batches (on stderr; only on the first process)."""
-  return tqdm.tqdm(iterable, total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False,
-                   disable=not enabled or jax.process_index() != 0)
+  return tqdm.tqdm(
+      iterable,
+      total=total,
+      desc=desc,
+      unit="batch",
+      dynamic_ncols=True,
+      leave=False,
+      disable=not enabled or jax.process_index() != 0,
+  )
 
 
-def evaluate_split(scorer: Scorer, config: ml_collections.ConfigDict, tokenizer: Any, *, batch_size: int,
-                   max_tokens: int, split: str, progress: bool = True) -> dict[str, Any]:
+def evaluate_split(
+    scorer: Scorer,
+    config: ml_collections.ConfigDict,
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    max_tokens: int,
+    split: str,
+    progress: bool = True,
+) -> dict[str, Any]:
   """Mean loss and perplexity over the first `max_tokens` target tokens of a split (<= 0: all of it)."""
-  batches = batches_lib.eval_batches(config, tokenizer, batch_size, max_tokens, split=split,
-                                     process_index=jax.process_index(), process_count=jax.process_count())
+  batches = batches_lib.eval_batches(
+      config,
+      tokenizer,
+      batch_size,
+      max_tokens,
+      split=split,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  )
   scored = batches_lib.num_targets(prepare.open_split(config, tokenizer, split, check_seq_len=False), max_tokens)
   total = -(-scored // (batch_size * int(config.train.seq_len)))
   nll, tokens = scorer.score(_progress(batches, total, f"eval {split}", progress))
-  return {"split": split, "loss": nll / tokens, "perplexity": metrics_lib.perplexity(nll / tokens),
-          "tokens": int(tokens)}
+  return {
+      "split": split,
+      "loss": nll / tokens,
+      "perplexity": metrics_lib.perplexity(nll / tokens),
+      "tokens": int(tokens),
+  }
 
 
-def evaluate_text(scorer: Scorer, tokenizer: Any, text: str, *, batch_size: int, max_length: int,
-                  text_format: str = "wikitext", progress: bool = True) -> dict[str, Any]:
+def evaluate_text(
+    scorer: Scorer,
+    tokenizer: Any,
+    text: str,
+    *,
+    batch_size: int,
+    max_length: int,
+    text_format: str = "wikitext",
+    progress: bool = True,
+) -> dict[str, Any]:
   """Rolling-window log-likelihood of each document of `text`, as token, word and byte perplexities."""
   docs = split_documents(text, text_format)
   if not docs:
@@ -302,13 +347,20 @@ def evaluate_text(scorer: Scorer, tokenizer: Any, text: str, *, batch_size: int,
   total = -(-len(windows) // batch_size)
   rows = batch_size // jax.process_count()
   lo = jax.process_index() * rows  # every host builds the same windows and feeds its rows of each batch
-  batches = ({k: v[lo:lo + rows] for k, v in b.items()} for b in window_batches(windows, batch_size, max_length))
+  batches = ({k: v[lo : lo + rows] for k, v in b.items()} for b in window_batches(windows, batch_size, max_length))
   nll, tokens = scorer.score(_progress(batches, total, "eval text", progress))
   if not tokens:
     raise UserError("the text file tokenizes to nothing; pass a file with text.")
   words, num_bytes = sum(map(count_words, docs)), sum(map(count_bytes, docs))
-  return {"documents": len(docs), "windows": len(windows), "max_length": max_length, "tokens": int(tokens),
-          "words": words, "bytes": num_bytes, **text_metrics(nll, tokens, words, num_bytes)}
+  return {
+      "documents": len(docs),
+      "windows": len(windows),
+      "max_length": max_length,
+      "tokens": int(tokens),
+      "words": words,
+      "bytes": num_bytes,
+      **text_metrics(nll, tokens, words, num_bytes),
+  }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -316,10 +368,21 @@ def evaluate_text(scorer: Scorer, tokenizer: Any, text: str, *, batch_size: int,
 # ---------------------------------------------------------------------------------------------------------
 
 
-def run(workdir: str, *, step: int | None = None, text_file: str | None = None, text_format: str = "wikitext",
-        max_length: int | None = None, max_tokens: int | None = None, batch_size: int | None = None,
-        split: str | None = None, overrides: dict[str, Any] | None = None, num_devices: int | None = None,
-        progress: bool = True, write: bool = True) -> dict[str, Any]:
+def run(
+    workdir: str,
+    *,
+    step: int | None = None,
+    text_file: str | None = None,
+    text_format: str = "wikitext",
+    max_length: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int | None = None,
+    split: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    num_devices: int | None = None,
+    progress: bool = True,
+    write: bool = True,
+) -> dict[str, Any]:
   """Evaluates the latest (or `step`) checkpoint of `workdir`; returns the metrics and writes DIR/eval/*.json.
 
   Without `text_file`: loss and perplexity on `split` (default: the config's validation split) over
@@ -353,15 +416,23 @@ def run(workdir: str, *, step: int | None = None, text_file: str | None = None, 
 
   if path is not None:
     max_length = int(config.train.seq_len if max_length is None else max_length)
-    metrics = evaluate_text(scorer, tokenizer, text, batch_size=batch_size,
-                            max_length=max_length, text_format=text_format, progress=progress)
+    metrics = evaluate_text(
+        scorer,
+        tokenizer,
+        text,
+        batch_size=batch_size,
+        max_length=max_length,
+        text_format=text_format,
+        progress=progress,
+    )
     name = re.sub(r"\W+", "_", path.stem).strip("_") or "text"
     source = {"text_file": str(path), "text_format": text_format}
   else:
     split = splits.resolve_split(config, split)
     max_tokens = int(config.eval.max_tokens if max_tokens is None else max_tokens)
-    metrics = evaluate_split(scorer, config, tokenizer, batch_size=batch_size, max_tokens=max_tokens,
-                             split=split, progress=progress)
+    metrics = evaluate_split(
+        scorer, config, tokenizer, batch_size=batch_size, max_tokens=max_tokens, split=split, progress=progress
+    )
     name, source = re.sub(r"\W+", "_", split), {"source": str(config.data.source)}
 
   result = {**source, **metrics, "step": int(step), "workdir": workdir}
@@ -371,6 +442,9 @@ def run(workdir: str, *, step: int | None = None, text_file: str | None = None, 
       out.mkdir(parents=True, exist_ok=True)
       (out / f"{name}_step{step}.json").write_text(json.dumps(result, indent=2) + "\n")
     except OSError as e:  # e.g. a read-only workdir: the result still reaches the caller (and stdout)
-      print(f"warning: could not write {out / f'{name}_step{step}.json'} ({e.strerror}); the result is only "
-            f"printed.", file=sys.stderr, flush=True)
+      print(
+          f"warning: could not write {out / f'{name}_step{step}.json'} ({e.strerror}); the result is only " f"printed.",
+          file=sys.stderr,
+          flush=True,
+      )
   return result

@@ -24,16 +24,16 @@ import json
 import os
 import pathlib
 import shutil
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import ml_dtypes
 import numpy as np
 from absl import flags
 
-from cla_jax import cli
+from cla_jax import cli, patterns
 from cla_jax import model as model_lib
-from cla_jax import patterns
 from cla_jax.errors import UserError
 
 DTYPES = ("bfloat16", "float32")
@@ -68,8 +68,10 @@ def is_plain_llama(params: dict, cfg: model_lib.ModelConfig) -> bool:
   """
   if any(size != 1 for size in cfg.group_sizes) or cfg.d_model % cfg.num_heads:
     return False
-  return all(np.array_equal(group["kv"]["norm"]["scale"], group["layer_0"]["attn_norm"]["scale"])
-             for group in _per_group(jax.tree.map(np.asarray, params), cfg))
+  return all(
+      np.array_equal(group["kv"]["norm"]["scale"], group["layer_0"]["attn_norm"]["scale"])
+      for group in _per_group(jax.tree.map(np.asarray, params), cfg)
+  )
 
 
 def hf_tensors(params: dict, cfg: model_lib.ModelConfig, llama: bool) -> dict[str, np.ndarray]:
@@ -82,15 +84,17 @@ def hf_tensors(params: dict, cfg: model_lib.ModelConfig, llama: bool) -> dict[st
   for layers, group in zip(patterns.layer_groups(cfg.group_sizes), _per_group(params, cfg)):
     for j, i in enumerate(layers):
       layer, p = group[f"layer_{j}"], f"model.layers.{i}."
-      tensors.update({
-          p + "input_layernorm.weight": layer["attn_norm"]["scale"],
-          p + "self_attn.q_proj.weight": layer["query"].reshape(d, n * h).T,
-          p + "self_attn.o_proj.weight": layer["out"].reshape(n * h, d).T,
-          p + "post_attention_layernorm.weight": layer["mlp_norm"]["scale"],
-          p + "mlp.gate_proj.weight": layer["gate"].T,
-          p + "mlp.up_proj.weight": layer["up"].T,
-          p + "mlp.down_proj.weight": layer["down"].T,
-      })
+      tensors.update(
+          {
+              p + "input_layernorm.weight": layer["attn_norm"]["scale"],
+              p + "self_attn.q_proj.weight": layer["query"].reshape(d, n * h).T,
+              p + "self_attn.o_proj.weight": layer["out"].reshape(n * h, d).T,
+              p + "post_attention_layernorm.weight": layer["mlp_norm"]["scale"],
+              p + "mlp.gate_proj.weight": layer["gate"].T,
+              p + "mlp.up_proj.weight": layer["up"].T,
+              p + "mlp.down_proj.weight": layer["down"].T,
+          }
+      )
       if j == 0:
         tensors[p + "self_attn.k_proj.weight"] = group["kv"]["key"].reshape(d, k * h).T
         tensors[p + "self_attn.v_proj.weight"] = group["kv"]["value"].reshape(d, k * h).T
@@ -99,8 +103,9 @@ def hf_tensors(params: dict, cfg: model_lib.ModelConfig, llama: bool) -> dict[st
   return {name: np.ascontiguousarray(t, dtype=np.float32) for name, t in tensors.items()}
 
 
-def write_safetensors(tensors: dict[str, np.ndarray], out: pathlib.Path, dtype: str,
-                      max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+def write_safetensors(
+    tensors: dict[str, np.ndarray], out: pathlib.Path, dtype: str, max_shard_bytes: int = MAX_SHARD_BYTES
+) -> list[str]:
   """Writes model.safetensors, or shards plus model.safetensors.index.json above `max_shard_bytes`."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
@@ -131,24 +136,43 @@ def write_safetensors(tensors: dict[str, np.ndarray], out: pathlib.Path, dtype: 
 # ----------------------------------------------------------------------------- config and tokenizer
 
 
-def hf_config(cfg: model_lib.ModelConfig, llama: bool, dtype: str, max_positions: int,
-              special: dict[str, int | None]) -> dict[str, Any]:
+def hf_config(
+    cfg: model_lib.ModelConfig, llama: bool, dtype: str, max_positions: int, special: dict[str, int | None]
+) -> dict[str, Any]:
   """config.json: a LlamaConfig, or a CLAConfig with explicit group sizes and `auto_map` to the remote code."""
   config = {
-      "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim,
-      "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-      "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-      "rms_norm_eps": cfg.norm_eps, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-      "max_position_embeddings": max_positions, "tie_word_embeddings": cfg.tie_embeddings,
-      "initializer_range": cfg.init_std, "use_cache": True, "dtype": dtype, **special,
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.d_model,
+      "intermediate_size": cfg.mlp_dim,
+      "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim,
+      "hidden_act": "silu",
+      "rms_norm_eps": cfg.norm_eps,
+      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+      "max_position_embeddings": max_positions,
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "initializer_range": cfg.init_std,
+      "use_cache": True,
+      "dtype": dtype,
+      **special,
   }
   if llama:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
-            "mlp_bias": False, **config}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "attention_bias": False,
+        "mlp_bias": False,
+        **config,
+    }
   return {
-      "architectures": ["CLAForCausalLM"], "model_type": "cla",
+      "architectures": ["CLAForCausalLM"],
+      "model_type": "cla",
       "auto_map": {"AutoConfig": "configuration_cla.CLAConfig", "AutoModelForCausalLM": "modeling_cla.CLAForCausalLM"},
-      "kv_group_sizes": list(cfg.group_sizes), "cla_pattern": cfg.pattern, **config,
+      "kv_group_sizes": list(cfg.group_sizes),
+      "cla_pattern": cfg.pattern,
+      **config,
   }
 
 
@@ -175,25 +199,34 @@ def sentencepiece_to_tokenizers(model_file: pathlib.Path) -> Any:
   sp = spm.SentencePieceProcessor(model_file=str(model_file))
   ids = range(sp.get_piece_size())
   byte_fallback = any(sp.is_byte(i) for i in ids)
-  tok = tokenizers.Tokenizer(models.Unigram([(sp.id_to_piece(i), sp.get_score(i)) for i in ids],
-                                            unk_id=sp.unk_id(), byte_fallback=byte_fallback))
+  tok = tokenizers.Tokenizer(
+      models.Unigram(
+          [(sp.id_to_piece(i), sp.get_score(i)) for i in ids], unk_id=sp.unk_id(), byte_fallback=byte_fallback
+      )
+  )
   # Sentencepiece splits at whitespace, which it writes as U+2581 at the start of the following piece.
   tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)
   metaspace = decoders.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)
   tok.decoder = decoders.Sequence([decoders.ByteFallback(), metaspace]) if byte_fallback else metaspace
-  tok.add_special_tokens([tokenizers.AddedToken(sp.id_to_piece(i), special=True, normalized=False)
-                          for i in ids if sp.is_control(i)])
+  tok.add_special_tokens(
+      [tokenizers.AddedToken(sp.id_to_piece(i), special=True, normalized=False) for i in ids if sp.is_control(i)]
+  )
   return tok
 
 
 # Probe texts for the sentencepiece translation: leading, repeated and trailing whitespace, newlines, digits,
 # punctuation and characters outside any small vocabulary.
-_PROBES = ("The cat sat.", "  two  spaces\n\n\tand a tab ", "x=42; y = 3.14159!\n",
-           "caf\u00e9 \u65e5\u672c \U0001F600 end")
+_PROBES = (
+    "The cat sat.",
+    "  two  spaces\n\n\tand a tab ",
+    "x=42; y = 3.14159!\n",
+    "caf\u00e9 \u65e5\u672c \U0001F600 end",
+)
 
 
 def _translation_matches(model_file: pathlib.Path, tok: Any) -> bool:
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+
   sp = spm.SentencePieceProcessor(model_file=str(model_file))
   normal = [i for i in range(min(sp.get_piece_size(), 400)) if not (sp.is_control(i) or sp.is_unknown(i))]
   pieces = " ".join(sp.id_to_piece(i) for i in normal).replace("\u2581", " ")
@@ -215,23 +248,37 @@ def write_tokenizer(path: pathlib.Path, out: pathlib.Path) -> tuple[dict[str, in
     tok = sentencepiece_to_tokenizers(path)
     if not _translation_matches(path, tok):
       import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+
       sp = spm.SentencePieceProcessor(model_file=str(path))
-      tok_config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
-                    "eos_token": sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None}
+      tok_config = {
+          "tokenizer_class": "LlamaTokenizer",
+          "add_bos_token": False,
+          "add_eos_token": False,
+          "eos_token": sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None,
+      }
       (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-      warning = (f"{path} is not a sentencepiece model the export can translate exactly; wrote tokenizer.model "
-                 "for LlamaTokenizer, which may split text differently: check its ids against cla_jax's.")
+      warning = (
+          f"{path} is not a sentencepiece model the export can translate exactly; wrote tokenizer.model "
+          "for LlamaTokenizer, which may split text differently: check its ids against cla_jax's."
+      )
       ids = {"bos_token_id": None, "eos_token_id": sp.eos_id() if sp.eos_id() >= 0 else None, "pad_token_id": None}
       return ids, warning
     tok.save(str(out / "tokenizer.json"))
   import tokenizers  # pylint: disable=g-import-not-at-top
+
   vocab = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab(with_added_tokens=True)
   eos = next((t for t in _EOS_CANDIDATES if t in vocab), None)
   unk = next((t for t in ("<unk>", "[UNK]") if t in vocab), None)
   # cla_jax adds no BOS/EOS when encoding, and neither does this config.
-  tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "unk_token": unk,
-                "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-                "model_max_length": 1_000_000_000}
+  tok_config = {
+      "tokenizer_class": "PreTrainedTokenizerFast",
+      "eos_token": eos,
+      "unk_token": unk,
+      "add_bos_token": False,
+      "add_eos_token": False,
+      "clean_up_tokenization_spaces": False,
+      "model_max_length": 1_000_000_000,
+  }
   (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
   return {"bos_token_id": None, "eos_token_id": vocab.get(eos) if eos else None, "pad_token_id": None}, warning
 
@@ -249,8 +296,15 @@ def _check_out(workdir: pathlib.Path, out: pathlib.Path, overwrite: bool) -> Non
     raise ExportError(f"--out={out} overlaps --workdir={workdir}; export to a directory outside the workdir.")
 
 
-def export(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None,
-           dtype: str = "bfloat16", overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+def export(
+    workdir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    step: int | None = None,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> dict:
   """Writes workdir's newest (or `step`'s) params as a Hugging Face model directory `out`; returns a summary."""
   from cla_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax is slow to import)
 
@@ -262,8 +316,10 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | No
   params, config, restored_step = checkpoint.restore_params(workdir_arg, step=step)
   cfg = model_lib.ModelConfig.from_config(config.model)
   if cfg.norm != "rmsnorm":
-    raise ExportError(f"model.norm={cfg.norm!r} cannot be exported: Llama and the CLA modeling file use RMSNorm "
-                      "(no bias); only rmsnorm models export.")
+    raise ExportError(
+        f"model.norm={cfg.norm!r} cannot be exported: Llama and the CLA modeling file use RMSNorm "
+        "(no bias); only rmsnorm models export."
+    )
   params = jax.tree.map(np.asarray, params)
   llama = is_plain_llama(params, cfg)
   tensors = hf_tensors(params, cfg, llama)
@@ -280,8 +336,12 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | No
       special, tokenizer_warning = write_tokenizer(tokenizer, tmp)
     max_positions = int(config.train.get("seq_len", 2048)) if "train" in config else 2048
     (tmp / "config.json").write_text(json.dumps(hf_config(cfg, llama, dtype, max_positions, special), indent=2) + "\n")
-    generation = {"bos_token_id": special["bos_token_id"], "eos_token_id": special["eos_token_id"],
-                  "pad_token_id": special["pad_token_id"], "do_sample": False}
+    generation = {
+        "bos_token_id": special["bos_token_id"],
+        "eos_token_id": special["eos_token_id"],
+        "pad_token_id": special["pad_token_id"],
+        "do_sample": False,
+    }
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if not llama:
       for name in MODELING_FILES:
@@ -291,10 +351,17 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | No
     tmp.rename(out)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-  return {"out": str(out), "step": restored_step, "format": "llama" if llama else "cla",
-          "groups": patterns.layer_groups(cfg.group_sizes), "dtype": dtype, "weight_files": files,
-          "tokenizer": str(tokenizer) if tokenizer else None, "tokenizer_warning": tokenizer_warning,
-          "reason": _format_reason(cfg, llama)}
+  return {
+      "out": str(out),
+      "step": restored_step,
+      "format": "llama" if llama else "cla",
+      "groups": patterns.layer_groups(cfg.group_sizes),
+      "dtype": dtype,
+      "weight_files": files,
+      "tokenizer": str(tokenizer) if tokenizer else None,
+      "tokenizer_warning": tokenizer_warning,
+      "reason": _format_reason(cfg, llama),
+  }
 
 
 def _format_reason(cfg: model_lib.ModelConfig, llama: bool) -> str:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 try:
   import lm_eval.models  # noqa: F401  (registers the harness's own models: a registry we populate first hides them)
@@ -35,7 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cla_jax import checkpoint, config_lib, evaluate, sharding
 from cla_jax import model as model_lib
@@ -62,9 +64,11 @@ class RowScorer(evaluate.Scorer):
   def __init__(self, params: Any, config: Any, mesh: jax.sharding.Mesh):
     super().__init__(params, config, mesh)
     model = model_lib.Transformer(config_lib.model_config(config))
-    self._rows = jax.jit(lambda p, b: _row_scores(p, b, model=model),
-                         in_shardings=(jax.tree.map(lambda x: x.sharding, params), sharding.batch_sharding(mesh)),
-                         out_shardings=NamedSharding(mesh, P()))
+    self._rows = jax.jit(
+        lambda p, b: _row_scores(p, b, model=model),
+        in_shardings=(jax.tree.map(lambda x: x.sharding, params), sharding.batch_sharding(mesh)),
+        out_shardings=NamedSharding(mesh, P()),
+    )
 
   def score_rows(self, batches: Iterable[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """(log-likelihood float64 [rows], is-greedy bool [rows]) of all rows of host-local batches, in order.
@@ -82,8 +86,10 @@ class RowScorer(evaluate.Scorer):
     outputs = jax.device_get(outputs)
     if not outputs:
       return np.zeros(0, np.float64), np.zeros(0, bool)
-    return (np.concatenate([o["log_likelihood"] for o in outputs]).astype(np.float64),
-            np.concatenate([o["is_greedy"] for o in outputs]))
+    return (
+        np.concatenate([o["log_likelihood"] for o in outputs]).astype(np.float64),
+        np.concatenate([o["is_greedy"] for o in outputs]),
+    )
 
 
 def _bucket(length: int, max_length: int) -> int:
@@ -112,10 +118,20 @@ class CLAHarnessLM(TemplateLM):
   model uses too): the pair is tokenized whole and the continuation is the tokens after the context's.
   """
 
-  def __init__(self, workdir: str, step: int | None = None, batch_size: int | str | None = None,
-               max_length: int | None = None, dtype: str | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
-               num_devices: int | None = None, seed: int = 0, max_batch_size: int | None = None,
-               device: str | None = None, progress: bool = True):
+  def __init__(
+      self,
+      workdir: str,
+      step: int | None = None,
+      batch_size: int | str | None = None,
+      max_length: int | None = None,
+      dtype: str | None = None,
+      max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+      num_devices: int | None = None,
+      seed: int = 0,
+      max_batch_size: int | None = None,
+      device: str | None = None,
+      progress: bool = True,
+  ):
     """Restores `workdir` (newest or `step`) onto the evaluation mesh; defaults come from its saved config.
 
     batch_size: rows per model call (default, or 'auto': the config's eval.batch_size), rounded up to a multiple
@@ -149,19 +165,20 @@ class CLAHarnessLM(TemplateLM):
     self.workdir = workdir
 
   @classmethod
-  def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "CLAHarnessLM":
+  def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> CLAHarnessLM:
     """Like the harness's, except that model_args win over the harness's own --batch_size (default 1)."""
     args = simple_parse_args_string(arg_string)
     return cls.create_from_arg_obj(args, additional_config)
 
   @classmethod
-  def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "CLAHarnessLM":
+  def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> CLAHarnessLM:
     """`cls(**arg_dict)` plus the harness's settings that model_args do not already give."""
     extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
     unknown = set(arg_dict) - _MODEL_ARGS
     if unknown:
-      raise UserError(f"unknown model_args {', '.join(sorted(unknown))}; "
-                      f"cla_jax takes {', '.join(sorted(_MODEL_ARGS))}.")
+      raise UserError(
+          f"unknown model_args {', '.join(sorted(unknown))}; " f"cla_jax takes {', '.join(sorted(_MODEL_ARGS))}."
+      )
     return cls(**arg_dict, **extra)
 
   # ---------------------------------------------------------------------------------------------------------
@@ -197,14 +214,20 @@ class CLAHarnessLM(TemplateLM):
     rows = self.batch_size // jax.process_count()
     lo = jax.process_index() * rows
     for batch in evaluate.window_batches(windows, self.batch_size, length):
-      yield {k: v[lo:lo + rows] for k, v in batch.items()}
+      yield {k: v[lo : lo + rows] for k, v in batch.items()}
 
   def _bar(self, total: int, desc: str, disable: bool):
-    return tqdm.tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False,
-                     disable=disable or not self._progress or jax.process_index() != 0)
+    return tqdm.tqdm(
+        total=total,
+        desc=desc,
+        dynamic_ncols=True,
+        leave=False,
+        disable=disable or not self._progress or jax.process_index() != 0,
+    )
 
-  def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
-                            disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+  def _loglikelihood_tokens(
+      self, requests: list[tuple[tuple[str, str], list[int], list[int]]], disable_tqdm: bool = False
+  ) -> list[tuple[float, bool]]:
     """(summed continuation log-prob, continuation is greedy) of tokenized (context, continuation) pairs.
 
     The model is fed (context + continuation)[-(max_length + 1):][:-1], so a long context loses its left end;
@@ -212,21 +235,23 @@ class CLAHarnessLM(TemplateLM):
     bucketed lengths so few shapes compile.
     """
     windows = []
-    for (context, continuation), context_enc, continuation_enc in requests:
+    for (_, continuation), context_enc, continuation_enc in requests:
       if not continuation_enc:
         windows.append(None)  # nothing to score: log-prob 0, trivially greedy
         continue
       if len(continuation_enc) > self.max_length:
-        raise UserError(f"a continuation of {len(continuation_enc)} tokens does not fit max_length={self.max_length} "
-                        f"(continuation {continuation[:40]!r}...); raise max_length in --model_args.")
-      seq = np.asarray((context_enc + continuation_enc)[-(self.max_length + 1):], np.int32)
+        raise UserError(
+            f"a continuation of {len(continuation_enc)} tokens does not fit max_length={self.max_length} "
+            f"(continuation {continuation[:40]!r}...); raise max_length in --model_args."
+        )
+      seq = np.asarray((context_enc + continuation_enc)[-(self.max_length + 1) :], np.int32)
       weights = (np.arange(len(seq) - 1) >= len(seq) - 1 - len(continuation_enc)).astype(np.float32)
       windows.append(evaluate.Window(seq[:-1], seq[1:], weights))
     order = sorted((i for i, w in enumerate(windows) if w is not None), key=lambda i: -len(windows[i].inputs))
     results: list[tuple[float, bool]] = [(0.0, True)] * len(windows)
     bar = self._bar(len(order), "loglikelihood", disable_tqdm)
     for start in range(0, len(order), self.batch_size):
-      chunk = order[start:start + self.batch_size]
+      chunk = order[start : start + self.batch_size]
       length = _bucket(len(windows[chunk[0]].inputs), self.max_length)
       log_likelihood, is_greedy = self._scorer.score_rows(self._batches([windows[i] for i in chunk], length))
       for row, i in enumerate(chunk):
@@ -240,8 +265,9 @@ class CLAHarnessLM(TemplateLM):
   def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
     """Log-likelihood of whole documents: eval.py's rolling windows (every token predicted once, EOS first)."""
     texts = [req.args[0] for req in requests]
-    per_doc = [evaluate.rolling_windows(ids, self.max_length, self.eot_token_id)
-               for ids in self.tokenizer_.encode_batch(texts)]
+    per_doc = [
+        evaluate.rolling_windows(ids, self.max_length, self.eot_token_id) for ids in self.tokenizer_.encode_batch(texts)
+    ]
     windows = [w for doc in per_doc for w in doc]
     total = -(-len(windows) // self.batch_size)
     batches = self._batches(windows, self.max_length)
@@ -250,7 +276,7 @@ class CLAHarnessLM(TemplateLM):
     bar.close()
     results, start = [], 0
     for text, doc in zip(texts, per_doc):
-      results.append(math.fsum(log_likelihood[start:start + len(doc)]))
+      results.append(math.fsum(log_likelihood[start : start + len(doc)]))
       start += len(doc)
       self.cache_hook.add_partial("loglikelihood_rolling", (text,), results[-1])
     return results
@@ -259,8 +285,10 @@ class CLAHarnessLM(TemplateLM):
     """Continuations of each context, cut before the first `until` string or EOS (greedy unless asked)."""
     generate = getattr(self.model, "generate", None)
     if generate is None:
-      raise UserError("generate_until tasks need KV-cached generation (LoadedModel.generate), which this cla_jax "
-                      "does not have yet; run loglikelihood tasks (multiple choice, perplexity) only.")
+      raise UserError(
+          "generate_until tasks need KV-cached generation (LoadedModel.generate), which this cla_jax "
+          "does not have yet; run loglikelihood tasks (multiple choice, perplexity) only."
+      )
     results: list[str | None] = [None] * len(requests)
     # Same settings batch together (the harness's grouping); longest prompts first.
     groups: dict[str, list[int]] = {}
@@ -272,21 +300,29 @@ class CLAHarnessLM(TemplateLM):
       until = lm_eval_utils.handle_stop_sequences(kwargs.pop("until", None), eos=None)
       max_gen_toks = int(kwargs.pop("max_gen_toks"))
       if max_gen_toks >= self.max_length:
-        raise UserError(f"max_gen_toks={max_gen_toks} leaves no room for a prompt in max_length={self.max_length}; "
-                        "raise max_length or lower max_gen_toks.")
-      sampling = {"temperature": float(kwargs.get("temperature", 0.0) or 0.0),
-                  "top_k": int(kwargs.get("top_k", 0) or 0), "top_p": float(kwargs.get("top_p", 1.0) or 1.0)}
-      prompts = {i: (self.tok_encode(requests[i].args[0]) or [self.eot_token_id])[-(self.max_length - max_gen_toks):]
-                 for i in indices}
+        raise UserError(
+            f"max_gen_toks={max_gen_toks} leaves no room for a prompt in max_length={self.max_length}; "
+            "raise max_length or lower max_gen_toks."
+        )
+      sampling = {
+          "temperature": float(kwargs.get("temperature", 0.0) or 0.0),
+          "top_k": int(kwargs.get("top_k", 0) or 0),
+          "top_p": float(kwargs.get("top_p", 1.0) or 1.0),
+      }
+      prompts = {
+          i: (self.tok_encode(requests[i].args[0]) or [self.eot_token_id])[-(self.max_length - max_gen_toks) :]
+          for i in indices
+      }
       ordered = sorted(indices, key=lambda i: -len(prompts[i]))
       for start in range(0, len(ordered), self.batch_size):
-        chunk = ordered[start:start + self.batch_size]
-        new_ids = generate([prompts[i] for i in chunk], max_new_tokens=max_gen_toks,
-                           seed=self._seed + start, **sampling)
+        chunk = ordered[start : start + self.batch_size]
+        new_ids = generate(
+            [prompts[i] for i in chunk], max_new_tokens=max_gen_toks, seed=self._seed + start, **sampling
+        )
         for i, ids in zip(chunk, new_ids):
           ids = list(ids)
           if self.eot_token_id in ids:
-            ids = ids[:ids.index(self.eot_token_id)]
+            ids = ids[: ids.index(self.eot_token_id)]
           text = lm_eval_utils.postprocess_generated_text(self.tok_decode(ids), until, None)
           results[i] = text
           self.cache_hook.add_partial("generate_until", requests[i].args, text)
@@ -298,8 +334,21 @@ class CLAHarnessLM(TemplateLM):
     return f"CLAHarnessLM(workdir={self.workdir!r}, step={self.step}, {sharding.describe(self._mesh)})"
 
 
-_MODEL_ARGS = frozenset(("workdir", "step", "batch_size", "max_length", "dtype", "max_gen_toks", "num_devices",
-                         "seed", "max_batch_size", "device", "progress"))
+_MODEL_ARGS = frozenset(
+    (
+        "workdir",
+        "step",
+        "batch_size",
+        "max_length",
+        "dtype",
+        "max_gen_toks",
+        "num_devices",
+        "seed",
+        "max_batch_size",
+        "device",
+        "progress",
+    )
+)
 
 
 def _counted(batches: Iterable[Any], bar: tqdm.tqdm) -> Iterable[Any]:
@@ -328,8 +377,10 @@ def harness_argv(argv: Sequence[str]) -> list[str]:
     if name in ("--model", "-M"):
       value = value or (argv[i + 1] if i + 1 < len(argv) else "")
       if value != "cla_jax":
-        raise UserError(f"--model {value}: this command evaluates cla_jax workdirs; use lm-eval itself for other "
-                        "models, or drop --model.")
+        raise UserError(
+            f"--model {value}: this command evaluates cla_jax workdirs; use lm-eval itself for other "
+            "models, or drop --model."
+        )
   added = [] if any(a.split("=")[0] in ("--model", "-M") for a in argv) else ["--model", "cla_jax"]
   if not any(a.split("=")[0] in ("--batch_size", "-b") for a in argv):
     added += ["--batch_size", "auto"]

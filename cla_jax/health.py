@@ -39,21 +39,28 @@ class HealthCheck:
 
   def problem(self, loss: float, grad_norm: float) -> str | None:
     """None when the step is healthy, else what is wrong (and which setting decided it)."""
-    bad = [f"{name} is {value}" for name, value in (("loss", loss), ("gradient norm", grad_norm))
-           if not math.isfinite(value)]
+    bad = [
+        f"{name} is {value}"
+        for name, value in (("loss", loss), ("gradient norm", grad_norm))
+        if not math.isfinite(value)
+    ]
     if bad:  # always on: a non-finite gradient poisons the update even when the loss was still finite
       return " and ".join(bad)
     if not self.enabled:
       return None
     if grad_norm == 0.0 or (grad_norm < DEAD_GRAD_NORM and abs(loss - self.uniform_loss) < DEAD_LOSS_TOLERANCE):
-      return (f"the model is dead: gradient norm {grad_norm:.3g} with the loss {loss:.4f} at ln(vocab_size) = "
-              f"{self.uniform_loss:.4f} (train.divergence_check)")
+      return (
+          f"the model is dead: gradient norm {grad_norm:.3g} with the loss {loss:.4f} at ln(vocab_size) = "
+          f"{self.uniform_loss:.4f} (train.divergence_check)"
+      )
     if self.max_grad_norm > 0 and grad_norm > self.max_grad_norm:
       return f"gradient norm {grad_norm:.4g} is above train.divergence_max_grad_norm={self.max_grad_norm:g}"
     if self.spike_factor > 0 and self.recent:
       median = statistics.median(self.recent)
       if loss > self.spike_factor * median and loss > median + SPIKE_MIN_NATS:
-        return (f"loss {loss:.4g} is above train.divergence_spike_factor={self.spike_factor:g} x its running "
-                f"median {median:.4g}")
+        return (
+            f"loss {loss:.4g} is above train.divergence_spike_factor={self.spike_factor:g} x its running "
+            f"median {median:.4g}"
+        )
     self.recent.append(loss)
     return None

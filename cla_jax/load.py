@@ -10,10 +10,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cla_jax import checkpoint
-from cla_jax import config_lib
+from cla_jax import checkpoint, config_lib, sharding
 from cla_jax import model as model_lib
-from cla_jax import sharding
 from cla_jax.errors import UserError
 
 
@@ -25,8 +23,9 @@ class LoadedModel:
   (`ModelConfig`) and `module` (the Flax `Transformer`, for `module.apply({"params": params}, ...)`).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, params: Any, step: int,
-               workdir: str | os.PathLike | None = None):
+  def __init__(
+      self, config: ml_collections.ConfigDict, params: Any, step: int, workdir: str | os.PathLike | None = None
+  ):
     self.config = config
     self.params = params
     self.step = step
@@ -49,6 +48,7 @@ class LoadedModel:
     """The workdir's tokenizer (the one the model was trained with), loaded on first use."""
     if self._tokenizer is None:
       from cla_jax import evaluate  # pylint: disable=g-import-not-at-top  (heavy; only text generation needs it)
+
       if self.workdir is None:
         raise UserError("this model was built without a workdir, so it has no tokenizer; pass token ids.")
       self._tokenizer = evaluate.load_tokenizer(os.fspath(self.workdir), self.config)
@@ -59,8 +59,16 @@ class LoadedModel:
     """Longest prompt + new tokens `generate` accepts: the sequence length the model was trained at."""
     return int(self.config.train.seq_len)
 
-  def generate(self, prompts: Any, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int = 0, max_length: int | None = None) -> list[str] | list[list[int]]:
+  def generate(
+      self,
+      prompts: Any,
+      max_new_tokens: int = 64,
+      temperature: float = 0.0,
+      top_k: int = 0,
+      top_p: float = 1.0,
+      seed: int = 0,
+      max_length: int | None = None,
+  ) -> list[str] | list[list[int]]:
     """Continues each prompt with the KV cache: strings in, strings out; token ids in, new token ids out.
 
     `prompts` is a list of strings (tokenized with the workdir's tokenizer after an EOS, the separator
@@ -71,8 +79,10 @@ class LoadedModel:
     `max_length` caps prompt + new tokens (default: train.seq_len).
     """
     from cla_jax import decode  # pylint: disable=g-import-not-at-top
-    is_text = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                           and all(isinstance(p, str) for p in prompts))
+
+    is_text = isinstance(prompts, str) or (
+        isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts)
+    )
     if isinstance(prompts, str):
       raise UserError("prompts must be a list of strings (or of token-id lists); wrap one prompt as [prompt].")
     eos_id = None
@@ -94,9 +104,19 @@ class LoadedModel:
     decoder = self._decoders[sampling]
     if self._sharded_params is None:
       self._sharded_params = decoder.shard_params(self.params)  # as trained: the rule table on the mesh
-    new = decode.generate(self._sharded_params, self.model_config, ids, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id,
-                          max_length=self.max_length if max_length is None else max_length, decoder=decoder)
+    new = decode.generate(
+        self._sharded_params,
+        self.model_config,
+        ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        eos_id=eos_id,
+        max_length=self.max_length if max_length is None else max_length,
+        decoder=decoder,
+    )
     if not is_text:
       return new
     # The embedding is padded past the tokenizer's vocabulary (to a multiple of 128): those ids have no text.
@@ -118,8 +138,9 @@ class LoadedModel:
       x = np.asarray(x)
       dtype = x.dtype
     if len(shape) != 2:
-      raise UserError(f"{name} must be 2-D [batch, length], got shape {tuple(shape)}; "
-                      "wrap a single sequence as tokens[None].")
+      raise UserError(
+          f"{name} must be 2-D [batch, length], got shape {tuple(shape)}; " "wrap a single sequence as tokens[None]."
+      )
     if not jnp.issubdtype(dtype, jnp.integer):
       raise UserError(f"{name} must be integers (e.g. int32 token ids), got dtype {dtype}.")
     if like is not None and tuple(shape) != tuple(like.shape):
@@ -133,8 +154,10 @@ class LoadedModel:
 
   def __repr__(self) -> str:
     cfg = self.model_config
-    return (f"LoadedModel(step={self.step}, layers={cfg.num_layers}, d_model={cfg.d_model}, "
-            f"pattern={cfg.pattern!r}, vocab={cfg.vocab_size})")
+    return (
+        f"LoadedModel(step={self.step}, layers={cfg.num_layers}, d_model={cfg.d_model}, "
+        f"pattern={cfg.pattern!r}, vocab={cfg.vocab_size})"
+    )
 
 
 def load_model(workdir: str | os.PathLike, step: int | None = None, dtype: str | None = None) -> LoadedModel:

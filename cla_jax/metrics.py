@@ -113,7 +113,7 @@ def measured_cpu_peak(size: int = 1024, min_trials: int = 10, min_seconds: float
     matmul(x).block_until_ready()
     best = min(best, time.perf_counter() - start)
     trials += 1
-  measured = 2.0 * size ** 3 / best
+  measured = 2.0 * size**3 / best
   path, key = os.path.expanduser(CPU_PEAK_CACHE), f"{_machine_key()} | fp32 matmul {size}"
   cache = _read_peak_cache(path)
   peak = max(measured, cache.get(key, 0.0))
@@ -159,6 +159,7 @@ class MetricWriter:
     self._jsonl = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
       os.makedirs(workdir, exist_ok=True)
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
       path = os.path.join(workdir, "metrics.jsonl")
@@ -188,9 +189,13 @@ class MetricWriter:
     parts = [f"step {r['step']}/{self.total_steps}", f"loss {r['loss']:.4f}"]
     if "eval_loss" in r:
       parts.append(f"val {r['eval_loss']:.4f}")
-    parts += [f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}", f"{r['tokens_per_s'] / 1e3:.1f}k tok/s",
-              f"mfu {100 * r['mfu']:.1f}%" if math.isfinite(r["mfu"]) else "mfu n/a",
-              f"{r['step_time']:.3f} s/step"]
+    parts += [
+        f"lr {r['lr']:.2e}",
+        f"gnorm {r['grad_norm']:.3f}",
+        f"{r['tokens_per_s'] / 1e3:.1f}k tok/s",
+        f"mfu {100 * r['mfu']:.1f}%" if math.isfinite(r["mfu"]) else "mfu n/a",
+        f"{r['step_time']:.3f} s/step",
+    ]
     done = r["step"] - self._start_step
     if done > 0 and r["step"] < self.total_steps:
       eta = (time.time() - self._start_time) / done * (self.total_steps - r["step"])
@@ -259,4 +264,3 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
   if skipped:
     print(f"warning: skipped {skipped} unreadable line(s) of {path}", file=sys.stderr, flush=True)
   return records
-

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -61,7 +62,7 @@ class ModelConfig:
   attention_impl: str = "auto"  # auto (cuDNN on GPU when it applies, else XLA) | xla | cudnn
 
   @classmethod
-  def from_config(cls, model_config: Any) -> "ModelConfig":
+  def from_config(cls, model_config: Any) -> ModelConfig:
     """Builds and validates a ModelConfig from a mapping (e.g. `config.model`)."""
     values = dict(model_config.items()) if hasattr(model_config, "items") else dict(model_config)
     known = {f.name for f in dataclasses.fields(cls)}
@@ -82,11 +83,16 @@ class ModelConfig:
       divisors = [k for k in range(1, self.num_heads + 1) if self.num_heads % k == 0]
       raise ConfigError(
           f"model.num_heads={self.num_heads} is not divisible by model.num_kv_heads={self.num_kv_heads}; "
-          f"choose num_kv_heads from {divisors}.")
+          f"choose num_kv_heads from {divisors}."
+      )
     if self.head_dim % 2:
       raise ConfigError(f"model.head_dim={self.head_dim} must be even for RoPE; try {self.head_dim + 1}.")
-    for name, allowed in (("norm", NORMS), ("dtype", DTYPES), ("remat", tuple(REMAT_POLICIES)),
-                          ("attention_impl", ATTENTION_IMPLS)):
+    for name, allowed in (
+        ("norm", NORMS),
+        ("dtype", DTYPES),
+        ("remat", tuple(REMAT_POLICIES)),
+        ("attention_impl", ATTENTION_IMPLS),
+    ):
       if getattr(self, name) not in allowed:
         raise ConfigError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}.")
     if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
@@ -115,8 +121,12 @@ class ModelConfig:
   def resolved_attention_impl(self) -> str:
     if self.attention_impl != "auto":
       return self.attention_impl
-    cudnn_ok = (jax.default_backend() == "gpu" and self.compute_dtype in (jnp.bfloat16, jnp.float16)
-                and self.head_dim % 8 == 0 and self.head_dim <= 128)
+    cudnn_ok = (
+        jax.default_backend() == "gpu"
+        and self.compute_dtype in (jnp.bfloat16, jnp.float16)
+        and self.head_dim % 8 == 0
+        and self.head_dim <= 128
+    )
     return "cudnn" if cudnn_ok else "xla"
 
 
@@ -175,8 +185,9 @@ class KVBlock(nn.Module):
     return nn.with_logical_constraint(key, kv_axes), nn.with_logical_constraint(value, kv_axes)
 
 
-def attention(query: Array, key: Array, value: Array, segment_ids: Array | None, impl: str,
-              cache_mask: Array | None = None) -> Array:
+def attention(
+    query: Array, key: Array, value: Array, segment_ids: Array | None, impl: str, cache_mask: Array | None = None
+) -> Array:
   """Causal attention of query [b,t,n,h] over shared key/value [b,s,k,h]; GQA without repeating K/V.
 
   `cache_mask` [b, 1, t, s] replaces the causal mask when keys come from a decode cache, where query i
@@ -198,8 +209,15 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array, key: Array, value: Array, positions: Array,
-               segment_ids: Array | None, cache_mask: Array | None = None) -> Array:
+  def __call__(
+      self,
+      x: Array,
+      key: Array,
+      value: Array,
+      positions: Array,
+      segment_ids: Array | None,
+      cache_mask: Array | None = None,
+  ) -> Array:
     cfg, dtype = self.cfg, self.cfg.compute_dtype
     init = nn.initializers.normal(cfg.init_std)
     w_query = _param(self, "query", (cfg.d_model, cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), init)
@@ -217,7 +235,9 @@ class DecoderLayer(nn.Module):
     h = Norm(cfg, name="mlp_norm")(x)
     gate = jnp.einsum("btd,df->btf", h, w_gate.astype(dtype))
     up = jnp.einsum("btd,df->btf", h, w_up.astype(dtype))
-    hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+    hidden = nn.with_logical_constraint(
+        jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp")
+    )
     x = x + jnp.einsum("btf,fd->btd", hidden, w_down.astype(dtype))
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
@@ -231,8 +251,7 @@ def write_cache(cache: KVCache, key: Array, value: Array, positions: Array, grou
   rows = jnp.arange(key.shape[0])[:, None]
   index = (rows, positions) if group is None else (group, rows, positions)
   # Slots past the cache's end are dropped; decode.py refuses requests that would need them.
-  return tuple(c.at[index].set(new.astype(c.dtype), mode="drop")
-               for c, new in ((cache[0], key), (cache[1], value)))
+  return tuple(c.at[index].set(new.astype(c.dtype), mode="drop") for c, new in ((cache[0], key), (cache[1], value)))
 
 
 def cache_mask(positions: Array, max_length: int) -> Array:
@@ -251,8 +270,14 @@ class LayerGroup(nn.Module):
   group_size: int
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, segment_ids: Array | None, cache: KVCache | None = None,
-               group: Array | None = None) -> Array | tuple[Array, KVCache]:
+  def __call__(
+      self,
+      x: Array,
+      positions: Array,
+      segment_ids: Array | None,
+      cache: KVCache | None = None,
+      group: Array | None = None,
+  ) -> Array | tuple[Array, KVCache]:
     key, value = KVBlock(self.cfg, name="kv")(x, positions)
     mask = None
     if cache is not None:
@@ -293,9 +318,14 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
-               cache: Sequence[KVCache] | None = None,
-               logit_indices: Array | None = None) -> Array | tuple[Array, list[KVCache]]:
+  def __call__(
+      self,
+      tokens: Array,
+      positions: Array | None = None,
+      segment_ids: Array | None = None,
+      cache: Sequence[KVCache] | None = None,
+      logit_indices: Array | None = None,
+  ) -> Array | tuple[Array, list[KVCache]]:
     cfg, dtype = self.cfg, self.cfg.compute_dtype
     init = nn.initializers.normal(cfg.init_std)
     if positions is None:
@@ -317,20 +347,29 @@ class Transformer(nn.Module):
         # The same scan over the same params; the segment's cache [num_groups, ...] is carried, and the
         # scanned input is the group index g whose slice the group writes and reads.
         scanned = nn.scan(
-            _ScannedDecodeGroup, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0), length=num_groups,
-            metadata_params={nn.PARTITION_NAME: "layers"})
+            _ScannedDecodeGroup,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, 0),
+            length=num_groups,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
         (x, segment_cache), _ = scanned(cfg, group_size, name=f"segment_{s}")(
-            (x, tuple(cache[s])), positions, segment_ids, jnp.arange(num_groups))
+            (x, tuple(cache[s])), positions, segment_ids, jnp.arange(num_groups)
+        )
         new_cache.append(segment_cache)
       elif cfg.scan_layers:
         group_cls = _ScannedGroup
         if remat:
           group_cls = nn.remat(group_cls, policy=policy, prevent_cse=False)
         scanned = nn.scan(
-            group_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast), length=num_groups,
-            metadata_params={nn.PARTITION_NAME: "layers"})
+            group_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=num_groups,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
         x, _ = scanned(cfg, group_size, name=f"segment_{s}")(x, positions, segment_ids)
       else:
         group_cls = nn.remat(LayerGroup, policy=policy) if remat else LayerGroup

@@ -17,8 +17,12 @@ def learning_rate_schedule(train_config: Any) -> optax.Schedule:
   steps = int(train_config.steps)
   warmup = int(round(float(train_config.warmup_frac) * steps))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=float(train_config.lr), warmup_steps=warmup,
-      decay_steps=max(steps, warmup + 1), end_value=float(train_config.lr) * float(train_config.min_lr_ratio))
+      init_value=0.0,
+      peak_value=float(train_config.lr),
+      warmup_steps=warmup,
+      decay_steps=max(steps, warmup + 1),
+      end_value=float(train_config.lr) * float(train_config.min_lr_ratio),
+  )
 
 
 def decay_mask(params: Any) -> Any:
@@ -36,6 +40,11 @@ def make_optimizer(train_config: Any) -> optax.GradientTransformation:
   """clip_by_global_norm -> AdamW(b1, b2, weight_decay masked off norms) with the schedule above."""
   return optax.chain(
       optax.clip_by_global_norm(float(train_config.clip_norm)),
-      optax.adamw(learning_rate_schedule(train_config), b1=float(train_config.b1), b2=float(train_config.b2),
-                  weight_decay=float(train_config.weight_decay), mask=decay_mask),
+      optax.adamw(
+          learning_rate_schedule(train_config),
+          b1=float(train_config.b1),
+          b2=float(train_config.b2),
+          weight_decay=float(train_config.weight_decay),
+          mask=decay_mask,
+      ),
   )

@@ -42,9 +42,15 @@ BATCH_SEQUENCES = 2048
 # GPT-NeoX BPE has 50277 tokens; padded to a multiple of 128 for even sharding.
 VOCAB_SIZE = 50304
 
-_PATTERN_SUFFIX = {"": "none", "-CLA2": "cla2", "-CLA3": "cla3", "-CLA4": "cla4",
-                   "-CLA2-KeepEnds": "keep_ends", "-CLA2-DenseFront": "dense_front",
-                   "-CLA2-DenseBack": "dense_back"}
+_PATTERN_SUFFIX = {
+    "": "none",
+    "-CLA2": "cla2",
+    "-CLA3": "cla3",
+    "-CLA4": "cla4",
+    "-CLA2-KeepEnds": "keep_ends",
+    "-CLA2-DenseFront": "dense_front",
+    "-CLA2-DenseBack": "dense_back",
+}
 
 
 def _row(name: str, num_heads: int, lr: float = DESIGN_SPACE_LR) -> tuple[str, Row]:
@@ -56,13 +62,31 @@ def _row(name: str, num_heads: int, lr: float = DESIGN_SPACE_LR) -> tuple[str, R
 
 
 # Table 1: the 1B design space at LR 3e-4 (model name -> Row).
-TABLE1 = dict(_row(n, h) for n, h in [
-    ("H128-MHA", 16), ("H128-GQA4", 16), ("H128-GQA2", 16), ("H128-MQA", 16), ("H64-MQA", 32),
-    ("H46-MQA", 45), ("H32-MQA", 64), ("H512-MQA-CLA2", 4), ("H256-MQA-CLA2", 8),
-    ("H128-MQA-CLA2", 16), ("H90-MQA-CLA2", 22), ("H64-MQA-CLA2", 32), ("H256-GQA4-CLA2", 8),
-    ("H128-GQA4-CLA2", 16), ("H128-GQA2-CLA2", 16), ("H128-MQA-CLA3", 16), ("H128-MQA-CLA4", 16),
-    ("H128-MQA-CLA2-KeepEnds", 16), ("H128-MQA-CLA2-DenseFront", 16), ("H128-MQA-CLA2-DenseBack", 16),
-])
+TABLE1 = dict(
+    _row(n, h)
+    for n, h in [
+        ("H128-MHA", 16),
+        ("H128-GQA4", 16),
+        ("H128-GQA2", 16),
+        ("H128-MQA", 16),
+        ("H64-MQA", 32),
+        ("H46-MQA", 45),
+        ("H32-MQA", 64),
+        ("H512-MQA-CLA2", 4),
+        ("H256-MQA-CLA2", 8),
+        ("H128-MQA-CLA2", 16),
+        ("H90-MQA-CLA2", 22),
+        ("H64-MQA-CLA2", 32),
+        ("H256-GQA4-CLA2", 8),
+        ("H128-GQA4-CLA2", 16),
+        ("H128-GQA2-CLA2", 16),
+        ("H128-MQA-CLA3", 16),
+        ("H128-MQA-CLA4", 16),
+        ("H128-MQA-CLA2-KeepEnds", 16),
+        ("H128-MQA-CLA2-DenseFront", 16),
+        ("H128-MQA-CLA2-DenseBack", 16),
+    ]
+)
 
 
 def _tuned(name: str, num_heads: int, lr: float, tag: str) -> tuple[str, Row]:
@@ -73,19 +97,26 @@ def _tuned(name: str, num_heads: int, lr: float, tag: str) -> tuple[str, Row]:
 # Tuned-LR rows. 1B rows carry '-tuned' so they do not collide with Table 1; the 3B table has
 # two sets of runs, 'a' (validation + Wikitext) and 'b' (Wikitext only), named by suffix.
 ROWS = {
-    "1b": {**TABLE1, **dict([
-        _tuned("H128-MQA", 16, 1.5e-3, "tuned"),
-        _tuned("H128-MQA-CLA2", 16, 2.25e-3, "tuned"),
-        _tuned("H64-MQA", 32, 2.25e-3, "tuned"),
-    ])},
-    "3b": dict([
-        _row("H128-MQA", 24, 6.75e-4),
-        _row("H128-MQA-CLA2", 24, 2.25e-3),
-        _row("H64-MQA", 48, 1.0e-3),
-        _tuned("H64-MQA", 48, 1e-3, "setb"),
-        _tuned("H64-MQA-CLA2", 48, 1e-3, "setb"),
-        _tuned("H32-MQA", 96, 1e-3, "setb"),
-    ]),
+    "1b": {
+        **TABLE1,
+        **dict(
+            [
+                _tuned("H128-MQA", 16, 1.5e-3, "tuned"),
+                _tuned("H128-MQA-CLA2", 16, 2.25e-3, "tuned"),
+                _tuned("H64-MQA", 32, 2.25e-3, "tuned"),
+            ]
+        ),
+    },
+    "3b": dict(
+        [
+            _row("H128-MQA", 24, 6.75e-4),
+            _row("H128-MQA-CLA2", 24, 2.25e-3),
+            _row("H64-MQA", 48, 1.0e-3),
+            _tuned("H64-MQA", 48, 1e-3, "setb"),
+            _tuned("H64-MQA-CLA2", 48, 1e-3, "setb"),
+            _tuned("H32-MQA", 96, 1e-3, "setb"),
+        ]
+    ),
 }
 
 
@@ -97,10 +128,19 @@ def apply_row(config, scale: str, name: str) -> None:
   family, row = FAMILIES[scale], rows[name]
   with config.unlocked():
     config.model.update(
-        num_layers=family.num_layers, d_model=family.d_model, mlp_dim=family.mlp_dim,
-        num_heads=row.num_heads, num_kv_heads=row.num_kv_heads, head_dim=row.head_dim,
-        pattern=row.pattern, vocab_size=VOCAB_SIZE)
+        num_layers=family.num_layers,
+        d_model=family.d_model,
+        mlp_dim=family.mlp_dim,
+        num_heads=row.num_heads,
+        num_kv_heads=row.num_kv_heads,
+        head_dim=row.head_dim,
+        pattern=row.pattern,
+        vocab_size=VOCAB_SIZE,
+    )
     config.train.update(
-        lr=row.lr, seq_len=family.seq_len, batch_size=BATCH_SEQUENCES,
-        steps=round(family.train_tokens / (BATCH_SEQUENCES * family.seq_len)))
+        lr=row.lr,
+        seq_len=family.seq_len,
+        batch_size=BATCH_SEQUENCES,
+        steps=round(family.train_tokens / (BATCH_SEQUENCES * family.seq_len)),
+    )
     config.name = f"{scale}:{name}"

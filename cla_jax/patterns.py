@@ -9,7 +9,7 @@ equal size form a *segment*, the unit the model scans over.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from cla_jax.errors import UserError
 
@@ -56,7 +56,8 @@ def group_sizes(pattern: str, num_layers: int) -> tuple[int, ...]:
     if sum(sizes) != num_layers:
       raise PatternError(
           f"model.pattern={pattern!r} covers {sum(sizes)} layers but model.num_layers={num_layers}; "
-          f"make the sizes sum to {num_layers}, e.g. '{','.join(map(str, _uniform(num_layers, 2)))}'.")
+          f"make the sizes sum to {num_layers}, e.g. '{','.join(map(str, _uniform(num_layers, 2)))}'."
+      )
   else:
     raise PatternError(f"unknown model.pattern={pattern!r}; valid: {', '.join(NAMED_PATTERNS)}.")
   sizes = [s for s in sizes if s > 0]

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cla_jax.errors import UserError
 
@@ -68,14 +70,18 @@ def distributed_args(environ: Mapping[str, str]) -> dict[str, Any] | None:
     return None
   missing = [name for name in LAUNCH_ENV if name not in present]
   if missing:
-    raise LaunchError(f"{', '.join(present)} set but {' and '.join(missing)} missing: a multi-process launch "
-                      f"sets all of {', '.join(LAUNCH_ENV)} (or none, to run one process or auto-detect "
-                      f"TPU / SLURM / Open MPI).")
+    raise LaunchError(
+        f"{', '.join(present)} set but {' and '.join(missing)} missing: a multi-process launch "
+        f"sets all of {', '.join(LAUNCH_ENV)} (or none, to run one process or auto-detect "
+        f"TPU / SLURM / Open MPI)."
+    )
   address = present["JAX_COORDINATOR_ADDRESS"]
   host, _, port = address.rpartition(":")
   if not host or not port.isdigit():
-    raise LaunchError(f"JAX_COORDINATOR_ADDRESS={address!r} must be host:port, e.g. 10.0.0.1:1234 (process 0's "
-                      f"host and a free port).")
+    raise LaunchError(
+        f"JAX_COORDINATOR_ADDRESS={address!r} must be host:port, e.g. 10.0.0.1:1234 (process 0's "
+        f"host and a free port)."
+    )
   numbers = {}
   for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     try:
@@ -92,13 +98,18 @@ def distributed_args(environ: Mapping[str, str]) -> dict[str, Any] | None:
 
 def _auto_detected_cluster(environ: Mapping[str, str]) -> bool:
   """True on a multi-host TPU slice, a SLURM job or an Open MPI job with more than one task."""
+
   def count(name):
     try:
       return int(environ.get(name, "1"))
     except ValueError:
       return 1
-  return (len([h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1
-          or count("SLURM_NTASKS") > 1 or count("OMPI_COMM_WORLD_SIZE") > 1)
+
+  return (
+      len([h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1
+      or count("SLURM_NTASKS") > 1
+      or count("OMPI_COMM_WORLD_SIZE") > 1
+  )
 
 
 def maybe_initialize_distributed(environ: Mapping[str, str] | None = None) -> None:
@@ -124,17 +135,23 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
   wild = [name for name, s in zip(MESH_AXES, sizes) if s == -1]
   bad = [f"mesh.{name}={s}" for name, s in zip(MESH_AXES, sizes) if s == 0 or s < -1]
   if bad or len(wild) > 1:
-    raise MeshError(f"invalid mesh {', '.join(bad) or 'with several -1 axes'}: each axis is a positive size, "
-                    f"and at most one may be -1 (all remaining devices).")
+    raise MeshError(
+        f"invalid mesh {', '.join(bad) or 'with several -1 axes'}: each axis is a positive size, "
+        f"and at most one may be -1 (all remaining devices)."
+    )
   fixed = math.prod(s for s in sizes if s != -1)
   if wild:
     if num_devices % fixed:
-      raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))} needs a multiple of {fixed} devices, but there are "
-                      f"{num_devices}; pick sizes whose product divides {num_devices}.")
+      raise MeshError(
+          f"mesh {dict(zip(MESH_AXES, sizes))} needs a multiple of {fixed} devices, but there are "
+          f"{num_devices}; pick sizes whose product divides {num_devices}."
+      )
     sizes[sizes.index(-1)] = num_devices // fixed
   if math.prod(sizes) != num_devices:
-    raise MeshError(f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} does not match "
-                    f"the {num_devices} devices; set one axis to -1 or make the product {num_devices}.")
+    raise MeshError(
+        f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} does not match "
+        f"the {num_devices} devices; set one axis to -1 or make the product {num_devices}."
+    )
   return tuple(sizes)
 
 
@@ -147,8 +164,9 @@ def make_mesh(mesh_config: Any) -> Mesh:
   wanted = int(mesh_config.get("num_devices", -1))
   if wanted not in (-1, len(devices)):
     if wanted <= 0 or wanted > len(devices) or jax.process_count() > 1:
-      raise MeshError(f"mesh.num_devices={wanted} must be -1 (all) or between 1 and {len(devices)} "
-                      f"(single-process runs only).")
+      raise MeshError(
+          f"mesh.num_devices={wanted} must be -1 (all) or between 1 and {len(devices)} " f"(single-process runs only)."
+      )
     devices = devices[:wanted]
   shape = mesh_shape(mesh_config, len(devices))
   if num_slices(devices) > 1:
@@ -173,9 +191,11 @@ def hybrid_device_layout(shape: Sequence[int], devices: Sequence[Any]) -> np.nda
   slices = num_slices(devices)
   data, fsdp, tensor = shape
   if data % slices:
-    raise MeshError(f"the devices span {slices} slices but mesh.data={data} is not a multiple of {slices}: data "
-                    f"parallelism runs across slices, fsdp and tensor within one; make mesh.data a multiple of "
-                    f"{slices}.")
+    raise MeshError(
+        f"the devices span {slices} slices but mesh.data={data} is not a multiple of {slices}: data "
+        f"parallelism runs across slices, fsdp and tensor within one; make mesh.data a multiple of "
+        f"{slices}."
+    )
   return mesh_utils.create_hybrid_device_mesh((data // slices, fsdp, tensor), (slices, 1, 1), devices)
 
 
@@ -187,13 +207,16 @@ def batch_parallelism(mesh: Mesh) -> int:
 def check_model_fits(model_cfg: Any, mesh: Mesh) -> None:
   """Raises MeshError when a sharded model dimension is not divisible by its mesh axis."""
   tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
-  for name, value, axis, size in (("num_heads", model_cfg.num_heads, "tensor", tensor),
-                                  ("mlp_dim", model_cfg.mlp_dim, "tensor", tensor),
-                                  ("vocab_size", model_cfg.vocab_size, "tensor", tensor),
-                                  ("d_model", model_cfg.d_model, "fsdp", fsdp)):
+  for name, value, axis, size in (
+      ("num_heads", model_cfg.num_heads, "tensor", tensor),
+      ("mlp_dim", model_cfg.mlp_dim, "tensor", tensor),
+      ("vocab_size", model_cfg.vocab_size, "tensor", tensor),
+      ("d_model", model_cfg.d_model, "fsdp", fsdp),
+  ):
     if value % size:
-      raise MeshError(f"model.{name}={value} is not divisible by mesh.{axis}={size}; choose a mesh.{axis} "
-                      f"that divides {value}.")
+      raise MeshError(
+          f"model.{name}={value} is not divisible by mesh.{axis}={size}; choose a mesh.{axis} " f"that divides {value}."
+      )
 
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
@@ -227,4 +250,3 @@ def describe(mesh: Mesh) -> str:
   axes = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
   platform = mesh.devices.flat[0].platform
   return f"{axes} ({mesh.devices.size} {platform} devices, {jax.process_count()} process(es))"
-

@@ -111,9 +111,10 @@ def resolve(run: Run, global_overrides: dict[str, Any]) -> ml_collections.Config
   return config
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _describe(cfg) -> dict[str, Any]:
   from cla_jax import describe  # pylint: disable=g-import-not-at-top  (imports jax)
+
   return describe.describe(cfg)
 
 
@@ -121,11 +122,23 @@ def describe_run(run: Run, config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The static part of a result row: shape, KV bytes and params (from describe), lr, seed, steps."""
   m = config.model
   d = _describe(config_lib.model_config(config))  # once per model: the runs of a row share it
-  return {"name": run.name, "row": run.row, "family": family(m.num_heads, m.num_kv_heads, m.pattern),
-          "config": run.config, "d_head": m.head_dim, "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads,
-          "num_layers": m.num_layers, "kv_layers": d["kv_layers"], "kv_bytes_per_token": d["kv_bytes_per_token"],
-          "params": d["params"], "lr": config.train.lr, "seed": config.train.seed, "steps": config.train.steps,
-          "tokens": config.train.steps * config.train.batch_size * config.train.seq_len}
+  return {
+      "name": run.name,
+      "row": run.row,
+      "family": family(m.num_heads, m.num_kv_heads, m.pattern),
+      "config": run.config,
+      "d_head": m.head_dim,
+      "num_heads": m.num_heads,
+      "num_kv_heads": m.num_kv_heads,
+      "num_layers": m.num_layers,
+      "kv_layers": d["kv_layers"],
+      "kv_bytes_per_token": d["kv_bytes_per_token"],
+      "params": d["params"],
+      "lr": config.train.lr,
+      "seed": config.train.seed,
+      "steps": config.train.steps,
+      "tokens": config.train.steps * config.train.batch_size * config.train.seq_len,
+  }
 
 
 def last_error(log: str) -> str:
@@ -133,7 +146,7 @@ def last_error(log: str) -> str:
   lines = [line.strip() for line in log.splitlines() if line.strip()]
   for line in reversed(lines):
     if line.startswith("error: "):
-      return line[len("error: "):]
+      return line[len("error: ") :]
   for line in reversed(lines):
     if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b", line):
       return line
@@ -149,7 +162,7 @@ def device_env(parallel: int, slot: int) -> dict[str, str]:
   gpus = visible.split(",") if visible else _nvidia_gpus()
   if gpus:
     share = len(gpus) // parallel
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[slot * share:(slot + 1) * share])
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[slot * share : (slot + 1) * share])
   return env
 
 
@@ -178,8 +191,9 @@ def check_parallel(parallel: int) -> None:
 class Runner:
   """Trains the pending runs of a sweep directory, keeping its result rows and reports current."""
 
-  def __init__(self, runs: list[Run], workdir: str, global_overrides: dict[str, Any], parallel: int = 1,
-               title: str = ""):
+  def __init__(
+      self, runs: list[Run], workdir: str, global_overrides: dict[str, Any], parallel: int = 1, title: str = ""
+  ):
     self.workdir = pathlib.Path(workdir).expanduser().resolve()
     self.parallel = parallel
     self.title = title
@@ -189,8 +203,13 @@ class Runner:
         config = resolve(run, global_overrides)
         row = describe_run(run, config)
       except (UserError, ValueError) as e:
-        config, row = None, {"name": run.name, "row": run.row, "config": run.config, "status": "failed",
-                             "error": str(e)}
+        config, row = None, {
+            "name": run.name,
+            "row": run.row,
+            "config": run.config,
+            "status": "failed",
+            "error": str(e),
+        }
       self.entries.append((run, config, row))
     self._lock = threading.Lock()
     self._children: dict[str, subprocess.Popen] = {}
@@ -216,8 +235,11 @@ class Runner:
 
   def pending(self) -> list[tuple[Run, ml_collections.ConfigDict]]:
     """Runs without a result at their configured steps (failed runs are retried)."""
-    return [(run, config) for (run, config, _), r in zip(self.entries, self.results())
-            if config is not None and r["status"] != "done"]
+    return [
+        (run, config)
+        for (run, config, _), r in zip(self.entries, self.results())
+        if config is not None and r["status"] != "done"
+    ]
 
   def write_reports(self) -> None:
     self.workdir.mkdir(parents=True, exist_ok=True)
@@ -228,8 +250,9 @@ class Runner:
     run_dir = self.workdir / run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "failed.json").unlink(missing_ok=True)
-    (run_dir / RUN_FILE).write_text(json.dumps({"name": run.name, "row": run.row, "config": config.to_dict()},
-                                               indent=2) + "\n")
+    (run_dir / RUN_FILE).write_text(
+        json.dumps({"name": run.name, "row": run.row, "config": config.to_dict()}, indent=2) + "\n"
+    )
     env = device_env(self.parallel, slot)
     # Runs of one row at other seeds compile the same programs: share them through the persistent cache.
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(self.workdir / ".jax_cache"))
@@ -241,8 +264,13 @@ class Runner:
       with self._lock:
         if self.stopping:
           return False
-        child = subprocess.Popen([sys.executable, "-m", "cla_jax.sweep_worker", f"--run_file={run_dir / RUN_FILE}"],
-                                 cwd=config_lib.REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "cla_jax.sweep_worker", f"--run_file={run_dir / RUN_FILE}"],
+            cwd=config_lib.REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         self._children[run.name] = child
       code = child.wait()
     with self._lock:
@@ -273,8 +301,10 @@ class Runner:
     """Trains every pending run, `parallel` at a time; returns the final result rows."""
     todo = self.pending()
     self.write_reports()
-    log(f"{len(self.entries)} runs, {len(self.entries) - len(todo)} finished or invalid, {len(todo)} to train "
-        f"in {self.workdir} ({self.parallel} at a time)")
+    log(
+        f"{len(self.entries)} runs, {len(self.entries) - len(todo)} finished or invalid, {len(todo)} to train "
+        f"in {self.workdir} ({self.parallel} at a time)"
+    )
     slots = list(range(self.parallel))
     slots_lock = threading.Lock()
     started = time.time()
@@ -296,8 +326,10 @@ class Runner:
         rate = (time.time() - started) / done_count[0] / self.parallel
         failure = self.workdir / run.name / "failed.json"
         status = "done" if ok else "FAILED: " + json.loads(failure.read_text())["error"]
-        log(f"{status} {run.name} in {time.time() - t0:.0f}s ({done_count[0]}/{len(todo)}; about "
-            f"{rate * (len(todo) - done_count[0]) / 60:.0f} min left)")
+        log(
+            f"{status} {run.name} in {time.time() - t0:.0f}s ({done_count[0]}/{len(todo)}; about "
+            f"{rate * (len(todo) - done_count[0]) / 60:.0f} min left)"
+        )
       finally:
         with slots_lock:
           slots.append(slot)
@@ -328,8 +360,10 @@ def format_dry_run(runner: Runner) -> str:
       lines.append(f"{run.name:<{width}} {run.row:<{row_width}} {'INVALID':>9} {'':>14}  {row['error']}")
     else:
       overrides = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in run.overrides.items())
-      lines.append(f"{run.name:<{width}} {run.row:<{row_width}} {row['kv_bytes_per_token']:>9} {row['params']:>14,}  "
-                   f"{run.config} seed={run.seed} {overrides}")
+      lines.append(
+          f"{run.name:<{width}} {run.row:<{row_width}} {row['kv_bytes_per_token']:>9} {row['params']:>14,}  "
+          f"{run.config} seed={run.seed} {overrides}"
+      )
   return "\n".join(lines)
 
 
@@ -338,9 +372,11 @@ def main(argv: list[str]) -> None:
     raise UserError(f"unexpected arguments {argv[1:]}; flags are written --name=value.")
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   f = flags.FLAGS
   check_parallel(f.parallel)
   import jax  # pylint: disable=g-import-not-at-top
+
   jax.config.update("jax_platforms", "cpu")  # describe() here needs shapes only; the workers own the accelerators
   runs = load_sweep(f.sweep, f.seeds)
   if f.only:
@@ -358,28 +394,35 @@ def main(argv: list[str]) -> None:
     return
   results = runner.run(log=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True))
   counts = {s: sum(r["status"] == s for r in results) for s in ("done", "failed", "pending")}
-  print(f"sweep {'stopped' if runner.stopping else 'finished'}: {counts['done']} done, {counts['failed']} failed, "
-        f"{counts['pending']} pending; reports in {runner.workdir}", flush=True)
+  print(
+      f"sweep {'stopped' if runner.stopping else 'finished'}: {counts['done']} done, {counts['failed']} failed, "
+      f"{counts['pending']} pending; reports in {runner.workdir}",
+      flush=True,
+  )
   if runner.stopping:
     sys.exit(1)
 
 
 def _define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   from cla_jax import cli  # pylint: disable=g-import-not-at-top
+
   flags.DEFINE_string("sweep", None, "Sweep file, e.g. configs/sweeps/tiny_pareto.py.", required=True)
-  flags.DEFINE_string("workdir", None, "Sweep directory: DIR/<run>/ per run, results and plots in DIR.",
-                      required=True)
+  flags.DEFINE_string("workdir", None, "Sweep directory: DIR/<run>/ per run, results and plots in DIR.", required=True)
   flags.DEFINE_integer("parallel", 1, "Runs trained at once, as separate processes (GPUs are split evenly).")
   flags.DEFINE_string("only", None, "Regular expression: train/list only runs whose name it matches.")
   flags.DEFINE_integer("seeds", None, "Seeds per row and learning rate (default: the sweep file's).")
   flags.DEFINE_bool("dry_run", False, "List the runs (name, row, KV bytes, params, overrides) and exit.")
   cli.define_config_dict(
-      "config", config_lib.load(config_lib.DEFAULT_CONFIG),
-      "Only as --config.<field>=value overrides applied to every run, e.g. --config.train.steps=600.")
+      "config",
+      config_lib.load(config_lib.DEFAULT_CONFIG),
+      "Only as --config.<field>=value overrides applied to every run, e.g. --config.train.steps=600.",
+  )
 
 
 if __name__ == "__main__":
   from cla_jax import cli  # pylint: disable=g-import-not-at-top
+
   _define_flags()
   cli.run(main)

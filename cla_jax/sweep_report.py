@@ -13,11 +13,32 @@ import math
 import os
 import pathlib
 import statistics
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-FIELDS = ("name", "row", "family", "status", "error", "config", "d_head", "num_heads", "num_kv_heads",
-          "num_layers", "kv_layers", "kv_bytes_per_token", "params", "lr", "seed", "steps", "tokens", "val_loss",
-          "perplexity", "eval_tokens", "wall_s")
+FIELDS = (
+    "name",
+    "row",
+    "family",
+    "status",
+    "error",
+    "config",
+    "d_head",
+    "num_heads",
+    "num_kv_heads",
+    "num_layers",
+    "kv_layers",
+    "kv_bytes_per_token",
+    "params",
+    "lr",
+    "seed",
+    "steps",
+    "tokens",
+    "val_loss",
+    "perplexity",
+    "eval_tokens",
+    "wall_s",
+)
 FAMILY_COLORS = {"MQA": "tab:blue", "MQA+CLA2": "tab:orange", "GQA": "tab:green", "MHA": "tab:red"}
 
 
@@ -54,9 +75,19 @@ def lr_stats(results: Sequence[dict[str, Any]]) -> dict[str, dict[float, dict[st
   for r in results:
     if r.get("status") == "done" and math.isfinite(r["perplexity"]):
       values[r["row"]][float(r["lr"])].append(float(r["perplexity"]))
-  return {row: {lr: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v),
-                     "min": min(v), "max": max(v)} for lr, v in sorted(by_lr.items())}
-          for row, by_lr in values.items()}
+  return {
+      row: {
+          lr: {
+              "mean": statistics.fmean(v),
+              "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+              "n": len(v),
+              "min": min(v),
+              "max": max(v),
+          }
+          for lr, v in sorted(by_lr.items())
+      }
+      for row, by_lr in values.items()
+  }
 
 
 def best_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -69,21 +100,43 @@ def best_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
       continue
     seen.add(row)
     best_lr = min(stats[row], key=lambda lr: stats[row][lr]["mean"])
-    out.append({**{k: r[k] for k in ("row", "family", "d_head", "num_heads", "num_kv_heads", "num_layers",
-                                     "kv_layers", "kv_bytes_per_token", "params")},
-                "best_lr": best_lr, **stats[row][best_lr],
-                "other_lrs": {lr: s["mean"] for lr, s in stats[row].items() if lr != best_lr}})
+    out.append(
+        {
+            **{
+                k: r[k]
+                for k in (
+                    "row",
+                    "family",
+                    "d_head",
+                    "num_heads",
+                    "num_kv_heads",
+                    "num_layers",
+                    "kv_layers",
+                    "kv_bytes_per_token",
+                    "params",
+                )
+            },
+            "best_lr": best_lr,
+            **stats[row][best_lr],
+            "other_lrs": {lr: s["mean"] for lr, s in stats[row].items() if lr != best_lr},
+        }
+    )
   return out
 
 
 def markdown_table(results: Sequence[dict[str, Any]]) -> str:
   """results.md: the paper's Table 1 columns, each row at its best lr (mean +- std over seeds)."""
-  lines = ["| row | d_head | query heads | KV heads | layers | KV bytes/token | params | best lr | seeds | "
-           "val perplexity |", "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+      "| row | d_head | query heads | KV heads | layers | KV bytes/token | params | best lr | seeds | "
+      "val perplexity |",
+      "|---|---|---|---|---|---|---|---|---|---|",
+  ]
   for b in best_rows(results):
     ppl = f"{b['mean']:.2f} ± {b['std']:.2f}" if b["n"] > 1 else f"{b['mean']:.2f}"
-    lines.append(f"| {b['row']} | {b['d_head']} | {b['num_heads']} | {b['num_kv_heads']} | {b['num_layers']} | "
-                 f"{b['kv_bytes_per_token']} | {b['params']:,} | {b['best_lr']:g} | {b['n']} | {ppl} |")
+    lines.append(
+        f"| {b['row']} | {b['d_head']} | {b['num_heads']} | {b['num_kv_heads']} | {b['num_layers']} | "
+        f"{b['kv_bytes_per_token']} | {b['params']:,} | {b['best_lr']:g} | {b['n']} | {ppl} |"
+    )
   done = sum(r.get("status") == "done" for r in results)
   failed = [r for r in results if r.get("status") == "failed"]
   notes = [f"\n{done} of {len(results)} runs finished; ± is the standard deviation over seeds at the best lr."]
@@ -93,8 +146,10 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
 
 def _pyplot():
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")  # files only: no display needed
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   return plt
 
 
@@ -121,13 +176,32 @@ def plot_pareto(results: Sequence[dict[str, Any]], path: str | os.PathLike, titl
     rows = [b for b in best if b["family"] == family]
     color = _color(family, families)
     for b in rows:
-      ax.scatter([b["kv_bytes_per_token"]] * len(b["other_lrs"]), list(b["other_lrs"].values()), color=color,
-                 alpha=0.2, s=18, linewidths=0)
-    ax.errorbar([b["kv_bytes_per_token"] for b in rows], [b["mean"] for b in rows], yerr=[b["std"] for b in rows],
-                fmt="o", color=color, capsize=3, label=family)
+      ax.scatter(
+          [b["kv_bytes_per_token"]] * len(b["other_lrs"]),
+          list(b["other_lrs"].values()),
+          color=color,
+          alpha=0.2,
+          s=18,
+          linewidths=0,
+      )
+    ax.errorbar(
+        [b["kv_bytes_per_token"] for b in rows],
+        [b["mean"] for b in rows],
+        yerr=[b["std"] for b in rows],
+        fmt="o",
+        color=color,
+        capsize=3,
+        label=family,
+    )
     for b in rows:
-      ax.annotate(f"{b['row']} (lr {b['best_lr']:g})", (b["kv_bytes_per_token"], b["mean"]), fontsize=7,
-                  xytext=(4, 4), textcoords="offset points", color=color)
+      ax.annotate(
+          f"{b['row']} (lr {b['best_lr']:g})",
+          (b["kv_bytes_per_token"], b["mean"]),
+          fontsize=7,
+          xytext=(4, 4),
+          textcoords="offset points",
+          color=color,
+      )
     frontier = pareto_frontier((b["kv_bytes_per_token"], b["mean"]) for b in rows)
     ax.plot(*zip(*frontier), color=color, alpha=0.7, linewidth=1.5)
   ax.set_xscale("log")
@@ -151,9 +225,16 @@ def plot_lr(results: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
   markers = "osD^v<>ph*"
   for i, b in enumerate(best):
     lrs = list(stats[b["row"]])
-    ax.errorbar(lrs, [stats[b["row"]][lr]["mean"] for lr in lrs], yerr=[stats[b["row"]][lr]["std"] for lr in lrs],
-                marker=markers[i % len(markers)], color=_color(b["family"], families), capsize=2, label=b["row"],
-                alpha=0.85)
+    ax.errorbar(
+        lrs,
+        [stats[b["row"]][lr]["mean"] for lr in lrs],
+        yerr=[stats[b["row"]][lr]["std"] for lr in lrs],
+        marker=markers[i % len(markers)],
+        color=_color(b["family"], families),
+        capsize=2,
+        label=b["row"],
+        alpha=0.85,
+    )
   ax.set_xscale("log")
   ax.set_xlabel("peak learning rate (log scale)")
   ax.set_ylabel("validation perplexity (mean ± std over seeds)")

@@ -20,9 +20,11 @@ from cla_jax import cli
 RUN_FILE = "sweep_run.json"
 RESULT_FILE = "result.json"
 
+
 def main(argv: list[str]) -> None:
   del argv
   from cla_jax import checkpoint, config_lib, evaluate, trainer  # pylint: disable=g-import-not-at-top
+
   start = time.time()
   run_file = pathlib.Path(flags.FLAGS.run_file)
   workdir = str(run_file.parent)
@@ -31,11 +33,18 @@ def main(argv: list[str]) -> None:
   step = checkpoint.latest_step(workdir)
   if step != config.train.steps:
     # SIGTERM makes the trainer save and return early: an interrupted run is resumed, not evaluated.
-    raise cli.UserError(f"training stopped at checkpoint step {step} of {config.train.steps} (interrupted); "
-                        f"rerun the sweep to resume it.")
+    raise cli.UserError(
+        f"training stopped at checkpoint step {step} of {config.train.steps} (interrupted); "
+        f"rerun the sweep to resume it."
+    )
   metrics = evaluate.run(workdir, progress=False)
-  result = {"val_loss": metrics["loss"], "perplexity": metrics["perplexity"], "eval_tokens": metrics["tokens"],
-            "step": metrics["step"], "worker_wall_s": time.time() - start}
+  result = {
+      "val_loss": metrics["loss"],
+      "perplexity": metrics["perplexity"],
+      "eval_tokens": metrics["tokens"],
+      "step": metrics["step"],
+      "worker_wall_s": time.time() - start,
+  }
   tmp = run_file.parent / (RESULT_FILE + ".tmp")
   tmp.write_text(json.dumps(result) + "\n")
   os.replace(tmp, run_file.parent / RESULT_FILE)  # atomic: a result file is always complete

@@ -13,8 +13,9 @@ from cla_jax import cli
 
 def define_flags() -> None:
   """The command's flags; defined on demand, so importing this module adds no global flags."""
-  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/default.py or "
-                                  "configs/paper_1b.py:H128-MQA-CLA2.", lock_config=True)
+  config_flags.DEFINE_config_file(
+      "config", None, "Config file, e.g. configs/default.py or " "configs/paper_1b.py:H128-MQA-CLA2.", lock_config=True
+  )
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
   flags.mark_flags_as_required(["config", "workdir"])
 
@@ -26,7 +27,9 @@ def main(argv: list[str]) -> None:
   from cla_jax import trainer  # pylint: disable=g-import-not-at-top  (after flag parsing: faster --help)
   # On an existing workdir the model comes from its config.json, except model fields given on the command line.
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
-  trainer.run(flags.FLAGS.config, flags.FLAGS.workdir, [k.split(".", 1)[1] for k in overrides if k.startswith("model.")])
+  trainer.run(
+      flags.FLAGS.config, flags.FLAGS.workdir, [k.split(".", 1)[1] for k in overrides if k.startswith("model.")]
+  )
 
 
 def run() -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cla_jax import sharding
 
@@ -23,8 +25,9 @@ def loss_fn(params: Any, batch: Batch, model: nn.Module) -> tuple[jax.Array, jax
   the mean loss is always sum_loss / num_tokens over everything that was summed.
   """
   with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    logits = model.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
-                         segment_ids=batch.get("segment_ids"))
+    logits = model.apply(
+        {"params": params}, batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids")
+    )
   token_loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
   weights = batch["weights"].astype(jnp.float32)
   return jnp.sum(token_loss * weights), jnp.sum(weights)
@@ -64,16 +67,21 @@ def grads_and_loss(params: Any, batch: Batch, model: nn.Module, accum_steps: int
   return grads, loss_sum, tokens
 
 
-def train_step(params: Any, opt_state: Any, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
-               accum_steps: int) -> tuple[Any, Any, Metrics]:
+def train_step(
+    params: Any, opt_state: Any, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation, accum_steps: int
+) -> tuple[Any, Any, Metrics]:
   """One optimizer step on a global batch: mean-token-loss gradients, clipped AdamW update."""
   grads, loss_sum, tokens = grads_and_loss(params, batch, model, accum_steps)
   denom = jnp.maximum(tokens, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
-  metrics = {"loss": loss_sum / denom, "num_tokens": tokens, "grad_norm": optax.tree.norm(grads),
-             "param_norm": optax.tree.norm(params)}
+  metrics = {
+      "loss": loss_sum / denom,
+      "num_tokens": tokens,
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(params),
+  }
   return params, opt_state, metrics
 
 
@@ -89,8 +97,14 @@ def state_shardings(boxed_params: Any, tx: optax.GradientTransformation, mesh: M
   return sharding.logical_shardings(boxed_params, mesh), opt_shardings
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, param_shardings: Any,
-               opt_shardings: Any, rng: jax.Array) -> tuple[Any, Any]:
+def init_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    param_shardings: Any,
+    opt_shardings: Any,
+    rng: jax.Array,
+) -> tuple[Any, Any]:
   """Params and optimizer state created directly sharded by one jitted init (never whole on a host)."""
 
   def init(rng):
@@ -101,15 +115,25 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, p
     return jax.jit(init, out_shardings=(param_shardings, opt_shardings))(rng)
 
 
-def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, accum_steps: int, mesh: Mesh,
-                   param_shardings: Any, opt_shardings: Any) -> Callable[..., tuple[Any, Any, Metrics]]:
+def jit_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    accum_steps: int,
+    mesh: Mesh,
+    param_shardings: Any,
+    opt_shardings: Any,
+) -> Callable[..., tuple[Any, Any, Metrics]]:
   """`train_step` as one jax.jit with explicit shardings; params and optimizer state are donated."""
 
   def step(params, opt_state, batch):
     return train_step(params, opt_state, batch, model=model, tx=tx, accum_steps=accum_steps)
 
-  jitted = jax.jit(step, in_shardings=(param_shardings, opt_shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(param_shardings, opt_shardings, NamedSharding(mesh, P())), donate_argnums=(0, 1))
+  jitted = jax.jit(
+      step,
+      in_shardings=(param_shardings, opt_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(param_shardings, opt_shardings, NamedSharding(mesh, P())),
+      donate_argnums=(0, 1),
+  )
   return _with_mesh(jitted, mesh)
 
 
@@ -119,8 +143,9 @@ def jit_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Callabl
   def step(params, batch):
     return eval_step(params, batch, model=model)
 
-  jitted = jax.jit(step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=NamedSharding(mesh, P()))
+  jitted = jax.jit(
+      step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)), out_shardings=NamedSharding(mesh, P())
+  )
   return _with_mesh(jitted, mesh)
 
 

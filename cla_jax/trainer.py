@@ -12,18 +12,20 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Collection, Iterator
+from collections.abc import Collection, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections
 
-from cla_jax import checkpoint, config_lib, health, metrics as metrics_lib, optim, sharding
-from cla_jax import train_step as train_step_lib
-from cla_jax import paths, workdir_lock
-from cla_jax.data import batches as batches_lib, tokenizer as tokenizer_lib
-from cla_jax.errors import UserError
+from cla_jax import checkpoint, config_lib, health, optim, paths, sharding, workdir_lock
+from cla_jax import metrics as metrics_lib
 from cla_jax import model as model_lib
+from cla_jax import train_step as train_step_lib
+from cla_jax.data import batches as batches_lib
+from cla_jax.data import tokenizer as tokenizer_lib
+from cla_jax.errors import UserError
 from cla_jax.model import Transformer
 
 
@@ -39,25 +41,31 @@ def check_train_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
   config_lib.check_values(config)
   t = config.train
   if t.batch_size % t.grad_accum_steps:
-    raise TrainConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps="
-                           f"{t.grad_accum_steps}; pick an accumulation count that divides the batch.")
+    raise TrainConfigError(
+        f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps="
+        f"{t.grad_accum_steps}; pick an accumulation count that divides the batch."
+    )
   micro, ways = t.batch_size // t.grad_accum_steps, sharding.batch_parallelism(mesh)
   if micro % ways:
     raise TrainConfigError(
         f"micro-batch train.batch_size/train.grad_accum_steps = {micro} sequences cannot be split over "
-        f"mesh data*fsdp = {ways} devices; make it a multiple of {ways}.")
+        f"mesh data*fsdp = {ways} devices; make it a multiple of {ways}."
+    )
   if t.batch_size % jax.process_count():
-    raise TrainConfigError(f"train.batch_size={t.batch_size} is not divisible by the {jax.process_count()} "
-                           f"processes; each host feeds an equal slice.")
+    raise TrainConfigError(
+        f"train.batch_size={t.batch_size} is not divisible by the {jax.process_count()} "
+        f"processes; each host feeds an equal slice."
+    )
   if t.eval_every > 0 and config.eval.batch_size % ways:
-    raise TrainConfigError(f"eval.batch_size={config.eval.batch_size} cannot be split over mesh data*fsdp = "
-                           f"{ways} devices; make it a multiple of {ways} or set train.eval_every=0.")
+    raise TrainConfigError(
+        f"eval.batch_size={config.eval.batch_size} cannot be split over mesh data*fsdp = "
+        f"{ways} devices; make it a multiple of {ways} or set train.eval_every=0."
+    )
 
 
 def data_fingerprint(config: ml_collections.ConfigDict) -> str:
   """Hash of everything that decides which tokens batch(step) holds (to warn when a resume changes it)."""
-  relevant = {"data": config.data.to_dict(), "batch_size": config.train.batch_size,
-              "seq_len": config.train.seq_len}
+  relevant = {"data": config.data.to_dict(), "batch_size": config.train.batch_size, "seq_len": config.train.seq_len}
   relevant["data"].pop("prefetch", None)
   return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -86,8 +94,7 @@ class _Preemption:
 RESUME_FREE_FIELDS = ("remat", "dtype", "attention_impl")
 
 
-def _model_from_workdir(workdir: str, config: ml_collections.ConfigDict,
-                        explicit: Collection[str] | None) -> list[str]:
+def _model_from_workdir(workdir: str, config: ml_collections.ConfigDict, explicit: Collection[str] | None) -> list[str]:
   """Continuing a workdir: its config.json decides the model, except `explicit` (command-line) fields.
 
   `explicit=None` treats every model field of `config` as asked for. A field that would change the
@@ -102,8 +109,10 @@ def _model_from_workdir(workdir: str, config: ml_collections.ConfigDict,
   merged = {k: asked[k] if k in explicit or k not in saved else saved[k] for k in asked}
   changed = sorted(k for k in merged if k not in RESUME_FREE_FIELDS and merged[k] != saved.get(k, merged[k]))
   if changed:
-    raise TrainConfigError(f"workdir {workdir} holds a run with a different model config (fields {changed}); "
-                           f"use a new --workdir, or drop those --config.model overrides to continue it.")
+    raise TrainConfigError(
+        f"workdir {workdir} holds a run with a different model config (fields {changed}); "
+        f"use a new --workdir, or drop those --config.model overrides to continue it."
+    )
   config.model.update(merged)
   return sorted(k for k in asked if merged[k] != asked[k])
 
@@ -129,6 +138,7 @@ def _first_process_then_others(make: Any) -> Any:
   if jax.process_count() == 1:
     return make()
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   result = make() if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices("cla_jax_tokenizer")
   return make() if result is None else result
@@ -179,14 +189,15 @@ class Trainer:
     self.writer = metrics_lib.MetricWriter(self.workdir, config.train.steps)
     self.health = health.HealthCheck(config.train, self.model_config.vocab_size)
     self.policy = checkpoint.KeepNewestAndVerified(keep=config.checkpoint.keep)
-    self.manager = checkpoint.make_manager(self.workdir, async_save=config.checkpoint.async_save,
-                                           policy=self.policy)
+    self.manager = checkpoint.make_manager(self.workdir, async_save=config.checkpoint.async_save, policy=self.policy)
     if from_workdir:
       self.writer.message(f"continuing {self.workdir}: model fields {from_workdir} come from its config.json")
     self.flops_per_step = metrics_lib.flops_per_token(self.model_config, config.train.seq_len) * (
-        config.train.batch_size * config.train.seq_len)
+        config.train.batch_size * config.train.seq_len
+    )
     self.peak_flops, self.peak_source = metrics_lib.total_peak_flops(
-        list(self.mesh.devices.flat), float(config.train.get("peak_flops_per_device", 0.0)))
+        list(self.mesh.devices.flat), float(config.train.get("peak_flops_per_device", 0.0))
+    )
 
   # -- state -------------------------------------------------------------------------------------
 
@@ -198,14 +209,25 @@ class Trainer:
     """(start step, params, opt_state) from the newest readable checkpoint, or freshly initialised."""
     restored = checkpoint.restore(self.manager, self.abstract_params, self.abstract_opt_state, quarantine=True)
     verified = checkpoint.read_verified_step(self.workdir)
-    if restored is not None and verified is not None and verified <= restored.step \
-        and verified in self.manager.all_steps():
+    if (
+        restored is not None
+        and verified is not None
+        and verified <= restored.step
+        and verified in self.manager.all_steps()
+    ):
       self.policy.verified = verified
     if restored is None:
-      params, opt_state = train_step_lib.init_state(self.model, self.tx, self.mesh, self.param_shardings,
-                                                    self.opt_shardings, jax.random.key(self.config.train.seed))
-      self.writer.message(f"initialised {self.model_config.num_layers}-layer model from seed "
-                          f"{self.config.train.seed}")
+      params, opt_state = train_step_lib.init_state(
+          self.model,
+          self.tx,
+          self.mesh,
+          self.param_shardings,
+          self.opt_shardings,
+          jax.random.key(self.config.train.seed),
+      )
+      self.writer.message(
+          f"initialised {self.model_config.num_layers}-layer model from seed " f"{self.config.train.seed}"
+      )
       return 0, params, opt_state
     if restored.opt_state is None:
       # Params-only checkpoint (e.g. converted from Hugging Face): continued training from those weights
@@ -213,8 +235,10 @@ class Trainer:
       self.writer.message(f"loaded params-only checkpoint step {restored.step}; fresh optimizer from step 0")
       return 0, restored.params, self._fresh_opt_state(restored.params)
     if restored.meta.get("data_fingerprint") not in (None, data_fingerprint(self.config)):
-      self.writer.message("warning: the data / batch config differs from the checkpoint's; resumed batches "
-                          "will not continue the original data order.")
+      self.writer.message(
+          "warning: the data / batch config differs from the checkpoint's; resumed batches "
+          "will not continue the original data order."
+      )
     self.writer.message(f"resumed from checkpoint step {restored.step} in {self.manager.directory}")
     return restored.step, restored.params, restored.opt_state
 
@@ -222,8 +246,12 @@ class Trainer:
     """Starts an async save of `step` (the caller has checked its loss is finite)."""
     if step in self.manager.all_steps():
       return  # e.g. a params-only checkpoint at this step: never overwrite an existing one
-    meta = {"data_seed": int(self.config.data.seed), "data_fingerprint": data_fingerprint(self.config),
-            "config_name": str(self.config.get("name", "")), "time": time.time()}
+    meta = {
+        "data_seed": int(self.config.data.seed),
+        "data_fingerprint": data_fingerprint(self.config),
+        "config_name": str(self.config.get("name", "")),
+        "time": time.time(),
+    }
     checkpoint.save(self.manager, step, params, opt_state, meta)
 
   # -- loop --------------------------------------------------------------------------------------
@@ -231,12 +259,16 @@ class Trainer:
   def evaluate(self, params: Any) -> dict[str, float]:
     """Validation loss over `train.eval_batches` batches of the eval split (evaluate.Scorer, as eval.py does)."""
     from cla_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+
     config = self.config
     if self._scorer is None:
       self._scorer = evaluate_lib.Scorer(params, config, self.mesh)
     batches = batches_lib.eval_batches(
-        config, self.tokenizer, batch_size=config.eval.batch_size,
-        max_tokens=config.train.eval_batches * config.eval.batch_size * config.train.seq_len)
+        config,
+        self.tokenizer,
+        batch_size=config.eval.batch_size,
+        max_tokens=config.train.eval_batches * config.eval.batch_size * config.train.seq_len,
+    )
     loss_sum, tokens = self._scorer.score(batches, params)
     loss = loss_sum / max(tokens, 1.0)
     return {"eval_loss": loss, "eval_perplexity": metrics_lib.perplexity(loss), "eval_tokens": tokens}
@@ -250,10 +282,13 @@ class Trainer:
       self.writer.message(f"nothing to do: checkpoint step {start} >= train.steps={steps}")
       self._close()
       return
-    self.writer.message(f"mesh {sharding.describe(self.mesh)}; {self.flops_per_step / 1e9:.2f} GFLOP/step; "
-                        f"peak {self.peak_flops / 1e12:.2f} TFLOP/s ({self.peak_source})")
-    train_fn = train_step_lib.jit_train_step(self.model, self.tx, config.train.grad_accum_steps, self.mesh,
-                                             self.param_shardings, self.opt_shardings)
+    self.writer.message(
+        f"mesh {sharding.describe(self.mesh)}; {self.flops_per_step / 1e9:.2f} GFLOP/step; "
+        f"peak {self.peak_flops / 1e12:.2f} TFLOP/s ({self.peak_source})"
+    )
+    train_fn = train_step_lib.jit_train_step(
+        self.model, self.tx, config.train.grad_accum_steps, self.mesh, self.param_shardings, self.opt_shardings
+    )
     batches: Iterator[dict] = batches_lib.TrainBatches(config, self.tokenizer, "train").iterator(start)
     tokens_per_step = config.train.batch_size * config.train.seq_len
     pending = None  # (step, device metrics) of the last dispatched step, fetched one step late
@@ -278,12 +313,20 @@ class Trainer:
         last_time = time.perf_counter()  # keep eval time out of the next step's time
       if done % config.train.log_every == 0 or done == steps or eval_due:
         flops = self.flops_per_step / step_time
-        self.writer.write(done, {
-            "loss": m["loss"], "perplexity": metrics_lib.perplexity(m["loss"]),
-            "lr": float(self.schedule(done - 1)),
-            "grad_norm": m["grad_norm"], "param_norm": m["param_norm"], "step_time": step_time,
-            "tokens_per_s": tokens_per_step / step_time, "mfu": flops / self.peak_flops,
-            **{k: v for k, v in m.items() if k.startswith("eval_")}})
+        self.writer.write(
+            done,
+            {
+                "loss": m["loss"],
+                "perplexity": metrics_lib.perplexity(m["loss"]),
+                "lr": float(self.schedule(done - 1)),
+                "grad_norm": m["grad_norm"],
+                "param_norm": m["param_norm"],
+                "step_time": step_time,
+                "tokens_per_s": tokens_per_step / step_time,
+                "mfu": flops / self.peak_flops,
+                **{k: v for k, v in m.items() if k.startswith("eval_")},
+            },
+        )
 
     with _Preemption() as preemption:
       for step in range(start, steps):
@@ -303,8 +346,9 @@ class Trainer:
             saved_steps.add(done)
         if preempted:
           self.manager.wait_until_finished()
-          self.writer.message(f"preempted (SIGTERM): saved checkpoint step {done}; rerun the same command "
-                              f"to resume.")
+          self.writer.message(
+              f"preempted (SIGTERM): saved checkpoint step {done}; rerun the same command " f"to resume."
+          )
           break
     self._close()
 
@@ -327,17 +371,21 @@ class Trainer:
       where = f"The checkpoint this run resumed from (step {start}) already gives this{aside}"
     else:
       where = f"No checkpoint has passed the health check yet{aside}; check model.init_std and train.lr"
-    raise health.DivergenceError(f"{problem} at step {step}; stopped without saving. {where}. Lower train.lr or "
-                                 f"raise train.warmup_frac and rerun to resume from there.")
+    raise health.DivergenceError(
+        f"{problem} at step {step}; stopped without saving. {where}. Lower train.lr or "
+        f"raise train.warmup_frac and rerun to resume from there."
+    )
 
   def _close(self) -> None:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       if checkpoint.is_disk_full(e):
-        raise checkpoint.DiskFullError(f"disk full while saving to {self.manager.directory}; free space and "
-                                       f"rerun the same command to resume from the newest complete checkpoint "
-                                       f"{self.manager.latest_step()}.") from None
+        raise checkpoint.DiskFullError(
+            f"disk full while saving to {self.manager.directory}; free space and "
+            f"rerun the same command to resume from the newest complete checkpoint "
+            f"{self.manager.latest_step()}."
+        ) from None
       raise
     self.manager.close()
     self.writer.close()
@@ -355,4 +403,3 @@ def run(config: ml_collections.ConfigDict, workdir: str, explicit_model_fields: 
     trainer.run()
   finally:
     trainer.lock.release()
-

@@ -31,7 +31,7 @@ class WorkdirLock:
     self.workdir = workdir
     self._file = None
 
-  def acquire(self) -> "WorkdirLock":
+  def acquire(self) -> WorkdirLock:
     """Takes the lock or raises WorkdirBusyError naming the holder (pid, host, start time)."""
     if jax.process_index() != 0 or "://" in self.workdir:
       return self
@@ -48,12 +48,15 @@ class WorkdirLock:
         who = f"pid {info['pid']} on host {info['host']} (since {info['started']})"
       except (ValueError, KeyError, TypeError):
         who = "another process"
-      raise WorkdirBusyError(f"workdir {self.workdir} is in use by {who}; wait for it to finish or stop it, "
-                             f"or pass another --workdir.") from None
+      raise WorkdirBusyError(
+          f"workdir {self.workdir} is in use by {who}; wait for it to finish or stop it, " f"or pass another --workdir."
+      ) from None
     f.seek(0)
     f.truncate()
-    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    f.write(
+        json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        + "\n"
+    )
     f.flush()
     self._file = f
     return self
@@ -65,7 +68,7 @@ class WorkdirLock:
       self._file.close()
       self._file = None
 
-  def __enter__(self) -> "WorkdirLock":
+  def __enter__(self) -> WorkdirLock:
     return self.acquire()
 
   def __exit__(self, *exc) -> None:

@@ -20,40 +20,42 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dataclasses.asdict(model_lib.ModelConfig()))
 
   config.data = data = ml_collections.ConfigDict()
-  data.source = "python_docs"   # python_docs (embedded default: Debian's python3.11-doc reST) | tfds | text
-  data.tfds_name = ""           # for source=tfds, e.g. "lm1b", "c4/en", "wiki40b/en" (prepared as array_record)
-  data.train_split = "train"    # split names; TFDS slicing like "train[:10%]" works for source=tfds
+  data.source = "python_docs"  # python_docs (embedded default: Debian's python3.11-doc reST) | tfds | text
+  data.tfds_name = ""  # for source=tfds, e.g. "lm1b", "c4/en", "wiki40b/en" (prepared as array_record)
+  data.train_split = "train"  # split names; TFDS slicing like "train[:10%]" works for source=tfds
   data.eval_split = "validation"
-  data.text_key = "text"        # feature (tfds) or field (.jsonl) holding the text
-  data.text_glob = ""           # for source=text: a glob of .txt (one document each) / .jsonl (one per line) files
-  data.eval_fraction = 0.05     # source=text: share of documents held out for validation (fixed, by name hash)
+  data.text_key = "text"  # feature (tfds) or field (.jsonl) holding the text
+  data.text_glob = ""  # for source=text: a glob of .txt (one document each) / .jsonl (one per line) files
+  data.eval_fraction = 0.05  # source=text: share of documents held out for validation (fixed, by name hash)
   data.data_dir = "~/.cache/cla_jax"  # TFDS data dir and default cache dir (a gs:// path works for TFDS on pods)
-  data.cache_dir = ""           # tokenizers and auto-prepared splits; "" = data_dir (~/.cache/cla_jax if remote)
-  data.max_cache_tokens = 0     # cap on tokens prepared per split (0: whole split); bounds disk/time for big TFDS sets
-  data.prepared_dir = ""        # `python -m cla_jax.data.prepare --output` dir (or gs://); "": prepare in cache_dir
-  data.tokenizer = "sentencepiece"  # sentencepiece (trained on the train split) | path to .model | path to tokenizer.json
+  data.cache_dir = ""  # tokenizers and auto-prepared splits; "" = data_dir (~/.cache/cla_jax if remote)
+  data.max_cache_tokens = 0  # cap on tokens prepared per split (0: whole split); bounds disk/time for big TFDS sets
+  data.prepared_dir = ""  # `python -m cla_jax.data.prepare --output` dir (or gs://); "": prepare in cache_dir
+  data.tokenizer = (
+      "sentencepiece"  # sentencepiece (trained on the train split) | path to .model | path to tokenizer.json
+  )
   data.tokenizer_train_chars = 3_000_000  # characters of the train split sentencepiece trains on (0: all)
-  data.pad_vocab = False        # True: set model.vocab_size to the tokenizer's, rounded up to a multiple of 128
-  data.packing = False          # True: segment ids and positions keep attention inside each document
-  data.seed = 0                 # shuffling seed (data order is a pure function of seed and step)
-  data.prefetch = 2             # batches read ahead of the step (background thread)
+  data.pad_vocab = False  # True: set model.vocab_size to the tokenizer's, rounded up to a multiple of 128
+  data.packing = False  # True: segment ids and positions keep attention inside each document
+  data.seed = 0  # shuffling seed (data order is a pure function of seed and step)
+  data.prefetch = 2  # batches read ahead of the step (background thread)
 
   config.train = train = ml_collections.ConfigDict()
   train.steps = 300
-  train.batch_size = 16         # global batch, in sequences
-  train.seq_len = 128           # tokens per sequence
-  train.grad_accum_steps = 1    # micro-batches per step (batch_size must divide by it)
-  train.lr = 3e-3               # peak learning rate
-  train.warmup_frac = 0.05      # linear warmup over this share of steps (paper: 5%)
-  train.min_lr_ratio = 0.1      # cosine decays to this share of the peak (paper: 10%)
+  train.batch_size = 16  # global batch, in sequences
+  train.seq_len = 128  # tokens per sequence
+  train.grad_accum_steps = 1  # micro-batches per step (batch_size must divide by it)
+  train.lr = 3e-3  # peak learning rate
+  train.warmup_frac = 0.05  # linear warmup over this share of steps (paper: 5%)
+  train.min_lr_ratio = 0.1  # cosine decays to this share of the peak (paper: 10%)
   train.b1 = 0.9
   train.b2 = 0.95
-  train.weight_decay = 0.1      # not applied to norms
-  train.clip_norm = 1.0         # global-norm gradient clipping
-  train.seed = 0                # parameter init seed
+  train.weight_decay = 0.1  # not applied to norms
+  train.clip_norm = 1.0  # global-norm gradient clipping
+  train.seed = 0  # parameter init seed
   train.log_every = 10
-  train.eval_every = 100        # validation loss every N steps (0: never)
-  train.eval_batches = 4        # batches per periodic validation
+  train.eval_every = 100  # validation loss every N steps (0: never)
+  train.eval_batches = 4  # batches per periodic validation
   # Divergence guard (docs/training.md): a NaN/inf loss or gradient always stops the run before saving;
   # with divergence_check, so do a loss spike, a gradient norm above a bound and a dead model (zero
   # gradients, loss at ln(vocab_size)). The newest checkpoint whose next step passed is never rotated away.
@@ -65,18 +67,18 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.checkpoint = ckpt = ml_collections.ConfigDict()
   ckpt.every_steps = 100
-  ckpt.keep = 3                 # keep the newest N checkpoints
+  ckpt.keep = 3  # keep the newest N checkpoints
   ckpt.async_save = True
 
   config.eval = ev = ml_collections.ConfigDict()
-  ev.batch_size = 8             # sequences per eval batch
-  ev.max_tokens = 262144        # validation tokens scored by eval.py
+  ev.batch_size = 8  # sequences per eval batch
+  ev.max_tokens = 262144  # validation tokens scored by eval.py
 
   config.mesh = mesh = ml_collections.ConfigDict()
-  mesh.data = -1                # -1: all devices not used by the other axes
+  mesh.data = -1  # -1: all devices not used by the other axes
   mesh.fsdp = 1
   mesh.tensor = 1
-  mesh.num_devices = -1         # -1: all devices; N: only the first N (single-process debugging and tests)
+  mesh.num_devices = -1  # -1: all devices; N: only the first N (single-process debugging and tests)
 
   config.lock()
   return config

@@ -24,4 +24,5 @@ import pytest  # noqa: E402
 def tiny_config():
   """The default config shrunk to a model and run that finish in seconds."""
   from tests import train_helpers  # pylint: disable=g-import-not-at-top
+
   return train_helpers.tiny_config()

@@ -13,8 +13,9 @@ from cla_jax.model import ModelConfig
 
 def small_config(**overrides) -> ModelConfig:
   """A 7-layer model small enough to compile in seconds; `overrides` replace any field."""
-  base = dict(num_layers=7, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,
-              vocab_size=61, dtype="float32")
+  base = dict(
+      num_layers=7, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48, vocab_size=61, dtype="float32"
+  )
   return ModelConfig(**{**base, **overrides})
 
 

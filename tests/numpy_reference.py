@@ -60,8 +60,17 @@ def attend(q, k, v, segment_ids=None):
   return np.einsum("bnts,bsnh->btnh", probs, v)
 
 
-def forward(params, tokens, *, norm_kind="rmsnorm", eps=1e-5, theta=10000.0, tie_embeddings=False,
-            positions=None, segment_ids=None) -> np.ndarray:
+def forward(
+    params,
+    tokens,
+    *,
+    norm_kind="rmsnorm",
+    eps=1e-5,
+    theta=10000.0,
+    tie_embeddings=False,
+    positions=None,
+    segment_ids=None,
+) -> np.ndarray:
   """Logits [b, t, vocab] (float64) of the CLA transformer for scanned `params`."""
   tokens = np.asarray(tokens)
   if positions is None:

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from cla_jax import checkpoint, config_lib, model as model_lib, trainer
+from cla_jax import checkpoint, config_lib, trainer
+from cla_jax import model as model_lib
 from tests import train_helpers as th
 
 

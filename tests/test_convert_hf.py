@@ -29,9 +29,17 @@ def _tiny_llama(num_kv_heads: int, tie: bool, seed: int = 0) -> "transformers.Ll
   """A random fp32 Llama with non-trivial norms, so that a mis-mapped weight changes the logits."""
   torch.manual_seed(seed)
   config = transformers.LlamaConfig(
-      vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=96, num_hidden_layers=LAYERS,
-      num_attention_heads=HEADS, num_key_value_heads=num_kv_heads, rope_theta=THETA, rms_norm_eps=EPS,
-      tie_word_embeddings=tie, max_position_embeddings=64)
+      vocab_size=VOCAB,
+      hidden_size=D_MODEL,
+      intermediate_size=96,
+      num_hidden_layers=LAYERS,
+      num_attention_heads=HEADS,
+      num_key_value_heads=num_kv_heads,
+      rope_theta=THETA,
+      rms_norm_eps=EPS,
+      tie_word_embeddings=tie,
+      max_position_embeddings=64,
+  )
   model = transformers.LlamaForCausalLM(config).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -67,8 +75,9 @@ def gqa_dir(gqa_model, tmp_path_factory):
   return _save(gqa_model, tmp_path_factory.mktemp("hf_gqa"))
 
 
-@pytest.mark.parametrize("num_kv_heads,tie,sharded", [(4, False, False), (2, True, True)],
-                         ids=["mha-untied", "gqa-tied-sharded"])
+@pytest.mark.parametrize(
+    "num_kv_heads,tie,sharded", [(4, False, False), (2, True, True)], ids=["mha-untied", "gqa-tied-sharded"]
+)
 def test_share_factor_1_matches_transformers(tmp_path, num_kv_heads, tie, sharded):
   model = _tiny_llama(num_kv_heads, tie)
   hf_dir = _save(model, tmp_path / "hf", **({"max_shard_size": "30KB"} if sharded else {}))
@@ -79,7 +88,14 @@ def test_share_factor_1_matches_transformers(tmp_path, num_kv_heads, tie, sharde
   loaded = cla_jax.load_model(tmp_path / "work", dtype="float32")
   m = loaded.config.model
   assert (m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim, m.vocab_size) == (
-      LAYERS, D_MODEL, HEADS, num_kv_heads, HEAD_DIM, 96, VOCAB)
+      LAYERS,
+      D_MODEL,
+      HEADS,
+      num_kv_heads,
+      HEAD_DIM,
+      96,
+      VOCAB,
+  )
   assert (m.rope_theta, m.norm_eps, m.tie_embeddings, m.pattern) == (THETA, EPS, tie, "none")
   assert ("lm_head" in loaded.params) == (not tie)
 
@@ -105,8 +121,9 @@ def test_share_factor_2_keeps_first_layer_kv_and_matches_numpy(gqa_model, gqa_di
       rows = slice(head * HEAD_DIM, (head + 1) * HEAD_DIM)
       np.testing.assert_array_equal(np.asarray(kv["key"][g][:, head, :]), k_proj[rows].T)
       np.testing.assert_array_equal(np.asarray(kv["value"][g][:, head, :]), v_proj[rows].T)
-    np.testing.assert_array_equal(np.asarray(kv["norm"]["scale"][g]),
-                                  _hf_weight(gqa_model, f"model.layers.{layer}.input_layernorm.weight"))
+    np.testing.assert_array_equal(
+        np.asarray(kv["norm"]["scale"][g]), _hf_weight(gqa_model, f"model.layers.{layer}.input_layernorm.weight")
+    )
   second = loaded.params["segment_0"]["layer_1"]["attn_norm"]["scale"][0]  # layer 1 keeps its own norm
   np.testing.assert_array_equal(np.asarray(second), _hf_weight(gqa_model, "model.layers.1.input_layernorm.weight"))
 
@@ -130,8 +147,9 @@ def test_bf16_checkpoint_is_upcast_exactly(tmp_path):
   assert params["embed"].dtype == np.float32
   np.testing.assert_array_equal(params["embed"], _hf_weight(model, "model.embed_tokens.weight"))
   np.testing.assert_array_equal(params["lm_head"], _hf_weight(model, "lm_head.weight").T)
-  np.testing.assert_array_equal(params["segment_0"]["layer_0"]["down"][3],
-                                _hf_weight(model, "model.layers.3.mlp.down_proj.weight").T)
+  np.testing.assert_array_equal(
+      params["segment_0"]["layer_0"]["down"][3], _hf_weight(model, "model.layers.3.mlp.down_proj.weight").T
+  )
 
 
 def _rope_interleaved(x, positions, theta):
@@ -151,12 +169,14 @@ def test_interleaved_to_half_preserves_rope_attention_scores():
   positions = np.arange(t) * 3.0
   meta_q = _rope_interleaved(np.einsum("td,dnh->tnh", x, w_q), positions, 100.0)
   meta_k = _rope_interleaved(np.einsum("td,dnh->tnh", x, w_k), positions, 100.0)
-  half = lambda w: numpy_reference.rope(np.einsum("td,dnh->tnh", x, convert_hf.interleaved_to_half(w))[None],
-                                        positions[None], 100.0)[0]
+  half = lambda w: numpy_reference.rope(
+      np.einsum("td,dnh->tnh", x, convert_hf.interleaved_to_half(w))[None], positions[None], 100.0
+  )[0]
   half_q, half_k = half(w_q), half(w_k)
   np.testing.assert_allclose(half_q, meta_q[..., [0, 2, 4, 1, 3, 5]], atol=1e-12)
-  np.testing.assert_allclose(np.einsum("tnh,snh->nts", half_q, half_k),
-                             np.einsum("tnh,snh->nts", meta_q, meta_k), atol=1e-10)
+  np.testing.assert_allclose(
+      np.einsum("tnh,snh->nts", half_q, half_k), np.einsum("tnh,snh->nts", meta_q, meta_k), atol=1e-10
+  )
 
 
 def test_rope_layout_interleaved_converts_a_meta_layout_checkpoint(gqa_model, tmp_path):
@@ -195,19 +215,22 @@ def _edit_config(src: pathlib.Path, dst: pathlib.Path, **changes) -> pathlib.Pat
   return dst
 
 
-@pytest.mark.parametrize("changes,field", [
-    ({"model_type": "mistral"}, "model_type"),
-    ({"architectures": ["LlamaForSequenceClassification"]}, "architectures"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_parameters": None}, "rope"),
-    ({"attention_bias": True}, "attention_bias"),
-    ({"mlp_bias": True}, "mlp_bias"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"head_dim": 8}, "head_dim"),
-    ({"num_key_value_heads": 1}, "num_key_value_heads"),
-    ({"intermediate_size": 128}, "intermediate_size"),
-    ({"num_hidden_layers": 3}, "num_hidden_layers"),
-])
+@pytest.mark.parametrize(
+    "changes,field",
+    [
+        ({"model_type": "mistral"}, "model_type"),
+        ({"architectures": ["LlamaForSequenceClassification"]}, "architectures"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_parameters": None}, "rope"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"head_dim": 8}, "head_dim"),
+        ({"num_key_value_heads": 1}, "num_key_value_heads"),
+        ({"intermediate_size": 128}, "intermediate_size"),
+        ({"num_hidden_layers": 3}, "num_hidden_layers"),
+    ],
+)
 def test_unsupported_or_mismatched_checkpoints_name_the_field(gqa_dir, tmp_path, changes, field):
   hf_dir = _edit_config(gqa_dir, tmp_path / "hf", **changes)
   with pytest.raises(UserError, match=field):
@@ -266,12 +289,24 @@ def cli_workdir(gqa_model, tmp_path_factory):
   _word_tokenizer(hf_dir / "tokenizer.json", text)
   (root / "data").mkdir()
   for i in range(4):
-    (root / "data" / f"doc{i}.txt").write_text(text[i * 300:] + "\n")
+    (root / "data" / f"doc{i}.txt").write_text(text[i * 300 :] + "\n")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   result = subprocess.run(
-      [sys.executable, "-m", "cla_jax.convert_hf", f"--hf_dir={hf_dir}", f"--workdir={root / 'work'}",
-       "--pattern=cla2", "--config.train.lr=1e-4"],
-      cwd=root, env=env, capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "cla_jax.convert_hf",
+          f"--hf_dir={hf_dir}",
+          f"--workdir={root / 'work'}",
+          "--pattern=cla2",
+          "--config.train.lr=1e-4",
+      ],
+      cwd=root,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert result.returncode == 0, result.stderr
   return root, result.stdout
 
@@ -287,9 +322,20 @@ def test_cli_reports_dropped_kv_and_references_tokenizer(cli_workdir):
 
 def test_cli_error_is_one_line(gqa_dir, tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "cla_jax.convert_hf", f"--hf_dir={gqa_dir}", f"--workdir={tmp_path / 'w'}",
-       "--pattern=bogus"], cwd=REPO_ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-      capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "cla_jax.convert_hf",
+          f"--hf_dir={gqa_dir}",
+          f"--workdir={tmp_path / 'w'}",
+          "--pattern=bogus",
+      ],
+      cwd=REPO_ROOT,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert result.returncode == 2
   assert result.stderr.strip().startswith("error:") and "pattern" in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1
@@ -304,8 +350,9 @@ def test_continued_training_from_converted_workdir(cli_workdir):
   before, config, step = checkpoint.restore_params(workdir)
   assert step == 0
   config = ml_collections.ConfigDict(config.to_dict())
-  config.data.update(source="text", text_glob=str(root / "data" / "*.txt"), eval_fraction=0.25,
-                     data_dir=str(root / "cache"))
+  config.data.update(
+      source="text", text_glob=str(root / "data" / "*.txt"), eval_fraction=0.25, data_dir=str(root / "cache")
+  )
   config.train.update(steps=2, batch_size=8, seq_len=16, log_every=1, eval_every=0, lr=1e-3)
   config.checkpoint.update(every_steps=2, async_save=False)
   config.lock()
@@ -323,15 +370,21 @@ def test_truncated_safetensors_is_one_line_and_nan_weights_are_refused(gqa_dir, 
   truncated = tmp_path / "truncated"
   shutil.copytree(gqa_dir, truncated)
   (weights,) = truncated.glob("*.safetensors")
-  weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+  weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
   result = subprocess.run(
       [sys.executable, "-m", "cla_jax.convert_hf", f"--hf_dir={truncated}", f"--workdir={tmp_path / 'w1'}"],
-      cwd=REPO_ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+      cwd=REPO_ROOT,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
   assert len(result.stderr.strip().splitlines()) == 1 and "truncated" in result.stderr
   assert not (tmp_path / "w1").exists()
 
   from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+
   damaged = tmp_path / "nan"
   shutil.copytree(gqa_dir, damaged)
   (weights,) = damaged.glob("*.safetensors")
@@ -349,16 +402,28 @@ def test_converted_workdir_continues_with_the_default_config(cli_workdir, tmp_pa
   """train.py --config=configs/default.py on a converted workdir: the model comes from its config.json."""
   trainer = pytest.importorskip("cla_jax.trainer")
   from cla_jax import checkpoint, config_lib  # pylint: disable=g-import-not-at-top
+
   root, _ = cli_workdir
   workdir = tmp_path / "work"
   shutil.copytree(root / "work", workdir)
   saved = checkpoint.read_config(workdir)
   config = config_lib.load("configs/default.py")
   assert config.model.d_model != saved.model.d_model
-  config.data.update(source="text", text_glob=str(root / "data" / "*.txt"), eval_fraction=0.25,
-                     data_dir=str(root / "cache"), tokenizer=saved.data.tokenizer)
-  config.train.update(steps=max(2, (checkpoint.latest_step(workdir) or 0) + 1), batch_size=8, seq_len=16,
-                      log_every=1, eval_every=0, lr=1e-3)
+  config.data.update(
+      source="text",
+      text_glob=str(root / "data" / "*.txt"),
+      eval_fraction=0.25,
+      data_dir=str(root / "cache"),
+      tokenizer=saved.data.tokenizer,
+  )
+  config.train.update(
+      steps=max(2, (checkpoint.latest_step(workdir) or 0) + 1),
+      batch_size=8,
+      seq_len=16,
+      log_every=1,
+      eval_every=0,
+      lr=1e-3,
+  )
   config.checkpoint.update(every_steps=100, async_save=False)
   config.model.remat = "full"  # allowed on resume: it does not change the weights
   trainer.run(config, str(workdir), explicit_model_fields=["remat"])

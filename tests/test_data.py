@@ -11,13 +11,17 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from cla_jax.data import batches as batches_lib, prepare, python_docs, sources, tokenizer as tokenizer_lib
+from cla_jax.data import batches as batches_lib
+from cla_jax.data import prepare, python_docs, sources
+from cla_jax.data import tokenizer as tokenizer_lib
 from cla_jax.errors import UserError
 
-WORDS = ("the a an of to in is and for with that this module function class object value return "
-         "list dict string file path error exception import data type call method default argument "
-         "python interpreter thread lock socket buffer bytes encoding iterator generator context manager "
-         "when which may be can not if else raise see also note example version changed added").split()
+WORDS = (
+    "the a an of to in is and for with that this module function class object value return "
+    "list dict string file path error exception import data type call method default argument "
+    "python interpreter thread lock socket buffer bytes encoding iterator generator context manager "
+    "when which may be can not if else raise see also note example version changed added"
+).split()
 
 
 def prose(rng: np.random.Generator, paragraphs: int) -> str:
@@ -36,9 +40,14 @@ def rst_tree(tmp_path_factory):
   """A small directory shaped like python3.11-doc's html/_sources (subdirs, *.rst.txt)."""
   root = tmp_path_factory.mktemp("sources")
   rng = np.random.default_rng(0)
-  for i, rel in enumerate(["about.rst.txt", "bugs.rst.txt"] + [f"{d}/{name}{j}.rst.txt"
-                          for d, name in (("library", "mod"), ("tutorial", "part"), ("c-api", "api"))
-                          for j in range(8)]):
+  for i, rel in enumerate(
+      ["about.rst.txt", "bugs.rst.txt"]
+      + [
+          f"{d}/{name}{j}.rst.txt"
+          for d, name in (("library", "mod"), ("tutorial", "part"), ("c-api", "api"))
+          for j in range(8)
+      ]
+  ):
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
     (root / rel).write_text(prose(rng, 3 + i % 4), encoding="utf-8")
   return root
@@ -70,7 +79,7 @@ def tok(config):
 def test_python_docs_builder_split_and_checksum(rst_tree, docs_data_dir):
   files = sorted(os.path.relpath(os.path.join(d, f), rst_tree) for d, _, fs in os.walk(rst_tree) for f in fs)
   # Independent reference for the fixed split: 5% of files, rounded up, smallest sha256 of the path.
-  held_out = sorted(files, key=lambda f: hashlib.sha256(f.encode()).digest())[:math.ceil(0.05 * len(files))]
+  held_out = sorted(files, key=lambda f: hashlib.sha256(f.encode()).digest())[: math.ceil(0.05 * len(files))]
   checksum = hashlib.sha256()
   for f in files:
     checksum.update(f.encode() + b"\0" + (rst_tree / f).read_bytes() + b"\0")
@@ -139,8 +148,9 @@ class ClaTestToyText(tfds.core.GeneratorBasedBuilder):
 
 
 def test_tfds_source_by_name(tiny_config, tmp_path):
-  tiny_config.data.update(source="tfds", tfds_name="cla_test_toy_text", data_dir=str(tmp_path), text_key="body",
-                          eval_split="test")
+  tiny_config.data.update(
+      source="tfds", tfds_name="cla_test_toy_text", data_dir=str(tmp_path), text_key="body", eval_split="test"
+  )
   with pytest.raises(UserError, match=r"not prepared.*python -m cla_jax\.data\.prepare"):
     sources.get_source(tiny_config)
   tfds.display_progress_bar(False)
@@ -186,14 +196,18 @@ def test_sentencepiece_trained_cached_and_round_trips(config, tok, rst_tree, tmp
 
 def test_hf_tokenizer_json(tiny_config, tmp_path):
   import tokenizers
-  from tokenizers import models, pre_tokenizers, trainers, decoders
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
   hf = tokenizers.Tokenizer(models.BPE())
   hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   hf.decoder = decoders.ByteLevel()
   rng = np.random.default_rng(2)
-  hf.train_from_iterator([prose(rng, 2) for _ in range(20)],
-                         trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  hf.train_from_iterator(
+      [prose(rng, 2) for _ in range(20)],
+      trainers.BpeTrainer(
+          vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+      ),
+  )
   hf.save(str(tmp_path / "tokenizer.json"))
   tiny_config.data.tokenizer = str(tmp_path / "tokenizer.json")
   tok = tokenizer_lib.get_tokenizer(tiny_config)
@@ -244,7 +258,7 @@ def test_prepared_split_matches_reference(config, tok):
   # Record r is window r: tokens [r * seq_len, r * seq_len + seq_len + 1); one shorter record holds the tail.
   assert data.num_windows == (len(reference) - 1) // seq_len
   for r, record in enumerate(data.records(range(data.num_records))):
-    np.testing.assert_array_equal(record, reference[r * seq_len:r * seq_len + seq_len + 1])
+    np.testing.assert_array_equal(record, reference[r * seq_len : r * seq_len + seq_len + 1])
   assert data.num_records == data.num_windows + (len(reference) - 1 > data.num_windows * seq_len)
 
 
@@ -261,8 +275,11 @@ def test_train_batches_cover_each_window_once_per_epoch(config, tok):
     assert b["inputs"].dtype == np.int32 and b["weights"].dtype == np.float32 and (b["weights"] == 1).all()
     for inputs, targets in zip(b["inputs"], b["targets"]):
       # Locate the row in the reference stream: windows start at multiples of seq_len.
-      matches = [s for s in range(0, num_windows * seq_len, seq_len) if (stream[s:s + seq_len] == inputs).all()
-                 and (stream[s + 1:s + seq_len + 1] == targets).all()]
+      matches = [
+          s
+          for s in range(0, num_windows * seq_len, seq_len)
+          if (stream[s : s + seq_len] == inputs).all() and (stream[s + 1 : s + seq_len + 1] == targets).all()
+      ]
       assert matches
       starts.append(matches[0])
   first_epoch = starts[:num_windows]
@@ -329,15 +346,21 @@ def test_eval_batches(config, tok, max_tokens, hosts):
   config.data.packing = True
   stream = reference_stream(config, tok, "validation")
   total = min(len(stream) - 1, max_tokens) if max_tokens else len(stream) - 1
-  per_host = [list(batches_lib.eval_batches(config, tok, batch_size=4, max_tokens=max_tokens,
-                                               process_index=p, process_count=hosts)) for p in range(hosts)]
+  per_host = [
+      list(
+          batches_lib.eval_batches(
+              config, tok, batch_size=4, max_tokens=max_tokens, process_index=p, process_count=hosts
+          )
+      )
+      for p in range(hosts)
+  ]
   batches = [{k: np.concatenate([h[i][k] for h in per_host]) for k in per_host[0][i]} for i in range(len(per_host[0]))]
   assert all(b["inputs"].shape == (4, config.train.seq_len) for b in batches)
   targets = np.concatenate([b["targets"].reshape(-1) for b in batches])
   weights = np.concatenate([b["weights"].reshape(-1) for b in batches])
   inputs = np.concatenate([b["inputs"].reshape(-1) for b in batches])
   assert weights.sum() == total and len(batches) == math.ceil(math.ceil(total / config.train.seq_len) / 4)
-  np.testing.assert_array_equal(targets[weights == 1], stream[1:total + 1])
+  np.testing.assert_array_equal(targets[weights == 1], stream[1 : total + 1])
   np.testing.assert_array_equal(inputs[weights == 1], stream[:total])
   segments = np.concatenate([b["segment_ids"].reshape(-1) for b in batches])
   assert (segments[weights == 0] == 0).all() and (segments[weights == 1] > 0).all()
@@ -410,7 +433,7 @@ def test_prepared_dir_batches_equal_pinned_order(text_config, tmp_path):
     rows = step * width + np.arange(width)
     for row, inputs in zip(rows, batches.batch(step)["inputs"]):
       start = np.random.default_rng([config.data.seed, row // num_windows]).permutation(num_windows)[row % num_windows]
-      np.testing.assert_array_equal(inputs, stream[start * seq_len:(start + 1) * seq_len])
+      np.testing.assert_array_equal(inputs, stream[start * seq_len : (start + 1) * seq_len])
   config.train.seq_len = 16
   with pytest.raises(UserError, match="seq_len=32, not 16"):
     batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
@@ -465,19 +488,33 @@ prepare.prepare(config, sys.argv[1], docs_per_chunk=4, records_per_shard=5)
 def test_prepare_killed_midway_resumes_to_identical_shards(text_config, tmp_path, die_at):
   import subprocess
   import sys
+
   import train_helpers
+
   tok = tokenizer_lib.get_tokenizer(text_config)
   tok_path = tok.save(tmp_path / "tok")
   args = [text_config.data.text_glob, text_config.data.cache_dir, str(tok_path)]
   cmd = [sys.executable, "-c", _KILLED_PREPARE]
-  killed = subprocess.run(cmd + [str(tmp_path / "a"), str(die_at)] + args, cwd=train_helpers.REPO_ROOT,
-                          env=train_helpers.env(), capture_output=True, text=True, timeout=120)
+  killed = subprocess.run(
+      cmd + [str(tmp_path / "a"), str(die_at)] + args,
+      cwd=train_helpers.REPO_ROOT,
+      env=train_helpers.env(),
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert killed.returncode == -9, killed.stderr
   assert not (tmp_path / "a" / "train" / "index.json").exists()
   assert any((tmp_path / "a" / "train").glob("windows-*.array_record")) == (die_at == 25)
   for directory, die in ((tmp_path / "a", 0), (tmp_path / "b", 0)):  # resume; and an uninterrupted run
-    done = subprocess.run(cmd + [str(directory), str(die)] + args, cwd=train_helpers.REPO_ROOT,
-                          env=train_helpers.env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        cmd + [str(directory), str(die)] + args,
+        cwd=train_helpers.REPO_ROOT,
+        env=train_helpers.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
   for split in ("train", "validation"):
     names = sorted(p.name for p in (tmp_path / "b" / split).iterdir())
@@ -534,8 +571,10 @@ def test_eval_fraction_zero_holds_out_nothing(tiny_config, tmp_path):
 
 
 def test_prepare_refuses_bad_arguments(text_config, tmp_path):
-  for kwargs, message in (({"shard": 2, "num_shards": 2}, "--shard=2 must lie in"),
-                          ({"num_workers": 0}, "--num_workers=0 must be at least 1")):
+  for kwargs, message in (
+      ({"shard": 2, "num_shards": 2}, "--shard=2 must lie in"),
+      ({"num_workers": 0}, "--num_workers=0 must be at least 1"),
+  ):
     with pytest.raises(UserError, match=message):
       prepare.prepare(text_config, str(tmp_path / "p"), **kwargs)
   text_config.data.prepared_dir = str(tmp_path / "p")
@@ -556,14 +595,23 @@ def test_data_modules_import_one_way():
   """Each module of cla_jax/data imports only modules listed before it in the package docstring (no circle)."""
   import ast
   import re
+
   import cla_jax.data
+
   order = re.findall(r"^  (\w+)\s", cla_jax.data.__doc__, flags=re.M)
   directory = pathlib.Path(cla_jax.data.__file__).parent
   assert sorted(order) == sorted(p.stem for p in directory.glob("*.py") if p.stem != "__init__")
   for position, name in enumerate(order):
     tree = ast.parse((directory / f"{name}.py").read_text())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                and node.module == "cla_jax.data" for alias in node.names}
-    imported |= {node.module.rsplit(".", 1)[1] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                 and (node.module or "").startswith("cla_jax.data.")}
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "cla_jax.data"
+        for alias in node.names
+    }
+    imported |= {
+        node.module.rsplit(".", 1)[1]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cla_jax.data.")
+    }
     assert imported <= set(order[:position]), (name, imported - set(order[:position]))

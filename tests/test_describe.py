@@ -17,20 +17,37 @@ from cla_jax.describe import describe
 
 # (row, KV layers, KV bytes/token) as printed in the paper's Table 1.
 TABLE1 = [
-    ("H128-MHA", 20, 163840), ("H128-GQA4", 20, 40960), ("H128-GQA2", 20, 20480), ("H128-MQA", 20, 10240),
-    ("H64-MQA", 20, 5120), ("H46-MQA", 20, 3680), ("H32-MQA", 20, 2560), ("H512-MQA-CLA2", 10, 20480),
-    ("H256-MQA-CLA2", 10, 10240), ("H128-MQA-CLA2", 10, 5120), ("H90-MQA-CLA2", 10, 3600),
-    ("H64-MQA-CLA2", 10, 2560), ("H256-GQA4-CLA2", 10, 40960), ("H128-GQA4-CLA2", 10, 20480),
-    ("H128-GQA2-CLA2", 10, 10240), ("H128-MQA-CLA3", 7, 3584), ("H128-MQA-CLA4", 5, 2560),
-    ("H128-MQA-CLA2-KeepEnds", 11, 5632), ("H128-MQA-CLA2-DenseFront", 11, 5632),
+    ("H128-MHA", 20, 163840),
+    ("H128-GQA4", 20, 40960),
+    ("H128-GQA2", 20, 20480),
+    ("H128-MQA", 20, 10240),
+    ("H64-MQA", 20, 5120),
+    ("H46-MQA", 20, 3680),
+    ("H32-MQA", 20, 2560),
+    ("H512-MQA-CLA2", 10, 20480),
+    ("H256-MQA-CLA2", 10, 10240),
+    ("H128-MQA-CLA2", 10, 5120),
+    ("H90-MQA-CLA2", 10, 3600),
+    ("H64-MQA-CLA2", 10, 2560),
+    ("H256-GQA4-CLA2", 10, 40960),
+    ("H128-GQA4-CLA2", 10, 20480),
+    ("H128-GQA2-CLA2", 10, 10240),
+    ("H128-MQA-CLA3", 7, 3584),
+    ("H128-MQA-CLA4", 5, 2560),
+    ("H128-MQA-CLA2-KeepEnds", 11, 5632),
+    ("H128-MQA-CLA2-DenseFront", 11, 5632),
     ("H128-MQA-CLA2-DenseBack", 11, 5632),
 ]
 # (config file, row, KV bytes/token, best LR) from the tuned-LR table.
 TUNED = [
-    ("paper_1b.py", "H128-MQA-tuned", 10240, 1.5e-3), ("paper_1b.py", "H128-MQA-CLA2-tuned", 5120, 2.25e-3),
-    ("paper_1b.py", "H64-MQA-tuned", 5120, 2.25e-3), ("paper_3b.py", "H128-MQA", 16384, 6.75e-4),
-    ("paper_3b.py", "H128-MQA-CLA2", 8192, 2.25e-3), ("paper_3b.py", "H64-MQA", 8192, 1.0e-3),
-    ("paper_3b.py", "H64-MQA-setb", 8192, 1e-3), ("paper_3b.py", "H64-MQA-CLA2-setb", 4096, 1e-3),
+    ("paper_1b.py", "H128-MQA-tuned", 10240, 1.5e-3),
+    ("paper_1b.py", "H128-MQA-CLA2-tuned", 5120, 2.25e-3),
+    ("paper_1b.py", "H64-MQA-tuned", 5120, 2.25e-3),
+    ("paper_3b.py", "H128-MQA", 16384, 6.75e-4),
+    ("paper_3b.py", "H128-MQA-CLA2", 8192, 2.25e-3),
+    ("paper_3b.py", "H64-MQA", 8192, 1.0e-3),
+    ("paper_3b.py", "H64-MQA-setb", 8192, 1e-3),
+    ("paper_3b.py", "H64-MQA-CLA2-setb", 4096, 1e-3),
     ("paper_3b.py", "H32-MQA-setb", 4096, 1e-3),
 ]
 
@@ -101,8 +118,9 @@ def test_every_shipped_config_and_row_builds(spec):
 
 
 def _cli(*args, cwd=config_lib.REPO_ROOT):
-  return subprocess.run([sys.executable, "-m", "cla_jax.describe", *args], capture_output=True, text=True,
-                        cwd=cwd, timeout=120)
+  return subprocess.run(
+      [sys.executable, "-m", "cla_jax.describe", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+  )
 
 
 def test_cli_prints_one_json_line_from_any_directory(tmp_path):
@@ -120,13 +138,16 @@ def test_cli_default_config_works_from_any_directory(tmp_path):
   assert json.loads(out.stdout.strip().splitlines()[-1])["groups"] == [[0, 1], [2, 3]]  # default: 4 layers, CLA2
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--config=configs/paper_1b.py:H128-MQA-CLA9"], "unknown 1B paper row 'H128-MQA-CLA9'; valid rows: H128-MHA"),
-    (["--config=configs/default.py", "--config.model.num_kv_heads=3"], "not divisible by model.num_kv_heads=3"),
-    (["--config=configs/default.py", "--config.model.pattern=2,1"], "covers 3 layers"),
-    (["--config=configs/default.py", "--config.model.num_layer=3"], "unknown config field"),
-    (["--config=configs/nope.py"], "config file 'configs/nope.py' not found"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config=configs/paper_1b.py:H128-MQA-CLA9"], "unknown 1B paper row 'H128-MQA-CLA9'; valid rows: H128-MHA"),
+        (["--config=configs/default.py", "--config.model.num_kv_heads=3"], "not divisible by model.num_kv_heads=3"),
+        (["--config=configs/default.py", "--config.model.pattern=2,1"], "covers 3 layers"),
+        (["--config=configs/default.py", "--config.model.num_layer=3"], "unknown config field"),
+        (["--config=configs/nope.py"], "config file 'configs/nope.py' not found"),
+    ],
+)
 def test_cli_errors_are_one_line(args, message):
   out = _cli(*args)
   assert out.returncode == 2

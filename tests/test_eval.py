@@ -12,19 +12,23 @@ import numpy as np
 import pytest
 
 from cla_jax import checkpoint, config_lib, evaluate
-from cla_jax import model as model_lib
-from cla_jax.data import batches as batches_lib, tokenizer as tokenizer_lib
+from cla_jax.data import batches as batches_lib
+from cla_jax.data import tokenizer as tokenizer_lib
 from cla_jax.errors import UserError
 from tests import model_helpers, numpy_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = ("the cat sat on a mat while old dogs ran far away from big red barns near green hills and "
-         "small birds sang loud songs in tall trees every morning").split()
+WORDS = (
+    "the cat sat on a mat while old dogs ran far away from big red barns near green hills and "
+    "small birds sang loud songs in tall trees every morning"
+).split()
 
 # A wikitext-style file: two pages, a sub-heading inside the first, wikitext's tokenized spelling.
-WIKI = (" \n = Alpha Page = \n \n The cat sat on a mat , and 1 @,@ 000 dogs ran . \n \n"
-        " = = History = = \n \n Old dogs ran far away ( near green hills ) . \n"
-        " = Beta Page = \n \n Small birds sang loud songs in tall trees every morning . \n")
+WIKI = (
+    " \n = Alpha Page = \n \n The cat sat on a mat , and 1 @,@ 000 dogs ran . \n \n"
+    " = = History = = \n \n Old dogs ran far away ( near green hills ) . \n"
+    " = Beta Page = \n \n Small birds sang loud songs in tall trees every morning . \n"
+)
 
 
 def _corpus(seed: int, n_docs: int, n_words: int) -> list[str]:
@@ -35,8 +39,14 @@ def _corpus(seed: int, n_docs: int, n_words: int) -> list[str]:
 def _nll_numpy(params, config, inputs, targets, weights) -> float:
   """Summed weighted next-token NLL from the numpy reference forward (float64)."""
   m = config.model
-  logits = numpy_reference.forward(params, np.asarray(inputs)[None], norm_kind=m.norm, eps=m.norm_eps,
-                                   theta=m.rope_theta, tie_embeddings=m.tie_embeddings)[0]
+  logits = numpy_reference.forward(
+      params,
+      np.asarray(inputs)[None],
+      norm_kind=m.norm,
+      eps=m.norm_eps,
+      theta=m.rope_theta,
+      tie_embeddings=m.tie_embeddings,
+  )[0]
   logits = logits - logits.max(-1, keepdims=True)
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   return float(-(logp[np.arange(len(targets)), targets] * np.asarray(weights)).sum())
@@ -57,8 +67,13 @@ def setup(tiny_config, tmp_path):
   spm = tmp_path / "spm.model"
   spm.write_bytes(tokenizer_lib.train_sentencepiece(_corpus(1, 50, 80) + [WIKI], 256))
   config = tiny_config
-  config.data.update(source="text", text_glob=str(data / "*.txt"), tokenizer=str(spm), data_dir=str(tmp_path / "cache"),
-                     eval_fraction=0.25)
+  config.data.update(
+      source="text",
+      text_glob=str(data / "*.txt"),
+      tokenizer=str(spm),
+      data_dir=str(tmp_path / "cache"),
+      eval_fraction=0.25,
+  )
   config.eval.update(batch_size=4, max_tokens=200)
   params = _random_params(config)
   workdir = str(tmp_path / "run")
@@ -73,9 +88,11 @@ def test_rolling_windows_by_hand():
   # then [8:10] with the window filled back to 4 tokens, the first two context only.
   windows = evaluate.rolling_windows(list(range(10)), 4, 99)
   got = [(w.inputs.tolist(), w.targets.tolist(), w.weights.tolist()) for w in windows]
-  assert got == [([99, 0, 1, 2], [0, 1, 2, 3], [1, 1, 1, 1]),
-                 ([3, 4, 5, 6], [4, 5, 6, 7], [1, 1, 1, 1]),
-                 ([5, 6, 7, 8], [6, 7, 8, 9], [0, 0, 1, 1])]
+  assert got == [
+      ([99, 0, 1, 2], [0, 1, 2, 3], [1, 1, 1, 1]),
+      ([3, 4, 5, 6], [4, 5, 6, 7], [1, 1, 1, 1]),
+      ([5, 6, 7, 8], [6, 7, 8, 9], [0, 0, 1, 1]),
+  ]
   # Shorter than a window: one window; every token predicted exactly once in general.
   assert [w.inputs.tolist() for w in evaluate.rolling_windows([5, 6], 4, 0)] == [[0, 5]]
   for n in (1, 7, 8, 9, 33):
@@ -86,14 +103,15 @@ def test_rolling_windows_by_hand():
 def test_wikitext_documents_words_and_detokenizer():
   docs = evaluate.split_documents(WIKI)
   assert [d.splitlines()[0] for d in docs] == [" = Alpha Page = ", " = Beta Page = "]  # sub-heading stays inside
-  assert "".join(docs) == WIKI[len(" \n"):]  # only the blank preamble is dropped
+  assert "".join(docs) == WIKI[len(" \n") :]  # only the blank preamble is dropped
   # Harness rule len(re.split(r"\s+", doc)): tokens plus one empty string at each whitespace end.
   assert evaluate.count_words(" a b\n c \n") == 5
   assert evaluate.count_bytes("é a") == 4
   assert evaluate.split_documents("no headings\nhere\n") == ["no headings\nhere\n"]
   assert evaluate.split_documents("x\n = T = \ny\n", "plain") == ["x\n = T = \ny\n"]
   assert evaluate.wikitext_detokenize(" = = History = = \n \n The cat , 1 @,@ 000 well @-@ known ( near ) . \n") == (
-      " == History ==\n\nThe cat, 1,000 well-known (near).\n")
+      " == History ==\n\nThe cat, 1,000 well-known (near).\n"
+  )
 
 
 def test_text_file_equals_hand_computed_windows(setup):
@@ -110,11 +128,11 @@ def test_text_file_equals_hand_computed_windows(setup):
     nll += _nll_numpy(params, config, [tok.eos_id] + ids[:7], ids[:8], np.ones(8))
     for first in range(8, len(ids), 8):
       end = min(first + 8, len(ids))
-      inputs, targets = ids[end - 9:end - 1], ids[end - 8:end]
+      inputs, targets = ids[end - 9 : end - 1], ids[end - 8 : end]
       nll += _nll_numpy(params, config, inputs, targets, np.arange(end - 8, end) >= first)
     tokens += len(ids)
   words = sum(len(re.split(r"\s+", d)) for d in docs)
-  num_bytes = len(WIKI[len(" \n"):].encode())
+  num_bytes = len(WIKI[len(" \n") :].encode())
   assert (result["tokens"], result["words"], result["bytes"], result["documents"]) == (tokens, words, num_bytes, 2)
   np.testing.assert_allclose(result["loss"] * result["tokens"], nll, rtol=2e-5)
   np.testing.assert_allclose(result["word_perplexity"], math.exp(nll / words), rtol=2e-5)
@@ -178,17 +196,38 @@ def test_bad_workdir_step_and_config_errors(setup, tmp_path):
 def test_cli_prints_table_then_json_and_one_line_errors(setup):
   workdir, _, _, wiki = setup
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, "eval.py", f"--workdir={workdir}", f"--text_file={wiki}", "--max_length=8",
-         "--config.mesh.tensor=2", "--noprogress"]
+  cmd = [
+      sys.executable,
+      "eval.py",
+      f"--workdir={workdir}",
+      f"--text_file={wiki}",
+      "--max_length=8",
+      "--config.mesh.tensor=2",
+      "--noprogress",
+  ]
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
   lines = out.stdout.strip().splitlines()
   result = json.loads(lines[-1])
-  assert {"word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity", "step", "tokens",
-          "workdir"} <= set(result)
+  assert {
+      "word_perplexity",
+      "byte_perplexity",
+      "bits_per_byte",
+      "token_perplexity",
+      "step",
+      "tokens",
+      "workdir",
+  } <= set(result)
   assert any(line.startswith("word_perplexity") for line in lines[:-1])
-  bad = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", "--step=99"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+  bad = subprocess.run(
+      [sys.executable, "eval.py", f"--workdir={workdir}", "--step=99"],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
-  assert bad.stderr.strip().splitlines() == [f"error: no checkpoint for step 99 in {workdir}/checkpoints; "
-                                             "available steps: [7]."]
+  assert bad.stderr.strip().splitlines() == [
+      f"error: no checkpoint for step 99 in {workdir}/checkpoints; " "available steps: [7]."
+  ]

@@ -15,11 +15,14 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import cla_jax  # noqa: E402
-from cla_jax import decode, checkpoint  # noqa: E402
-from cla_jax import config_lib  # noqa: E402
-from cla_jax import convert_hf  # noqa: E402
-from cla_jax import describe  # noqa: E402
-from cla_jax import export_hf  # noqa: E402
+from cla_jax import (  # noqa: E402
+    checkpoint,
+    config_lib,  # noqa: E402
+    convert_hf,  # noqa: E402
+    decode,
+    describe,  # noqa: E402
+    export_hf,  # noqa: E402
+)
 from cla_jax import model as model_lib  # noqa: E402
 from cla_jax.errors import UserError  # noqa: E402
 
@@ -34,14 +37,33 @@ KV_HEADS = {"MHA": 4, "GQA": 2, "MQA": 1}
 
 def _config(pattern: str, num_kv_heads: int, tie: bool = False, **model) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(config_lib.load("configs/default.py").to_dict())
-  config.model.update(num_layers=LAYERS, d_model=D_MODEL, num_heads=HEADS, num_kv_heads=num_kv_heads,
-                      head_dim=HEAD_DIM, mlp_dim=MLP, vocab_size=VOCAB, pattern=pattern, rope_theta=THETA,
-                      tie_embeddings=tie, dtype="float32", **model)
+  config.model.update(
+      num_layers=LAYERS,
+      d_model=D_MODEL,
+      num_heads=HEADS,
+      num_kv_heads=num_kv_heads,
+      head_dim=HEAD_DIM,
+      mlp_dim=MLP,
+      vocab_size=VOCAB,
+      pattern=pattern,
+      rope_theta=THETA,
+      tie_embeddings=tie,
+      dtype="float32",
+      **model,
+  )
   return config
 
 
-def _workdir(path: pathlib.Path, pattern: str, num_kv_heads: int, *, tie: bool = False, llama_norms: bool = False,
-             seed: int = 0, **model) -> pathlib.Path:
+def _workdir(
+    path: pathlib.Path,
+    pattern: str,
+    num_kv_heads: int,
+    *,
+    tie: bool = False,
+    llama_norms: bool = False,
+    seed: int = 0,
+    **model,
+) -> pathlib.Path:
   """A params-only workdir of random weights large enough that a mis-mapped tensor changes the logits.
 
   Norm scales are 1 + noise, and each KV norm differs from its layer's attention norm unless `llama_norms`
@@ -50,16 +72,18 @@ def _workdir(path: pathlib.Path, pattern: str, num_kv_heads: int, *, tie: bool =
   config = _config(pattern, num_kv_heads, tie, **model)
   cfg = model_lib.ModelConfig.from_config(config.model)
   rng = np.random.default_rng(seed)
-  shapes = jax.tree_util.tree_leaves_with_path(jax.tree.map(lambda b: b.value, model_lib.abstract_params(cfg),
-                                                            is_leaf=lambda x: hasattr(x, "names")))
+  shapes = jax.tree_util.tree_leaves_with_path(
+      jax.tree.map(lambda b: b.value, model_lib.abstract_params(cfg), is_leaf=lambda x: hasattr(x, "names"))
+  )
   flat = {}
   for key, leaf in shapes:
     name = jax.tree_util.keystr(key)
     noise = rng.standard_normal(leaf.shape).astype(np.float32)
     flat[name] = 1 + 0.2 * noise if "norm" in name else 0.2 * noise
-  params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(model_lib.abstract_params(cfg),
-                                                                     is_leaf=lambda x: hasattr(x, "names")),
-                                        [flat[jax.tree_util.keystr(k)] for k, _ in shapes])
+  params = jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(model_lib.abstract_params(cfg), is_leaf=lambda x: hasattr(x, "names")),
+      [flat[jax.tree_util.keystr(k)] for k, _ in shapes],
+  )
   if llama_norms:
     for s in range(len(cfg.segments)):
       params[f"segment_{s}"]["kv"]["norm"]["scale"] = params[f"segment_{s}"]["layer_0"]["attn_norm"]["scale"].copy()
@@ -90,8 +114,10 @@ def greedy_reference(model, prompts: np.ndarray, max_new_tokens: int) -> np.ndar
 
 
 def _cache_bytes(cache) -> int:
-  return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-             for layer in cache.layers)
+  return sum(
+      layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+      for layer in cache.layers
+  )
 
 
 @pytest.mark.parametrize("kind", list(KV_HEADS))
@@ -115,8 +141,9 @@ def test_every_pattern_matches_cla_jax_in_transformers(kind, tmp_path):
     loaded = cla_jax.load_model(work)
     with torch.no_grad():
       out = hf_model(torch.tensor(tokens, dtype=torch.long), use_cache=True)
-    np.testing.assert_allclose(out.logits.numpy(), np.asarray(loaded(tokens)), atol=1e-4, rtol=0,
-                               err_msg=f"{kind} {pattern}")
+    np.testing.assert_allclose(
+        out.logits.numpy(), np.asarray(loaded(tokens)), atol=1e-4, rtol=0, err_msg=f"{kind} {pattern}"
+    )
 
     # The cache holds one entry per KV group, of exactly describe's bytes per token (fp32 here: 2x its 16-bit).
     info = describe.describe(loaded.model_config)
@@ -126,16 +153,27 @@ def test_every_pattern_matches_cla_jax_in_transformers(kind, tmp_path):
 
     # Greedy generation with the cache == greedy full-forward decoding in cla_jax.
     prompts = tokens[:, :PROMPT]
-    generated = hf_model.generate(torch.tensor(prompts, dtype=torch.long), attention_mask=torch.ones_like(
-        torch.tensor(prompts)), max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True)
-    np.testing.assert_array_equal(generated.sequences.numpy(), greedy_reference(loaded, prompts, NEW_TOKENS),
-                                  err_msg=f"{kind} {pattern}")
+    generated = hf_model.generate(
+        torch.tensor(prompts, dtype=torch.long),
+        attention_mask=torch.ones_like(torch.tensor(prompts)),
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        return_dict_in_generate=True,
+    )
+    np.testing.assert_array_equal(
+        generated.sequences.numpy(), greedy_reference(loaded, prompts, NEW_TOKENS), err_msg=f"{kind} {pattern}"
+    )
     # ... and == cla_jax's own KV-cached generation (which stops after an EOS, so compare up to its length).
     eos = hf_model.generation_config.eos_token_id
-    ours = decode.generate(loaded.params, loaded.model_config, prompts.tolist(), max_new_tokens=NEW_TOKENS,
-                           eos_id=eos[0] if isinstance(eos, list) else eos)
+    ours = decode.generate(
+        loaded.params,
+        loaded.model_config,
+        prompts.tolist(),
+        max_new_tokens=NEW_TOKENS,
+        eos_id=eos[0] if isinstance(eos, list) else eos,
+    )
     for row, new_ids in enumerate(ours):
-      assert new_ids == generated.sequences.numpy()[row, PROMPT:PROMPT + len(new_ids)].tolist(), (kind, pattern)
+      assert new_ids == generated.sequences.numpy()[row, PROMPT : PROMPT + len(new_ids)].tolist(), (kind, pattern)
     assert len(generated.past_key_values.layers) == info["kv_layers"], pattern
 
 
@@ -150,12 +188,17 @@ def _restored(workdir):
   return jax.tree.map(np.asarray, params), config
 
 
-@pytest.mark.parametrize("pattern,llama_norms,expected_format", [
-    ("keep_ends", False, "cla"), ("none", True, "llama"), ("none", False, "cla")])
+@pytest.mark.parametrize(
+    "pattern,llama_norms,expected_format",
+    [("keep_ends", False, "cla"), ("none", True, "llama"), ("none", False, "cla")],
+)
 def test_export_then_import_is_bitwise(tmp_path, keep_ends_workdir, pattern, llama_norms, expected_format):
   """export_hf (fp32, sharded) -> convert_hf gives the same params bit for bit and the same model config."""
-  work = keep_ends_workdir if pattern == "keep_ends" else _workdir(tmp_path / "work", pattern, 2, tie=True,
-                                                                    llama_norms=llama_norms, seed=4)
+  work = (
+      keep_ends_workdir
+      if pattern == "keep_ends"
+      else _workdir(tmp_path / "work", pattern, 2, tie=True, llama_norms=llama_norms, seed=4)
+  )
   summary = export_hf.export(work, tmp_path / "hf", dtype="float32", max_shard_bytes=20_000)
   assert summary["format"] == expected_format
   assert len(summary["weight_files"]) > 1 and (tmp_path / "hf" / export_hf.INDEX_FILE).is_file()
@@ -209,7 +252,7 @@ def test_tokenizers_export_and_encode_like_cla_jax(tmp_path, keep_ends_workdir):
   (spm_dir / "tokenizer.model").write_bytes(tokenizer_lib.train_sentencepiece(corpus, vocab_size=VOCAB))
   json_dir = tmp_path / "json"
   json_dir.mkdir()
-  _word_tokenizer(json_dir / "tokenizer.json", sorted(set(" ".join(corpus).split()))[:VOCAB - 2])
+  _word_tokenizer(json_dir / "tokenizer.json", sorted(set(" ".join(corpus).split()))[: VOCAB - 2])
   for name, tokenizer_dir in (("tokenizer.model", spm_dir), ("tokenizer.json", json_dir)):
     config = ml_collections.ConfigDict(checkpoint.read_config(keep_ends_workdir).to_dict())
     config.data.tokenizer = str(tokenizer_dir / name)
@@ -228,10 +271,13 @@ def test_tokenizers_export_and_encode_like_cla_jax(tmp_path, keep_ends_workdir):
 
   # A sentencepiece model with a dummy-prefix normaliser (not cla_jax-trained) is not translated: a warning.
   import io  # pylint: disable=g-import-not-at-top
+
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+
   writer = io.BytesIO()
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=writer, vocab_size=VOCAB,
-                                 hard_vocab_limit=False, minloglevel=2)
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(corpus), model_writer=writer, vocab_size=VOCAB, hard_vocab_limit=False, minloglevel=2
+  )
   (spm_dir / "tokenizer.model").write_bytes(writer.getvalue())
   summary = export_hf.export(tmp_path / "work_tokenizer.model", tmp_path / "hf_prefix")
   assert "translate exactly" in summary["tokenizer_warning"]
@@ -286,8 +332,9 @@ def test_left_padded_batch_generates_like_single_prompts(tmp_path, keep_ends_wor
   mask[1, :3] = 0
   padded = hf_model.generate(batch, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
   for row, prompt in enumerate((long, short)):
-    single = hf_model.generate(torch.tensor(prompt[None], dtype=torch.long), max_new_tokens=NEW_TOKENS,
-                               do_sample=False, pad_token_id=0)
+    single = hf_model.generate(
+        torch.tensor(prompt[None], dtype=torch.long), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+    )
     np.testing.assert_array_equal(padded[row, -NEW_TOKENS:].numpy(), single[0, -NEW_TOKENS:].numpy())
 
 

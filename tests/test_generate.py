@@ -9,20 +9,20 @@ import sys
 import jax
 import numpy as np
 import pytest
+from test_model import ATTENTION, PATTERNS, random_params, small_config
 
 from cla_jax import checkpoint, decode, describe, sharding
 from cla_jax import model as model_lib
 from cla_jax.data import tokenizer as tokenizer_lib
 from cla_jax.errors import UserError
 from cla_jax.model import ModelConfig
-from test_model import ATTENTION, PATTERNS, random_params, small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every named pattern, and an explicit list (at 4 layers: groups {0}, {1, 2}, {3}).
 PATTERN_LAYERS = [(p, 7) for p in PATTERNS] + [("1,2,1", 4)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jit_forward(cfg):
   return jax.jit(model_lib.Transformer(cfg).apply)
 
@@ -35,10 +35,10 @@ def _greedy_by_full_forward(cfg, params, prompt, new, forward=None):
   """The reference: the training forward over the whole sequence for every new token (no cache)."""
   forward = forward or (lambda tokens: _forward(cfg, params, tokens))
   seq = np.zeros((1, len(prompt) + new), np.int32)  # one shape, one compile; causal, so the tail is unseen
-  seq[0, :len(prompt)] = prompt
+  seq[0, : len(prompt)] = prompt
   for n in range(len(prompt), len(prompt) + new):
     seq[0, n] = np.asarray(forward(seq))[0, n - 1].argmax()
-  return seq[0, len(prompt):].tolist()
+  return seq[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("attention", list(ATTENTION))
@@ -52,7 +52,7 @@ def test_teacher_forced_prefill_and_decode_equal_full_forward(pattern, layers, a
   tokens = rng.integers(0, cfg.vocab_size, (batch, total)).astype(np.int32)
   full = _forward(cfg, params, tokens)
   # Right padding with junk after each row's prompt: the cache must never let it be seen.
-  prompts = np.where(np.arange(total)[None] < lengths[:, None], tokens, cfg.vocab_size - 1)[:, :lengths.max()]
+  prompts = np.where(np.arange(total)[None] < lengths[:, None], tokens, cfg.vocab_size - 1)[:, : lengths.max()]
   rows = np.arange(batch)
 
   steps = total - lengths.max()
@@ -60,8 +60,9 @@ def test_teacher_forced_prefill_and_decode_equal_full_forward(pattern, layers, a
   @jax.jit
   def run(params, prompts, tokens):
     cache = decode.init_cache(cfg, batch, total + 2)
-    _, first, cache = decode.prefill(params, prompts, lengths, cache, jax.random.key(0), cfg=cfg,
-                                     sampling=decode.Sampling())
+    _, first, cache = decode.prefill(
+        params, prompts, lengths, cache, jax.random.key(0), cfg=cfg, sampling=decode.Sampling()
+    )
 
     def step(cache, i):  # teacher forcing: feed every row its true next token
       pos = lengths + i
@@ -93,14 +94,23 @@ def test_generation_stops_at_eos():
   free = decode.generate(params, cfg, prompt, max_new_tokens=8)[0]
   eos = free[3]
   stopped = decode.generate(params, cfg, prompt, max_new_tokens=8, eos_id=eos)[0]
-  assert stopped == free[:free.index(eos) + 1]
+  assert stopped == free[: free.index(eos) + 1]
 
 
 @pytest.mark.parametrize("pattern, ratio", [("none", (1, 1)), ("cla2", (1, 2)), ("keep_ends", (11, 20))])
 def test_cache_bytes_equal_describe_and_the_paper_ratios(pattern, ratio):
   # 20 layers like the paper's 1B rows, tiny widths: MQA with head_dim 8.
-  cfg = ModelConfig(num_layers=20, d_model=16, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=16,
-                    vocab_size=32, pattern=pattern, dtype="float32")
+  cfg = ModelConfig(
+      num_layers=20,
+      d_model=16,
+      num_heads=2,
+      num_kv_heads=1,
+      head_dim=8,
+      mlp_dim=16,
+      vocab_size=32,
+      pattern=pattern,
+      dtype="float32",
+  )
   mqa = ModelConfig(**{**cfg.__dict__, "pattern": "none"})
   batch, max_length = 3, 24
   cache = decode.init_cache(cfg, batch, max_length)
@@ -148,8 +158,9 @@ def test_top_k_top_p_filter_equals_numpy_and_sampling_follows_it(top_k, top_p):
   for row in range(4):
     np.testing.assert_allclose(filtered[row], _reference_filter(logits[row], top_k, top_p), atol=1e-6)
   # 20k draws of row 0 (one per batch row): only the support appears, at the reference frequencies.
-  draws = np.asarray(decode.sample(np.repeat(logits[:1], 20000, 0), jax.random.key(1),
-                                   decode.Sampling(1.0, top_k, top_p)))
+  draws = np.asarray(
+      decode.sample(np.repeat(logits[:1], 20000, 0), jax.random.key(1), decode.Sampling(1.0, top_k, top_p))
+  )
   expected = _reference_filter(logits[0], top_k, top_p)
   assert set(np.unique(draws)) <= set(np.flatnonzero(expected))
   np.testing.assert_allclose(np.bincount(draws, minlength=30) / draws.size, expected, atol=0.015)
@@ -165,16 +176,19 @@ def test_sampling_is_reproducible_per_seed():
   assert a != decode.generate(params, cfg, prompts, seed=2, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(prompts=[[]]), "prompt 0 is empty"),
-    (dict(prompts=[]), "no prompts"),
-    (dict(prompts=[[1, 99]]), r"outside \[0, 61\)"),
-    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
-    (dict(temperature=-1.0), "temperature must be"),
-    (dict(top_k=-2), "top_k must be"),
-    (dict(top_p=0.0), "top_p must lie in"),
-    (dict(max_length=6), r"needs 7 cache positions but the limit is 6.*at most 3"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompts=[[]]), "prompt 0 is empty"),
+        (dict(prompts=[]), "no prompts"),
+        (dict(prompts=[[1, 99]]), r"outside \[0, 61\)"),
+        (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+        (dict(temperature=-1.0), "temperature must be"),
+        (dict(top_k=-2), "top_k must be"),
+        (dict(top_p=0.0), "top_p must lie in"),
+        (dict(max_length=6), r"needs 7 cache positions but the limit is 6.*at most 3"),
+    ],
+)
 def test_bad_requests_are_one_line_errors(kwargs, message):
   cfg = small_config()
   args = dict(prompts=[[1, 2, 3]], max_new_tokens=4)
@@ -194,6 +208,7 @@ _WORDS = "the cat sat on a mat while old dogs ran far away from big red barns ne
 def workdir(tmp_path_factory):
   """A params-only workdir of a random tiny model with its 256-piece sentencepiece tokenizer."""
   import train_helpers  # pylint: disable=g-import-not-at-top
+
   root = tmp_path_factory.mktemp("gen")
   rng = np.random.default_rng(0)
   texts = [" ".join(rng.choice(_WORDS, 60)) for _ in range(40)]
@@ -211,6 +226,7 @@ def workdir(tmp_path_factory):
 
 def test_load_model_generate_strings_and_ids(workdir):
   import cla_jax  # pylint: disable=g-import-not-at-top
+
   model = cla_jax.load_model(workdir)
   texts = model.generate(["the cat sat", "green hills near"], max_new_tokens=5)
   assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
@@ -220,22 +236,37 @@ def test_load_model_generate_strings_and_ids(workdir):
   assert texts == [tok.decode([t for t in row if t != tok.eos_id and t < tok.vocab_size]) for row in new_ids]
   # Ids in: the same as recomputing the loaded model's full forward for every token.
   reference = _greedy_by_full_forward(None, None, ids[0], 5, forward=model)
-  assert new_ids[0] == reference[:len(new_ids[0])]
+  assert new_ids[0] == reference[: len(new_ids[0])]
   with pytest.raises(UserError, match="limit is 32"):
     model.generate(ids, max_new_tokens=200)
 
 
 def _cli(workdir, *flags):
   import train_helpers  # pylint: disable=g-import-not-at-top
-  return subprocess.run([sys.executable, "generate.py", f"--workdir={workdir}", *flags], cwd=REPO,
-                        env=train_helpers.env(), capture_output=True, text=True, timeout=300)
+
+  return subprocess.run(
+      [sys.executable, "generate.py", f"--workdir={workdir}", *flags],
+      cwd=REPO,
+      env=train_helpers.env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
 
 
 def test_cli_prints_continuations(workdir, tmp_path):
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("the cat sat\n\nold dogs ran\n")  # blank lines are skipped
-  out = _cli(workdir, "--prompt=green hills", f"--prompt_file={prompts}", "--max_new_tokens=4",
-             "--temperature=0.8", "--num_samples=2", "--seed=3", "--jsonl")
+  out = _cli(
+      workdir,
+      "--prompt=green hills",
+      f"--prompt_file={prompts}",
+      "--max_new_tokens=4",
+      "--temperature=0.8",
+      "--num_samples=2",
+      "--seed=3",
+      "--jsonl",
+  )
   assert out.returncode == 0, out.stderr
   records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
   assert [r["prompt"] for r in records] == ["green hills"] * 2 + ["the cat sat"] * 2 + ["old dogs ran"] * 2
@@ -245,15 +276,18 @@ def test_cli_prints_continuations(workdir, tmp_path):
   assert text.returncode == 0 and text.stdout.startswith("[prompt 1]\ngreen hills"), text.stdout + text.stderr
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--prompt=x", "--step=99"], "step 99"),
-    (["--prompt="], "prompt is empty"),
-    ([], "give --prompt"),
-    (["--prompt_file=/nonexistent.txt"], "no such file"),
-    (["--prompt=x", "--num_samples=0"], "num_samples must be"),
-    (["--prompt=the cat", "--max_new_tokens=500"], "the limit is 32"),
-    (["--prompt=the cat", "--top_p=2"], "top_p must lie in"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--prompt=x", "--step=99"], "step 99"),
+        (["--prompt="], "prompt is empty"),
+        ([], "give --prompt"),
+        (["--prompt_file=/nonexistent.txt"], "no such file"),
+        (["--prompt=x", "--num_samples=0"], "num_samples must be"),
+        (["--prompt=the cat", "--max_new_tokens=500"], "the limit is 32"),
+        (["--prompt=the cat", "--top_p=2"], "top_p must lie in"),
+    ],
+)
 def test_cli_one_line_errors(workdir, flags, message):
   out = _cli(workdir, *flags)
   assert out.returncode == 2, out.stderr

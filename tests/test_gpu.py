@@ -11,8 +11,7 @@ from cla_jax.model import Transformer
 from tests import numpy_reference as ref
 from tests.model_helpers import random_params, small_config, tokens_for
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")]
 
 
 def test_cudnn_attention_matches_xla_in_bf16():

@@ -11,8 +11,7 @@ def test_flops_per_token_matches_a_hand_count_of_a_paper_row():
   """H128-MQA-CLA2 (1B, Table 1), counted by hand from the paper's dimensions, not from the param tree."""
   config = config_lib.load("configs/paper_1b.py:H128-MQA-CLA2")
   d, f, v, layers, heads, head_dim, kv_blocks, seq = 2048, 5472, 50304, 20, 16, 128, 10, 2048
-  assert (config.model.d_model, config.model.mlp_dim, config.model.vocab_size, config.train.seq_len) == (
-      d, f, v, seq)
+  assert (config.model.d_model, config.model.mlp_dim, config.model.vocab_size, config.train.seq_len) == (d, f, v, seq)
   per_layer = 2 * d * heads * head_dim + 3 * d * f  # Q and O projections, SwiGLU gate/up/down
   per_kv_block = 2 * d * 1 * head_dim  # MQA: one K and one V head per group of two layers
   matmul_weights = layers * per_layer + kv_blocks * per_kv_block + d * v  # + the untied output head

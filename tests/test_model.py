@@ -62,8 +62,9 @@ def test_packed_segments_match_numpy():
   segment_ids = jnp.array([[0] * 5 + [1] * 7, [0] * 12], jnp.int32)
   positions = jnp.array([list(range(5)) + list(range(7)), list(range(12))], jnp.int32)
   got = apply(cfg, params, tokens, positions, segment_ids)
-  expected = ref.forward(jax.device_get(params), np.asarray(tokens), positions=np.asarray(positions),
-                         segment_ids=np.asarray(segment_ids))
+  expected = ref.forward(
+      jax.device_get(params), np.asarray(tokens), positions=np.asarray(positions), segment_ids=np.asarray(segment_ids)
+  )
   np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
 
 
@@ -103,8 +104,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
   for name in [k for k in params if k.startswith("segment_")]:
     for w in ("key", "value"):  # [layers, d, k, h] -> [layers, d, n, h], each KV head serving 2 query heads
       mha_params[name]["kv"][w] = jnp.repeat(params[name]["kv"][w], 2, axis=2)
-  np.testing.assert_allclose(apply(gqa, params, tokens),
-                             apply(mha, mha_params, tokens), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(apply(gqa, params, tokens), apply(mha, mha_params, tokens), atol=1e-5, rtol=1e-5)
 
 
 def test_causal():
@@ -170,8 +170,14 @@ def _equations(jaxpr, out):
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
-@pytest.mark.parametrize("remat,policy", [("none", None), ("full", jax.checkpoint_policies.nothing_saveable),
-                                          ("save_dots", jax.checkpoint_policies.dots_with_no_batch_dims_saveable)])
+@pytest.mark.parametrize(
+    "remat,policy",
+    [
+        ("none", None),
+        ("full", jax.checkpoint_policies.nothing_saveable),
+        ("save_dots", jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+    ],
+)
 def test_remat_puts_each_group_in_a_checkpoint_with_its_policy(remat, policy, scan_layers):
   """Numbers alone pass when remat is silently ignored: the traced gradient must hold the checkpoints."""
   cfg = small_config(pattern="keep_ends", remat=remat, scan_layers=scan_layers)  # 7 layers: groups 1, 1, 2, 2, 1
@@ -216,14 +222,17 @@ def test_init_std_matches_paper():
   assert float(jnp.mean(params["segment_0"]["layer_0"]["attn_norm"]["scale"])) == 1.0
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(num_heads=4, num_kv_heads=3), "not divisible by model.num_kv_heads"),
-    (dict(num_layers=0), "model.num_layers must be a positive integer"),
-    (dict(pattern="cla5x"), "unknown model.pattern"),
-    (dict(pattern="2,2"), "covers 4 layers"),
-    (dict(head_dim=7), "must be even"),
-    (dict(remat="some"), "model.remat"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(num_heads=4, num_kv_heads=3), "not divisible by model.num_kv_heads"),
+        (dict(num_layers=0), "model.num_layers must be a positive integer"),
+        (dict(pattern="cla5x"), "unknown model.pattern"),
+        (dict(pattern="2,2"), "covers 4 layers"),
+        (dict(head_dim=7), "must be even"),
+        (dict(remat="some"), "model.remat"),
+    ],
+)
 def test_impossible_configs_fail_before_tracing(overrides, message):
   with pytest.raises(ConfigError, match=message):
     ModelConfig.from_config({**dataclasses.asdict(small_config()), **overrides})

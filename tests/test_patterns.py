@@ -46,24 +46,30 @@ def test_none_and_explicit_list():
   assert groups("1,3", 4) == [[0], [1, 2, 3]]
 
 
-@pytest.mark.parametrize("pattern,expected", [
-    ("cla2", ((2, 10),)),
-    ("keep_ends", ((1, 1), (2, 9), (1, 1))),
-    ("cla3", ((2, 1), (3, 6))),
-    ("dense_back", ((1, 1), (10, 1), (1, 9))),
-])
+@pytest.mark.parametrize(
+    "pattern,expected",
+    [
+        ("cla2", ((2, 10),)),
+        ("keep_ends", ((1, 1), (2, 9), (1, 1))),
+        ("cla3", ((2, 1), (3, 6))),
+        ("dense_back", ((1, 1), (10, 1), (1, 9))),
+    ],
+)
 def test_segments_run_length_encode_equal_groups(pattern, expected):
   assert patterns.segments(patterns.group_sizes(pattern, 20)) == expected
 
 
-@pytest.mark.parametrize("pattern,num_layers,message", [
-    ("cla0", 4, "share factor must be positive"),
-    ("1,2", 4, "covers 3 layers"),
-    ("0,4", 4, "must be positive"),
-    ("sandwich", 4, "unknown model.pattern"),
-    ("cla2", 0, "num_layers must be positive"),
-    ("keep_ends", 1, "needs num_layers >= 2"),
-])
+@pytest.mark.parametrize(
+    "pattern,num_layers,message",
+    [
+        ("cla0", 4, "share factor must be positive"),
+        ("1,2", 4, "covers 3 layers"),
+        ("0,4", 4, "must be positive"),
+        ("sandwich", 4, "unknown model.pattern"),
+        ("cla2", 0, "num_layers must be positive"),
+        ("keep_ends", 1, "needs num_layers >= 2"),
+    ],
+)
 def test_impossible_patterns_name_the_field(pattern, num_layers, message):
   with pytest.raises(patterns.PatternError, match=message):
     patterns.group_sizes(pattern, num_layers)

@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
+from cla_jax import checkpoint, config_lib, health, trainer
+from cla_jax import model as model_lib
 from tests import train_helpers as th
-from cla_jax import checkpoint, config_lib, health, model as model_lib, trainer
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,10 @@ def trained(tmp_path_factory, corpus):
 
 def test_preservation_policy_keeps_the_verified_step_whatever_keep_says():
   class Info:
+
     def __init__(self, step):
       self.step = step
+
   infos = [Info(s) for s in range(1, 7)]
   policy = checkpoint.KeepNewestAndVerified(keep=2, verified=3)
   assert [i.step for i, keep in zip(infos, policy.should_preserve(infos, context=None)) if keep] == [3, 5, 6]
@@ -46,11 +49,14 @@ def test_preservation_policy_keeps_the_verified_step_whatever_keep_says():
   assert [i.step for i, keep in zip(infos, policy.should_preserve(infos, context=None)) if keep] == [5, 6]
 
 
-@pytest.mark.parametrize("lr, problem", [
-    (1e2, r"loss [\d.e+]+ is above train.divergence_spike_factor=5 x its running median"),  # finite, ~1e4
-    (1e4, r"the model is dead: gradient norm 0"),  # collapses to the uniform prediction
-    (1e6, r"(loss|gradient norm) is (nan|inf)"),
-])
+@pytest.mark.parametrize(
+    "lr, problem",
+    [
+        (1e2, r"loss [\d.e+]+ is above train.divergence_spike_factor=5 x its running median"),  # finite, ~1e4
+        (1e4, r"the model is dead: gradient norm 0"),  # collapses to the uniform prediction
+        (1e6, r"(loss|gradient norm) is (nan|inf)"),
+    ],
+)
 def test_divergence_keeps_and_names_a_really_good_checkpoint(tmp_path, trained, lr, problem):
   config, source = trained
   workdir = tmp_path / "run"
@@ -103,11 +109,12 @@ def test_flipped_bytes_in_a_params_file_fall_back_with_one_warning(tmp_path, tin
   checkpoint.save(manager, 2, p2, None, {})
   manager.wait_until_finished()
   manager.close()
-  data_files = [p for p in (tmp_path / "checkpoints" / "2" / "params").rglob("*") if p.is_file() and
-                p.parent.name == "d"]
+  data_files = [
+      p for p in (tmp_path / "checkpoints" / "2" / "params").rglob("*") if p.is_file() and p.parent.name == "d"
+  ]
   biggest = max(data_files, key=lambda p: p.stat().st_size)
   data = bytearray(biggest.read_bytes())
-  data[len(data) // 2:len(data) // 2 + 8] = b"\x7f" * 8  # 8 bytes of bit rot inside the stored weights
+  data[len(data) // 2 : len(data) // 2 + 8] = b"\x7f" * 8  # 8 bytes of bit rot inside the stored weights
   biggest.write_bytes(bytes(data))
   capfd.readouterr()
   params, _, step = checkpoint.restore_params(tmp_path)
@@ -166,6 +173,7 @@ def test_second_trainer_on_a_live_workdir_refuses_and_a_dead_lock_does_not_block
 def _mount(kind: str, target: pathlib.Path, *options: str, skip: bool = True) -> bool:
   """mount(8) as root (a small tmpfs, a read-only bind); skips the test (or returns False) where not allowed."""
   import subprocess  # pylint: disable=g-import-not-at-top
+
   target.mkdir(parents=True, exist_ok=True)
   result = subprocess.run(["mount", *kind.split(), *options, str(target)], capture_output=True, text=True)
   if result.returncode and skip:
@@ -175,6 +183,7 @@ def _mount(kind: str, target: pathlib.Path, *options: str, skip: bool = True) ->
 
 def _umount(target: pathlib.Path) -> None:
   import subprocess  # pylint: disable=g-import-not-at-top
+
   subprocess.run(["umount", str(target)], check=False)
 
 
@@ -197,6 +206,7 @@ def test_disk_full_is_one_line_and_keeps_earlier_checkpoints(tmp_path, corpus):
 
 def test_eval_on_a_read_only_workdir_returns_the_result_and_warns(tmp_path, trained, capfd):
   from cla_jax import evaluate  # pylint: disable=g-import-not-at-top
+
   _, source = trained
   read_only = tmp_path / "ro"
   _mount("--bind", read_only, str(source))
@@ -213,6 +223,7 @@ def test_eval_on_a_read_only_workdir_returns_the_result_and_warns(tmp_path, trai
 
 def test_partial_metrics_line_is_skipped_and_the_next_run_starts_a_new_line(tmp_path, capsys):
   from cla_jax import metrics  # pylint: disable=g-import-not-at-top
+
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n{"step": 3, "lo')  # killed mid-write
   records, skipped = metrics.read_jsonl_counted(str(path))
@@ -224,12 +235,25 @@ def test_partial_metrics_line_is_skipped_and_the_next_run_starts_a_new_line(tmp_
   assert "skipped 1 unreadable line(s)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("field, value", [
-    ("train.clip_norm", -1.0), ("train.b1", 1.0), ("train.b2", -0.1), ("train.weight_decay", -0.1),
-    ("train.eval_batches", 0), ("train.lr", 0.0), ("train.warmup_frac", 1.0), ("data.seed", -1),
-    ("data.prefetch", -1), ("checkpoint.keep", 0), ("eval.batch_size", 0), ("train.divergence_spike_factor", 0.5),
-    ("train.divergence_window", 0), ("train.divergence_max_grad_norm", -1.0),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("train.clip_norm", -1.0),
+        ("train.b1", 1.0),
+        ("train.b2", -0.1),
+        ("train.weight_decay", -0.1),
+        ("train.eval_batches", 0),
+        ("train.lr", 0.0),
+        ("train.warmup_frac", 1.0),
+        ("data.seed", -1),
+        ("data.prefetch", -1),
+        ("checkpoint.keep", 0),
+        ("eval.batch_size", 0),
+        ("train.divergence_spike_factor", 0.5),
+        ("train.divergence_window", 0),
+        ("train.divergence_max_grad_norm", -1.0),
+    ],
+)
 def test_bad_config_values_are_refused_in_one_line(field, value):
   config = th.tiny_config()
   section, name = field.split(".")
@@ -244,6 +268,7 @@ def test_bad_command_lines_exit_2_with_one_line_and_no_side_effects(tmp_path, tr
   """Each: exit 2, one stderr line naming the problem, no traceback, no file left in a workdir."""
   import concurrent.futures  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
+
   _, good = trained
   a_file = tmp_path / "a_file"
   a_file.write_text("x")
@@ -255,13 +280,19 @@ def test_bad_command_lines_exit_2_with_one_line_and_no_side_effects(tmp_path, tr
   train, ev = ["train.py", "--config=configs/default.py"], ["eval.py", f"--workdir={good}"]
   cases = [  # (argv, words the line must hold, workdir that must stay absent/unchanged)
       (["train.py", "--config=configs/nope.py", f"--workdir={tmp_path / 'w1'}"], "configs/nope.py' not found", "w1"),
-      (["train.py", "--config=configs/nope.py", f"--workdir={tmp_path / 'w2'}", "--config.train.steps=3"],
-       "not found", "w2"),
+      (
+          ["train.py", "--config=configs/nope.py", f"--workdir={tmp_path / 'w2'}", "--config.train.steps=3"],
+          "not found",
+          "w2",
+      ),
       ([*train, f"--workdir={a_file}", *ok], "is a file, not a directory", None),
       ([*train, f"--workdir={a_file}/run", *ok], "cannot write to --workdir", None),
       *([([*train, f"--workdir={read_only}/run", *ok], "cannot write to --workdir", None)] if mounted else []),
-      ([*train, f"--workdir={tmp_path / 'w3'}", *ok, "--config.model.attention_impl=cudnn"],
-       "model.attention_impl=cudnn needs an NVIDIA GPU", "w3"),
+      (
+          [*train, f"--workdir={tmp_path / 'w3'}", *ok, "--config.model.attention_impl=cudnn"],
+          "model.attention_impl=cudnn needs an NVIDIA GPU",
+          "w3",
+      ),
       ([*train, f"--workdir={tmp_path / 'w4'}", *ok, "--config.data.seed=-1"], "data.seed must be", "w4"),
       ([*train, f"--workdir={tmp_path / 'w5'}", *ok, "--config.train.clip_norm=-1"], "train.clip_norm must", "w5"),
       ([*ev, "--batch_size=0"], "--batch_size=0 must be at least 1", None),
@@ -271,8 +302,9 @@ def test_bad_command_lines_exit_2_with_one_line_and_no_side_effects(tmp_path, tr
   ]
 
   def run(argv):
-    return subprocess.run([th.sys.executable, *argv], cwd=th.REPO_ROOT, env=th.env(), capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [th.sys.executable, *argv], cwd=th.REPO_ROOT, env=th.env(), capture_output=True, text=True, timeout=300
+    )
 
   try:
     with concurrent.futures.ThreadPoolExecutor(4) as pool:

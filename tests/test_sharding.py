@@ -11,25 +11,32 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cla_jax import checkpoint, model as model_lib, sharding, train_step, trainer
+from cla_jax import checkpoint, sharding, train_step, trainer
+from cla_jax import model as model_lib
 from tests import train_helpers as th
 
 
-@pytest.mark.parametrize("axes, devices, expected", [
-    (dict(data=-1, fsdp=1, tensor=1), 8, (8, 1, 1)),
-    (dict(data=2, fsdp=-1, tensor=2), 8, (2, 2, 2)),
-    (dict(data=1, fsdp=4, tensor=1), 4, (1, 4, 1)),
-])
+@pytest.mark.parametrize(
+    "axes, devices, expected",
+    [
+        (dict(data=-1, fsdp=1, tensor=1), 8, (8, 1, 1)),
+        (dict(data=2, fsdp=-1, tensor=2), 8, (2, 2, 2)),
+        (dict(data=1, fsdp=4, tensor=1), 4, (1, 4, 1)),
+    ],
+)
 def test_mesh_shape_resolves_minus_one(axes, devices, expected):
   assert sharding.mesh_shape(axes, devices) == expected
 
 
-@pytest.mark.parametrize("axes, message", [
-    (dict(data=3, fsdp=1, tensor=1), "does not match the 8 devices"),
-    (dict(data=-1, fsdp=3, tensor=1), "needs a multiple of 3 devices"),
-    (dict(data=-1, fsdp=-1, tensor=1), "several -1 axes"),
-    (dict(data=0, fsdp=1, tensor=8), "mesh.data=0"),
-])
+@pytest.mark.parametrize(
+    "axes, message",
+    [
+        (dict(data=3, fsdp=1, tensor=1), "does not match the 8 devices"),
+        (dict(data=-1, fsdp=3, tensor=1), "needs a multiple of 3 devices"),
+        (dict(data=-1, fsdp=-1, tensor=1), "several -1 axes"),
+        (dict(data=0, fsdp=1, tensor=8), "mesh.data=0"),
+    ],
+)
 def test_bad_mesh_is_a_clear_error(axes, message):
   with pytest.raises(sharding.MeshError, match=message):
     sharding.mesh_shape(axes, 8)
@@ -81,8 +88,10 @@ def test_mesh_222_with_accumulation_matches_single_device(runs):
 
 @pytest.mark.parametrize("num_devices, shape", [(1, (1, 1, 1)), (4, (1, 2, 2))])
 def test_restore_onto_a_different_mesh(runs, num_devices, shape):
-  params, config, step = checkpoint.restore_params(runs["sharded"][1], mesh=sharding.make_mesh(
-      dict(data=shape[0], fsdp=shape[1], tensor=shape[2], num_devices=num_devices)))
+  params, config, step = checkpoint.restore_params(
+      runs["sharded"][1],
+      mesh=sharding.make_mesh(dict(data=shape[0], fsdp=shape[1], tensor=shape[2], num_devices=num_devices)),
+  )
   reference, _, _ = checkpoint.restore_params(runs["single"][1])
   assert step == 4 and config.mesh.num_devices == 8
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
@@ -95,6 +104,7 @@ def test_restore_onto_a_different_mesh(runs, num_devices, shape):
 def test_resume_on_a_different_mesh_continues_the_run(runs, tmp_path):
   """Trained 2 steps on 8 devices, resumed on 1 device: steps 3-4 match the 1-device run."""
   import shutil  # pylint: disable=g-import-not-at-top
+
   config, workdir = runs["sharded"]
   resumed = tmp_path / "resumed"
   shutil.copytree(workdir, resumed)
@@ -110,13 +120,17 @@ def test_resume_on_a_different_mesh_continues_the_run(runs, tmp_path):
 
 def test_bf16_compute_reduces_gradients_across_devices_in_fp32():
   """The paper's recipe: bf16 matmuls, but the data-parallel gradient all-reduce carries fp32."""
-  cfg = model_lib.ModelConfig(num_layers=2, d_model=64, num_heads=4, num_kv_heads=1, head_dim=16, mlp_dim=128,
-                              vocab_size=256, dtype="bfloat16")
+  cfg = model_lib.ModelConfig(
+      num_layers=2, d_model=64, num_heads=4, num_kv_heads=1, head_dim=16, mlp_dim=128, vocab_size=256, dtype="bfloat16"
+  )
   mesh = jax.make_mesh((8, 1, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
   params = nn.meta.unbox(model_lib.abstract_params(cfg))
   rows = jax.ShapeDtypeStruct((16, 32), jnp.int32, sharding=sharding.batch_sharding(mesh))
-  batch = {"inputs": rows, "targets": rows,
-           "weights": jax.ShapeDtypeStruct((16, 32), jnp.float32, sharding=sharding.batch_sharding(mesh))}
+  batch = {
+      "inputs": rows,
+      "targets": rows,
+      "weights": jax.ShapeDtypeStruct((16, 32), jnp.float32, sharding=sharding.batch_sharding(mesh)),
+  }
   grad = jax.grad(lambda p, b: train_step.loss_fn(p, b, model_lib.Transformer(cfg))[0])
   with jax.set_mesh(mesh):
     hlo = jax.jit(grad, out_shardings=NamedSharding(mesh, PartitionSpec())).lower(params, batch).compile().as_text()
@@ -166,8 +180,14 @@ _REMAT = "Involuntary full rematerialization"
 def test_train_step_compiles_without_involuntary_full_rematerialization():
   meshes = ["8,1,1", "1,8,1", "2,2,2", "2,2,1", "1,2,4"]
   env = {**th.env(), "TF_CPP_MIN_LOG_LEVEL": "0"}  # 8 CPU devices, as in this process
-  out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, *meshes], cwd=th.REPO_ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+      [sys.executable, "-c", _COMPILE_SCRIPT, *meshes],
+      cwd=th.REPO_ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   # Split the log at each "COMPILED" line: the warnings before it belong to that compile.
   chunks = out.stderr.split("COMPILED ")

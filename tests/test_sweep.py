@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from tests import train_helpers
 from cla_jax import sweep, sweep_report
 from cla_jax.errors import UserError
+from tests import train_helpers
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -20,31 +20,53 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # -- Pareto frontier and per-row statistics (hand-computed) ------------------------------------------------
 
 
-@pytest.mark.parametrize("points, expected", [
-    ([], []),
-    ([(4, 1.0)], [(4, 1.0)]),
-    # (3, 3.5) costs more than (2, 3) and is worse; (2, 4) loses to (2, 3) at the same cost; (4, 2) to (4, 1).
-    ([(3, 3.5), (1, 5.0), (2, 4.0), (4, 2.0), (2, 3.0), (4, 1.0)], [(1, 5.0), (2, 3.0), (4, 1.0)]),
-    # Equal loss at a higher cost is no improvement.
-    ([(2, 2.0), (1, 2.0), (8, 2.0)], [(1, 2.0)]),
-    # Strictly better with every step: all on the frontier.
-    ([(1024, 9.0), (256, 11.0), (512, 10.0)], [(256, 11.0), (512, 10.0), (1024, 9.0)]),
-])
+@pytest.mark.parametrize(
+    "points, expected",
+    [
+        ([], []),
+        ([(4, 1.0)], [(4, 1.0)]),
+        # (3, 3.5) costs more than (2, 3) and is worse; (2, 4) loses to (2, 3) at the same cost; (4, 2) to (4, 1).
+        ([(3, 3.5), (1, 5.0), (2, 4.0), (4, 2.0), (2, 3.0), (4, 1.0)], [(1, 5.0), (2, 3.0), (4, 1.0)]),
+        # Equal loss at a higher cost is no improvement.
+        ([(2, 2.0), (1, 2.0), (8, 2.0)], [(1, 2.0)]),
+        # Strictly better with every step: all on the frontier.
+        ([(1024, 9.0), (256, 11.0), (512, 10.0)], [(256, 11.0), (512, 10.0), (1024, 9.0)]),
+    ],
+)
 def test_pareto_frontier(points, expected):
   assert sweep_report.pareto_frontier(points) == expected
 
 
 def _result(row, lr, seed, ppl, kv=512, status="done"):
-  return {"name": f"{row}_{lr}_{seed}", "row": row, "family": "MQA", "status": status, "error": "",
-          "d_head": 32, "num_heads": 4, "num_kv_heads": 1, "num_layers": 4, "kv_layers": 4,
-          "kv_bytes_per_token": kv, "params": 1000, "lr": lr, "seed": seed, "perplexity": ppl}
+  return {
+      "name": f"{row}_{lr}_{seed}",
+      "row": row,
+      "family": "MQA",
+      "status": status,
+      "error": "",
+      "d_head": 32,
+      "num_heads": 4,
+      "num_kv_heads": 1,
+      "num_layers": 4,
+      "kv_layers": 4,
+      "kv_bytes_per_token": kv,
+      "params": 1000,
+      "lr": lr,
+      "seed": seed,
+      "perplexity": ppl,
+  }
 
 
 def test_best_rows_take_the_lowest_mean_over_seeds():
-  results = [_result("A", 1e-3, 0, 10.0), _result("A", 1e-3, 1, 12.0),   # mean 11
-             _result("A", 2e-3, 0, 9.0), _result("A", 2e-3, 1, 9.5),     # mean 9.25, std sqrt(0.125)
-             _result("A", 4e-3, 0, 8.0), _result("A", 4e-3, 1, 50.0, status="failed"),  # one seed only: 8
-             _result("B", 1e-3, 0, 20.0, kv=256)]
+  results = [
+      _result("A", 1e-3, 0, 10.0),
+      _result("A", 1e-3, 1, 12.0),  # mean 11
+      _result("A", 2e-3, 0, 9.0),
+      _result("A", 2e-3, 1, 9.5),  # mean 9.25, std sqrt(0.125)
+      _result("A", 4e-3, 0, 8.0),
+      _result("A", 4e-3, 1, 50.0, status="failed"),  # one seed only: 8
+      _result("B", 1e-3, 0, 20.0, kv=256),
+  ]
   best = {b["row"]: b for b in sweep_report.best_rows(results)}
   assert best["A"]["best_lr"] == 4e-3 and best["A"]["n"] == 1 and best["A"]["std"] == 0.0
   results[4]["perplexity"] = 10.0  # now lr 4e-3 (mean 10) loses to 2e-3
@@ -85,9 +107,16 @@ def test_shipped_sweeps_list_their_runs():
 
 def test_bad_overrides_and_flags_are_one_line_errors():
   good = sweep.Run("A", "configs/default.py", {"train.lr": 1e-3})
-  runner = sweep.Runner([good, sweep.Run("B", "configs/default.py", {"train.nope": 1}),
-                         sweep.Run("C", "configs/default.py", {"model.num_heads": "four"}),
-                         sweep.Run("D", "configs/paper_1b.py:H7-XYZ", {})], "/nonexistent", {})
+  runner = sweep.Runner(
+      [
+          good,
+          sweep.Run("B", "configs/default.py", {"train.nope": 1}),
+          sweep.Run("C", "configs/default.py", {"model.num_heads": "four"}),
+          sweep.Run("D", "configs/paper_1b.py:H7-XYZ", {}),
+      ],
+      "/nonexistent",
+      {},
+  )
   status = {run.row: row for run, _, row in runner.entries}
   assert "status" not in status["A"]
   assert status["B"]["status"] == "failed" and "train.nope" in status["B"]["error"]
@@ -133,8 +162,11 @@ def _tiny_overrides(corpus, steps=12):
   config.train.update(steps=steps, log_every=4)
   config.checkpoint.update(every_steps=4, async_save=False)
   config.eval.update(max_tokens=2048)
-  return {f"{section}.{key}": value for section in ("model", "data", "train", "checkpoint", "mesh", "eval")
-          for key, value in config[section].items()}
+  return {
+      f"{section}.{key}": value
+      for section in ("model", "data", "train", "checkpoint", "mesh", "eval")
+      for key, value in config[section].items()
+  }
 
 
 def _write_sweep(path, base, runs):
@@ -150,8 +182,14 @@ def _sweep_cmd(sweep_file, workdir, *flags):
 
 
 def _run_sweep(sweep_file, workdir, *flags):
-  return subprocess.run(_sweep_cmd(sweep_file, workdir, *flags), cwd=train_helpers.REPO_ROOT,
-                        env=train_helpers.env(), capture_output=True, text=True, timeout=400)
+  return subprocess.run(
+      _sweep_cmd(sweep_file, workdir, *flags),
+      cwd=train_helpers.REPO_ROOT,
+      env=train_helpers.env(),
+      capture_output=True,
+      text=True,
+      timeout=400,
+  )
 
 
 def _rows(workdir):
@@ -166,9 +204,11 @@ def _worker_starts(run_dir):
 
 def test_sweep_trains_reports_skips_and_records_failures(tmp_path, corpus):
   base = _tiny_overrides(corpus)
-  sweep_file = _write_sweep(tmp_path / "two.py", base, [
-      ("T-MQA", {"model.pattern": "none"}), ("T-MQA-CLA2", {"model.pattern": "cla2"}),
-      ("T-BAD", {"train.lr": -1.0})])  # valid as a config, refused by the trainer
+  sweep_file = _write_sweep(
+      tmp_path / "two.py",
+      base,
+      [("T-MQA", {"model.pattern": "none"}), ("T-MQA-CLA2", {"model.pattern": "cla2"}), ("T-BAD", {"train.lr": -1.0})],
+  )  # valid as a config, refused by the trainer
   workdir = tmp_path / "sweep"
   out = _run_sweep(sweep_file, workdir, "--parallel=2")
   assert out.returncode == 0, out.stdout + out.stderr
@@ -203,8 +243,14 @@ def test_sweep_killed_mid_run_resumes_from_its_checkpoint(tmp_path, corpus):
   workdir = tmp_path / "sweep"
   run_dir = workdir / "T-MQA_lr0.003_s0"
   # Own session: SIGKILL to the group takes the runner and its worker down at once, like a lost machine.
-  proc = subprocess.Popen(_sweep_cmd(sweep_file, workdir), cwd=train_helpers.REPO_ROOT, env=train_helpers.env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+  proc = subprocess.Popen(
+      _sweep_cmd(sweep_file, workdir),
+      cwd=train_helpers.REPO_ROOT,
+      env=train_helpers.env(),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+      start_new_session=True,
+  )
   try:
     train_helpers.wait_for(lambda: (run_dir / "checkpoints" / "8").exists(), timeout=300, interval=0.05)
   finally:

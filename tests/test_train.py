@@ -82,8 +82,9 @@ def test_sigterm_checkpoints_and_resumes(tmp_path, reference):
   workdir = tmp_path / "run"
   proc = th.start(config, workdir)
   try:
-    th.wait_for(lambda: (workdir / "metrics.jsonl").exists() and len(th.losses(workdir)) >= 7
-                or proc.poll() is not None)
+    th.wait_for(
+        lambda: (workdir / "metrics.jsonl").exists() and len(th.losses(workdir)) >= 7 or proc.poll() is not None
+    )
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
   finally:
@@ -115,16 +116,20 @@ def test_non_finite_loss_stops_and_keeps_no_unverified_checkpoint(tmp_path, tiny
     assert f"passed the health check is step {saved} " in str(err.value)
     params, _, step = checkpoint.restore_params(tmp_path)
     import jax  # pylint: disable=g-import-not-at-top
+
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
   else:
     assert "No checkpoint has passed the health check yet" in str(err.value)
 
 
-@pytest.mark.parametrize("override, message", [
-    (dict(mesh=dict(data=3)), "mesh data*fsdp*tensor = 3*1*1 = 3 does not match the 8 devices"),
-    (dict(train=dict(batch_size=12)), "cannot be split over mesh data*fsdp = 8 devices"),
-    (dict(train=dict(grad_accum_steps=3)), "not divisible by train.grad_accum_steps=3"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (dict(mesh=dict(data=3)), "mesh data*fsdp*tensor = 3*1*1 = 3 does not match the 8 devices"),
+        (dict(train=dict(batch_size=12)), "cannot be split over mesh data*fsdp = 8 devices"),
+        (dict(train=dict(grad_accum_steps=3)), "not divisible by train.grad_accum_steps=3"),
+    ],
+)
 def test_bad_values_are_one_line_errors_in_process(tmp_path, tiny_config, corpus, override, message):
   config = th.use_corpus(tiny_config, corpus, num_devices=-1, mesh=(-1, 1, 1))
   for section, values in override.items():

@@ -13,8 +13,16 @@ import numpy as np
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 _SUBJECTS = ["the cat", "a dog", "my friend", "the old man", "a small bird", "the teacher", "our neighbour", "a child"]
 _VERBS = ["sees", "likes", "follows", "finds", "watches", "helps", "calls", "meets"]
-_OBJECTS = ["the ball", "a red house", "the river", "some bread", "the garden", "a green tree", "the window",
-            "the music"]
+_OBJECTS = [
+    "the ball",
+    "a red house",
+    "the river",
+    "some bread",
+    "the garden",
+    "a green tree",
+    "the window",
+    "the music",
+]
 
 
 def write_corpus(directory: pathlib.Path, num_docs: int = 10, sentences: int = 300) -> str:
@@ -22,8 +30,9 @@ def write_corpus(directory: pathlib.Path, num_docs: int = 10, sentences: int = 3
   directory.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(0)
   for i in range(num_docs):
-    text = " ".join(f"{_SUBJECTS[rng.integers(8)]} {_VERBS[rng.integers(8)]} {_OBJECTS[rng.integers(8)]}."
-                    for _ in range(sentences))
+    text = " ".join(
+        f"{_SUBJECTS[rng.integers(8)]} {_VERBS[rng.integers(8)]} {_OBJECTS[rng.integers(8)]}." for _ in range(sentences)
+    )
     (directory / f"doc{i}.txt").write_text(text)
   return str(directory / "*.txt")
 
@@ -31,9 +40,11 @@ def write_corpus(directory: pathlib.Path, num_docs: int = 10, sentences: int = 3
 def tiny_config():
   """The default config shrunk to run in seconds (also conftest's `tiny_config` fixture)."""
   from cla_jax import config_lib  # pylint: disable=g-import-not-at-top
+
   config = config_lib.load("configs/default.py")
-  config.model.update(num_layers=4, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
-                      vocab_size=256, dtype="float32")
+  config.model.update(
+      num_layers=4, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128, vocab_size=256, dtype="float32"
+  )
   config.train.update(steps=20, batch_size=8, seq_len=32, log_every=5, eval_every=0)
   config.checkpoint.update(every_steps=10)
   return config
@@ -42,8 +53,9 @@ def tiny_config():
 def use_corpus(config, corpus: tuple[str, str], num_devices: int = 1, mesh=(1, 1, 1)):
   """Points `config` at the test corpus (tokenizer cached in the shared dir) and a mesh."""
   text_glob, cache = corpus
-  config.data.update(source="text", text_glob=text_glob, data_dir=cache, cache_dir=cache, eval_fraction=0.2,
-                     tokenizer_train_chars=0)
+  config.data.update(
+      source="text", text_glob=text_glob, data_dir=cache, cache_dir=cache, eval_fraction=0.2, tokenizer_train_chars=0
+  )
   config.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2], num_devices=num_devices)
   # A fixed MFU denominator: measuring the CPU peak would add a second to every run.
   config.train.peak_flops_per_device = 1e10
@@ -61,8 +73,13 @@ def overrides(config) -> list[str]:
 
 def train_cmd(config, workdir) -> list[str]:
   """The train.py command line for `config` in `workdir`."""
-  return [sys.executable, str(REPO_ROOT / "train.py"), "--config=configs/default.py", f"--workdir={workdir}",
-          *overrides(config)]
+  return [
+      sys.executable,
+      str(REPO_ROOT / "train.py"),
+      "--config=configs/default.py",
+      f"--workdir={workdir}",
+      *overrides(config),
+  ]
 
 
 _CACHE_DIR: list[str] = []
@@ -74,6 +91,7 @@ def enable_compilation_cache(directory) -> None:
   Each run of the same config compiles the same train step; on 2 CPU cores that is most of a test's time.
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   if not _CACHE_DIR:
     _CACHE_DIR.append(str(directory))
     jax.config.update("jax_compilation_cache_dir", str(directory))
@@ -95,14 +113,14 @@ def env() -> dict[str, str]:
 def start(config, workdir) -> subprocess.Popen:
   """Starts train.py in the background (stdout/stderr to files in workdir's parent)."""
   log = open(f"{workdir}.log", "ab")
-  return subprocess.Popen(train_cmd(config, workdir), cwd=REPO_ROOT, env=env(), stdout=log,
-                          stderr=subprocess.STDOUT)
+  return subprocess.Popen(train_cmd(config, workdir), cwd=REPO_ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT)
 
 
 def run(config, workdir, timeout: float = 240) -> subprocess.CompletedProcess:
   """Runs train.py to completion."""
-  return subprocess.run(train_cmd(config, workdir), cwd=REPO_ROOT, env=env(), capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(
+      train_cmd(config, workdir), cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=timeout
+  )
 
 
 def wait_for(predicate, timeout: float = 240, interval: float = 0.02) -> None:
@@ -117,4 +135,5 @@ def wait_for(predicate, timeout: float = 240, interval: float = 0.02) -> None:
 def losses(workdir) -> dict[int, float]:
   """Per-step training loss from DIR/metrics.jsonl (the later line wins for steps logged twice)."""
   from cla_jax import metrics  # pylint: disable=g-import-not-at-top
+
   return {r["step"]: r["loss"] for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import ml_collections
 import numpy as np
@@ -44,6 +44,7 @@ def packing_features(inputs: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.nd
 def _host(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -53,8 +54,10 @@ def _host(process_index: int | None, process_count: int | None) -> tuple[int, in
 
 def _local_rows(batch_size: int, process_index: int, process_count: int, what: str) -> int:
   if batch_size % process_count:
-    raise UserError(f"{what}={batch_size} must be divisible by the number of hosts ({process_count}); "
-                    f"use a multiple of {process_count}.")
+    raise UserError(
+        f"{what}={batch_size} must be divisible by the number of hosts ({process_count}); "
+        f"use a multiple of {process_count}."
+    )
   return batch_size // process_count
 
 
@@ -74,8 +77,14 @@ def _batch_from_windows(windows: np.ndarray, weights: np.ndarray, packing: bool,
 class TrainBatches:
   """Step-indexed training batches: `batch(step)` is this host's rows of global batch `step`."""
 
-  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str = "train",
-               process_index: int | None = None, process_count: int | None = None):
+  def __init__(
+      self,
+      config: ml_collections.ConfigDict,
+      tokenizer: Tokenizer,
+      split: str = "train",
+      process_index: int | None = None,
+      process_count: int | None = None,
+  ):
     self.process_index, self.process_count = _host(process_index, process_count)
     self.global_batch = int(config.train.batch_size)
     self.local_batch = _local_rows(self.global_batch, self.process_index, self.process_count, "train.batch_size")
@@ -88,8 +97,10 @@ class TrainBatches:
     self.split = self.data.index["split"]
     self.num_windows = self.data.num_windows
     if self.num_windows == 0:
-      raise UserError(f"the {self.split} split has {self.data.num_tokens} tokens, fewer than train.seq_len + 1 = "
-                      f"{self.seq_len + 1}; use more data or a shorter seq_len.")
+      raise UserError(
+          f"the {self.split} split has {self.data.num_tokens} tokens, fewer than train.seq_len + 1 = "
+          f"{self.seq_len + 1}; use more data or a shorter seq_len."
+      )
     self._perms: dict[int, np.ndarray] = {}
     self._lock = threading.Lock()
 
@@ -164,9 +175,15 @@ def _prefetched(make_batch, start_step: int, depth: int) -> Iterator[Batch]:
     stop.set()
 
 
-def eval_batches(config: ml_collections.ConfigDict, tokenizer: Tokenizer, batch_size: int, max_tokens: int,
-                 split: str | None = None, process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[Batch]:
+def eval_batches(
+    config: ml_collections.ConfigDict,
+    tokenizer: Tokenizer,
+    batch_size: int,
+    max_tokens: int,
+    split: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[Batch]:
   """This host's rows of the validation batches: consecutive windows in order, the first max_tokens targets.
 
   The stream's targets (every token after the first) are scored once each, seq_len per row; the last row
@@ -179,8 +196,10 @@ def eval_batches(config: ml_collections.ConfigDict, tokenizer: Tokenizer, batch_
   data = prepare.open_split(config, tokenizer, split or "validation", check_seq_len=False)
   total = num_targets(data, max_tokens)
   if total == 0:
-    raise UserError(f"the {data.index.get('split', split)} split is empty; add data or raise data.eval_fraction "
-                    "(for data.source=text).")
+    raise UserError(
+        f"the {data.index.get('split', split)} split is empty; add data or raise data.eval_fraction "
+        "(for data.source=text)."
+    )
   num_rows = math.ceil(total / seq_len)
   num_batches = math.ceil(num_rows / batch_size)
   offsets = np.arange(seq_len + 1)

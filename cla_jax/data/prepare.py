@@ -31,12 +31,13 @@ import re
 import shutil
 from typing import Any
 
-from etils import epath
 import ml_collections
 import numpy as np
+from etils import epath
 
 from cla_jax import paths
-from cla_jax.data import prepared, python_docs, sources, splits, tokenizer as tokenizer_lib
+from cla_jax.data import prepared, python_docs, sources, splits
+from cla_jax.data import tokenizer as tokenizer_lib
 from cla_jax.errors import UserError
 
 DOCS_PER_CHUNK = 2000  # documents per tokenization task: fixed, so a resumed run finds the same chunks
@@ -48,12 +49,19 @@ def split_dirname(split: str) -> str:
   return re.sub(r"[^\w.-]+", "_", split).strip("_") or "split"
 
 
-def split_key(source: sources.Source, split: str, tokenizer: tokenizer_lib.Tokenizer, seq_len: int,
-              max_tokens: int) -> dict[str, Any]:
+def split_key(
+    source: sources.Source, split: str, tokenizer: tokenizer_lib.Tokenizer, seq_len: int, max_tokens: int
+) -> dict[str, Any]:
   """Everything that decides a prepared split's bytes (recorded in its index and checked on reuse)."""
-  return {"format_version": prepared.FORMAT_VERSION, "source": source.name, "split": split,
-          "corpus_fingerprint": source.fingerprint(split), "tokenizer_checksum": tokenizer.checksum,
-          "seq_len": int(seq_len), "max_tokens": int(max_tokens)}
+  return {
+      "format_version": prepared.FORMAT_VERSION,
+      "source": source.name,
+      "split": split,
+      "corpus_fingerprint": source.fingerprint(split),
+      "tokenizer_checksum": tokenizer.checksum,
+      "seq_len": int(seq_len),
+      "max_tokens": int(max_tokens),
+  }
 
 
 def _expand(path: str) -> epath.Path:
@@ -74,8 +82,15 @@ def _init_worker(config_dict: dict, tokenizer_bytes: bytes, tokenizer_path: str)
   _WORKER_STATE["tokenizer"] = tokenizer
 
 
-def _tokenize_chunk(split: str, start: int, stop: int, path: str, dtype: str,
-                    source: sources.Source | None = None, tokenizer: tokenizer_lib.Tokenizer | None = None) -> None:
+def _tokenize_chunk(
+    split: str,
+    start: int,
+    stop: int,
+    path: str,
+    dtype: str,
+    source: sources.Source | None = None,
+    tokenizer: tokenizer_lib.Tokenizer | None = None,
+) -> None:
   """Writes documents [start, stop) of `split`, each followed by EOS, to `path` (+ .json with the counts)."""
   source = source or _WORKER_STATE["source"]
   tokenizer = tokenizer or _WORKER_STATE["tokenizer"]
@@ -111,12 +126,22 @@ def _read_tokens(work: epath.Path, offsets: list[int], start: int, stop: int, dt
     if hi <= start:
       continue
     tokens = np.frombuffer((work / _chunk_name(chunk)).read_bytes(), dtype=dtype)
-    parts.append(tokens[max(start, lo) - lo:min(stop, hi) - lo])
+    parts.append(tokens[max(start, lo) - lo : min(stop, hi) - lo])
   return np.concatenate(parts) if parts else np.zeros((0,), dtype)
 
 
-def _write_window_shard(directory: str, shard: int, num_shards: int, per_shard: int, offsets: list[int],
-                        seq_len: int, num_tokens: int, num_windows: int, num_records: int, dtype: str) -> None:
+def _write_window_shard(
+    directory: str,
+    shard: int,
+    num_shards: int,
+    per_shard: int,
+    offsets: list[int],
+    seq_len: int,
+    num_tokens: int,
+    num_windows: int,
+    num_records: int,
+    dtype: str,
+) -> None:
   """Writes records [shard * per_shard, ...) of the split: windows, and the tail in the last record."""
   directory = epath.Path(directory)
   first, last = shard * per_shard, min((shard + 1) * per_shard, num_records)
@@ -124,7 +149,7 @@ def _write_window_shard(directory: str, shard: int, num_shards: int, per_shard: 
   records = []
   for r in range(first, last):
     lo = (r - first) * seq_len
-    records.append(tokens[lo:lo + seq_len + 1] if r < num_windows else tokens[lo:])
+    records.append(tokens[lo : lo + seq_len + 1] if r < num_windows else tokens[lo:])
   prepared.write_shard(directory / prepared.shard_name(shard, num_shards), records)
 
 
@@ -142,9 +167,12 @@ def _run(fn, tasks: list[dict], num_workers: int, init_args: tuple | None, local
     return
   # spawn, not fork: the caller may hold threads (JAX, TFDS) that a forked child would inherit half-way.
   context = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(min(num_workers, len(tasks)), mp_context=context,
-                                              initializer=_init_worker if init_args else None,
-                                              initargs=init_args or ()) as pool:
+  with concurrent.futures.ProcessPoolExecutor(
+      min(num_workers, len(tasks)),
+      mp_context=context,
+      initializer=_init_worker if init_args else None,
+      initargs=init_args or (),
+  ) as pool:
     for future in concurrent.futures.as_completed([pool.submit(fn, **task) for task in tasks]):
       future.result()  # re-raises a worker's error here
 
@@ -153,10 +181,20 @@ def _run(fn, tasks: list[dict], num_workers: int, init_args: tuple | None, local
 # One split.
 
 
-def prepare_split(config: ml_collections.ConfigDict, source: sources.Source, tokenizer: tokenizer_lib.Tokenizer,
-                  split: str, directory: str | os.PathLike, *, num_workers: int = 1, shard: int = 0,
-                  num_shards: int = 1, docs_per_chunk: int = DOCS_PER_CHUNK, records_per_shard: int = 0,
-                  keep_work: bool = False) -> dict | None:
+def prepare_split(
+    config: ml_collections.ConfigDict,
+    source: sources.Source,
+    tokenizer: tokenizer_lib.Tokenizer,
+    split: str,
+    directory: str | os.PathLike,
+    *,
+    num_workers: int = 1,
+    shard: int = 0,
+    num_shards: int = 1,
+    docs_per_chunk: int = DOCS_PER_CHUNK,
+    records_per_shard: int = 0,
+    keep_work: bool = False,
+) -> dict | None:
   """Prepares `split` into `directory`; returns its index, or None while other hosts' chunks are missing."""
   directory = epath.Path(directory)
   seq_len = int(config.train.seq_len)
@@ -180,14 +218,48 @@ def prepare_split(config: ml_collections.ConfigDict, source: sources.Source, tok
   local = {"source": source, "tokenizer": tokenizer}
   threads, tokenizer.threads = tokenizer.threads, 1  # one core per worker, in this process too
   try:
-    return _prepare_phases(directory, work, key, plan, source, tokenizer, split, seq_len, max_tokens, dtype,
-                           num_workers, shard, num_shards, records_per_shard, keep_work, init_args, local)
+    return _prepare_phases(
+        directory,
+        work,
+        key,
+        plan,
+        source,
+        tokenizer,
+        split,
+        seq_len,
+        max_tokens,
+        dtype,
+        num_workers,
+        shard,
+        num_shards,
+        records_per_shard,
+        keep_work,
+        init_args,
+        local,
+    )
   finally:
     tokenizer.threads = threads
 
 
-def _prepare_phases(directory, work, key, plan, source, tokenizer, split, seq_len, max_tokens, dtype, num_workers,
-                    shard, num_shards, records_per_shard, keep_work, init_args, local) -> dict | None:
+def _prepare_phases(
+    directory,
+    work,
+    key,
+    plan,
+    source,
+    tokenizer,
+    split,
+    seq_len,
+    max_tokens,
+    dtype,
+    num_workers,
+    shard,
+    num_shards,
+    records_per_shard,
+    keep_work,
+    init_args,
+    local,
+) -> dict | None:
   """The two phases of prepare_split (see the module docstring)."""
   num_chunks = math.ceil(plan["num_documents"] / plan["docs_per_chunk"])
   starts = [min(c * plan["docs_per_chunk"], plan["num_documents"]) for c in range(num_chunks + 1)]
@@ -196,8 +268,11 @@ def _prepare_phases(directory, work, key, plan, source, tokenizer, split, seq_le
   mine = [c for c in range(num_chunks) if c % num_shards == shard]
   wave = max(1, num_workers) * 2 if max_tokens and num_shards == 1 else len(mine)
   for first in range(0, len(mine), max(wave, 1)):
-    todo = [dict(split=split, start=starts[c], stop=starts[c + 1], path=str(work / _chunk_name(c)), dtype=dtype)
-            for c in mine[first:first + wave] if not (work / _chunk_name(c)).with_suffix(".json").exists()]
+    todo = [
+        dict(split=split, start=starts[c], stop=starts[c + 1], path=str(work / _chunk_name(c)), dtype=dtype)
+        for c in mine[first : first + wave]
+        if not (work / _chunk_name(c)).with_suffix(".json").exists()
+    ]
     logging.info("tokenizing %d chunks of %s %s into %s", len(todo), source.name, split, work)
     _run(_tokenize_chunk, todo, num_workers, init_args, local)
     if max_tokens and sum(_done_prefix(work, num_chunks)) >= max_tokens:
@@ -216,19 +291,41 @@ def _prepare_phases(directory, work, key, plan, source, tokenizer, split, seq_le
   num_records = num_windows + int(has_tail)
   per_shard = records_per_shard or prepared.records_per_shard(seq_len, np.dtype(dtype))
   num_out = math.ceil(num_records / per_shard)
-  todo = [dict(directory=str(directory), shard=j, num_shards=num_out, per_shard=per_shard, offsets=offsets,
-               seq_len=seq_len, num_tokens=num_tokens, num_windows=num_windows, num_records=num_records, dtype=dtype)
-          for j in range(num_out)
-          if j % num_shards == shard and not (directory / prepared.shard_name(j, num_out)).exists()]
+  todo = [
+      dict(
+          directory=str(directory),
+          shard=j,
+          num_shards=num_out,
+          per_shard=per_shard,
+          offsets=offsets,
+          seq_len=seq_len,
+          num_tokens=num_tokens,
+          num_windows=num_windows,
+          num_records=num_records,
+          dtype=dtype,
+      )
+      for j in range(num_out)
+      if j % num_shards == shard and not (directory / prepared.shard_name(j, num_out)).exists()
+  ]
   _run(_write_window_shard, todo, num_workers, None, {})
   if not all((directory / prepared.shard_name(j, num_out)).exists() for j in range(num_out)):
     print(f"{directory}: window shards of other hosts are missing; rerun once every shard's run has finished.")
     return None
-  shard_list = [{"file": prepared.shard_name(j, num_out),
-                 "num_records": min((j + 1) * per_shard, num_records) - j * per_shard} for j in range(num_out)]
-  index = {**key, "key": key, "tokenizer": tokenizer.description, "dtype": dtype,
-           "num_documents": plan["num_documents"],
-           "num_tokens": num_tokens, "num_windows": num_windows, "num_records": num_records, "shards": shard_list}
+  shard_list = [
+      {"file": prepared.shard_name(j, num_out), "num_records": min((j + 1) * per_shard, num_records) - j * per_shard}
+      for j in range(num_out)
+  ]
+  index = {
+      **key,
+      "key": key,
+      "tokenizer": tokenizer.description,
+      "dtype": dtype,
+      "num_documents": plan["num_documents"],
+      "num_tokens": num_tokens,
+      "num_windows": num_windows,
+      "num_records": num_records,
+      "shards": shard_list,
+  }
   prepared.write_json(directory / prepared.INDEX_FILE, index)
   if not keep_work:
     _remove(work)
@@ -238,8 +335,10 @@ def _prepare_phases(directory, work, key, plan, source, tokenizer, split, seq_le
 def _check_same(where: epath.Path, found: dict, wanted: dict) -> None:
   if found != wanted:
     changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
-    raise UserError(f"{where} holds data prepared differently ({', '.join(changed)} differ); delete it or prepare "
-                    "into another directory.")
+    raise UserError(
+        f"{where} holds data prepared differently ({', '.join(changed)} differ); delete it or prepare "
+        "into another directory."
+    )
 
 
 def _done_prefix(work: epath.Path, num_chunks: int) -> list[int]:
@@ -264,8 +363,9 @@ def _remove(path: epath.Path) -> None:
 # What training and evaluation call.
 
 
-def open_split(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer, split: str | None,
-               check_seq_len: bool = True) -> prepared.PreparedSplit:
+def open_split(
+    config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer, split: str | None, check_seq_len: bool = True
+) -> prepared.PreparedSplit:
   """The prepared split ('train', 'validation' or a literal name): from data.prepared_dir, else prepared here.
 
   With data.prepared_dir set nothing is tokenized: the split must be there, made with this tokenizer. Without
@@ -276,9 +376,11 @@ def open_split(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Token
   if prepared_dir:
     directory = _expand(prepared_dir) / split_dirname(split)
     if prepared.read_index(directory) is None:
-      raise UserError(f"data.prepared_dir={prepared_dir!r} has no prepared {split!r} split ({directory}/index.json "
-                      f"missing); prepare it with `python -m cla_jax.data.prepare --config=... "
-                      f"--output={prepared_dir}`.")
+      raise UserError(
+          f"data.prepared_dir={prepared_dir!r} has no prepared {split!r} split ({directory}/index.json "
+          f"missing); prepare it with `python -m cla_jax.data.prepare --config=... "
+          f"--output={prepared_dir}`."
+      )
   else:
     source = sources.get_source(config)
     source.check_split(split)
@@ -289,11 +391,15 @@ def open_split(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Token
     prepare_split(config, source, tokenizer, split, directory, num_workers=1, keep_work=True)
   data = prepared.PreparedSplit(directory)
   if data.tokenizer_checksum != tokenizer.checksum:
-    raise UserError(f"{directory} was prepared with another tokenizer ({data.index.get('tokenizer')}) than "
-                    f"{tokenizer.description}; prepare it again or use the tokenizer it was prepared with.")
+    raise UserError(
+        f"{directory} was prepared with another tokenizer ({data.index.get('tokenizer')}) than "
+        f"{tokenizer.description}; prepare it again or use the tokenizer it was prepared with."
+    )
   if check_seq_len and data.seq_len != int(config.train.seq_len):
-    raise UserError(f"{directory} holds windows of train.seq_len={data.seq_len}, not {config.train.seq_len}; set "
-                    f"--config.train.seq_len={data.seq_len} or prepare again.")
+    raise UserError(
+        f"{directory} holds windows of train.seq_len={data.seq_len}, not {config.train.seq_len}; set "
+        f"--config.train.seq_len={data.seq_len} or prepare again."
+    )
   return data
 
 
@@ -301,8 +407,15 @@ def open_split(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Token
 # CLI.
 
 
-def prepare(config: ml_collections.ConfigDict, output: str = "", num_workers: int = 1, shard: int = 0,
-            num_shards: int = 1, docs_per_chunk: int = DOCS_PER_CHUNK, records_per_shard: int = 0) -> dict:
+def prepare(
+    config: ml_collections.ConfigDict,
+    output: str = "",
+    num_workers: int = 1,
+    shard: int = 0,
+    num_shards: int = 1,
+    docs_per_chunk: int = DOCS_PER_CHUNK,
+    records_per_shard: int = 0,
+) -> dict:
   """Prepares the config's corpus (TFDS download, tokenizer, both splits) into `output`; returns a summary.
 
   Without `output` the splits go where training looks for them when data.prepared_dir is unset (the cache).
@@ -329,10 +442,23 @@ def prepare(config: ml_collections.ConfigDict, output: str = "", num_workers: in
       summary[split] = {"dir": str(data.directory), "tokens": data.num_tokens, "windows": data.num_windows}
       continue
     directory = root / split_dirname(split)
-    index = prepare_split(config, source, tokenizer, split, directory, num_workers=num_workers, shard=shard,
-                          num_shards=num_shards, docs_per_chunk=docs_per_chunk, records_per_shard=records_per_shard)
-    summary[split] = ({"dir": str(directory), "tokens": index["num_tokens"], "windows": index["num_windows"]}
-                      if index else {"dir": str(directory), "incomplete": True})
+    index = prepare_split(
+        config,
+        source,
+        tokenizer,
+        split,
+        directory,
+        num_workers=num_workers,
+        shard=shard,
+        num_shards=num_shards,
+        docs_per_chunk=docs_per_chunk,
+        records_per_shard=records_per_shard,
+    )
+    summary[split] = (
+        {"dir": str(directory), "tokens": index["num_tokens"], "windows": index["num_windows"]}
+        if index
+        else {"dir": str(directory), "incomplete": True}
+    )
   if output:
     summary["train_with"] = f"--config.data.prepared_dir={output}"
   return summary
@@ -342,33 +468,42 @@ def _fetch(config: ml_collections.ConfigDict) -> None:
   """Downloads and prepares the raw corpus when it is a TFDS dataset or the default docs."""
   if config.data.source == "tfds":
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (sources imports it anyway)
-    builder = tfds.builder(str(config.data.tfds_name), data_dir=sources.data_dir_of(config),
-                           file_format="array_record")
+
+    builder = tfds.builder(str(config.data.tfds_name), data_dir=sources.data_dir_of(config), file_format="array_record")
     if not builder.is_prepared():
       try:
         builder.download_and_prepare()
       except OSError as e:  # network / storage failures: one line, not a traceback
-        raise UserError(f"preparing TFDS {config.data.tfds_name} in {sources.data_dir_of(config)} failed: "
-                        f"{e}".replace("\n", " ")) from None
+        raise UserError(
+            f"preparing TFDS {config.data.tfds_name} in {sources.data_dir_of(config)} failed: "
+            f"{e}".replace("\n", " ")
+        ) from None
   elif config.data.source == "python_docs" and not python_docs.builder(sources.data_dir_of(config)).is_prepared():
     python_docs.fetch_sources(sources.data_dir_of(config))
 
 
 def main(argv: list[str]) -> None:
   del argv
-  print(json.dumps(prepare(_CONFIG.value, _OUTPUT.value, _NUM_WORKERS.value, _SHARD.value, _NUM_SHARDS.value),
-                   indent=1))
+  print(
+      json.dumps(prepare(_CONFIG.value, _OUTPUT.value, _NUM_WORKERS.value, _SHARD.value, _NUM_SHARDS.value), indent=1)
+  )
 
 
 if __name__ == "__main__":
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   from cla_jax import cli, config_lib  # pylint: disable=g-import-not-at-top
 
-  _CONFIG = config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG,
-                                            "Experiment config whose data to prepare.")
-  _OUTPUT = flags.DEFINE_string("output", "", "Directory or bucket for the prepared splits (train with "
-                                "--config.data.prepared_dir=OUTPUT); empty: the cache training uses by default.")
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", config_lib.DEFAULT_CONFIG, "Experiment config whose data to prepare."
+  )
+  _OUTPUT = flags.DEFINE_string(
+      "output",
+      "",
+      "Directory or bucket for the prepared splits (train with "
+      "--config.data.prepared_dir=OUTPUT); empty: the cache training uses by default.",
+  )
   _NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "Local worker processes.")
   _SHARD = flags.DEFINE_integer("shard", 0, "This host's share of the tasks, in [0, num_shards).")
   _NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Hosts preparing this corpus together.")

@@ -20,11 +20,11 @@ import dataclasses
 import json
 import os
 import tempfile
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
+import numpy as np
 from array_record.python import array_record_module
 from etils import epath
-import numpy as np
 
 from cla_jax.errors import UserError
 
@@ -81,19 +81,23 @@ def atomic_write(path: epath.Path, write: Callable[[str], None]) -> None:
 
 def write_shard(path: epath.Path, records: Sequence[np.ndarray]) -> None:
   """Writes `records` (1-D token arrays) as one ArrayRecord file, atomically."""
+
   def write(tmp: str) -> None:
     writer = array_record_module.ArrayRecordWriter(tmp, WRITER_OPTIONS)
     for record in records:
       writer.write(np.ascontiguousarray(record).tobytes())
     writer.close()
+
   atomic_write(path, write)
 
 
 def write_json(path: epath.Path, data: dict) -> None:
   """Writes `data` as JSON, atomically."""
+
   def write(tmp: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
       f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
   atomic_write(path, write)
 
 
@@ -122,11 +126,15 @@ class PreparedSplit:
     self.directory = epath.Path(directory)
     index = read_index(self.directory)
     if index is None:
-      raise UserError(f"{self.directory} holds no prepared split ({INDEX_FILE} missing); prepare it with "
-                      "`python -m cla_jax.data.prepare --config=... --output=DIR`.")
+      raise UserError(
+          f"{self.directory} holds no prepared split ({INDEX_FILE} missing); prepare it with "
+          "`python -m cla_jax.data.prepare --config=... --output=DIR`."
+      )
     if index.get("format_version") != FORMAT_VERSION:
-      raise UserError(f"{self.directory} was prepared in format {index.get('format_version')}, this code reads "
-                      f"format {FORMAT_VERSION}; prepare it again.")
+      raise UserError(
+          f"{self.directory} was prepared in format {index.get('format_version')}, this code reads "
+          f"format {FORMAT_VERSION}; prepare it again."
+      )
     self.index = index
     self.seq_len = int(index["seq_len"])
     self.dtype = np.dtype(index["dtype"])
@@ -134,8 +142,10 @@ class PreparedSplit:
     self.num_windows = int(index["num_windows"])
     self.num_records = int(index["num_records"])
     self.tokenizer_checksum = str(index["tokenizer_checksum"])
-    shards = [_ShardInstruction(str(self.directory / s["file"]), 0, int(s["num_records"]), int(s["num_records"]))
-              for s in index["shards"]]
+    shards = [
+        _ShardInstruction(str(self.directory / s["file"]), 0, int(s["num_records"]), int(s["num_records"]))
+        for s in index["shards"]
+    ]
     # Imported here, not at the top: grain imports jax (2 CPU-s), which the prepare step's worker processes,
     # which only write shards, would otherwise pay each.
     import grain.python as grain  # pylint: disable=g-import-not-at-top
@@ -146,8 +156,11 @@ class PreparedSplit:
     """Shard files this reader has opened so far (each host opens only the shards holding its rows)."""
     if self._source is None:
       return []
-    return [path for path, reader in zip(self._source.paths, self._source._readers)  # pylint: disable=protected-access
-            if reader is not None]
+    return [
+        path
+        for path, reader in zip(self._source.paths, self._source._readers)  # pylint: disable=protected-access
+        if reader is not None
+    ]
 
   def records(self, indices: Sequence[int]) -> list[np.ndarray]:
     """Records `indices` as token arrays (windows of seq_len + 1; the tail record may be shorter)."""
@@ -171,5 +184,5 @@ class PreparedSplit:
     first, last = start // self.seq_len, min((stop - 1) // self.seq_len, self.num_records - 1)
     records = self.records(range(first, last + 1))
     # Record r starts at token r * seq_len; all but the last contribute their first seq_len tokens.
-    stream = np.concatenate([r[:self.seq_len] for r in records[:-1]] + [records[-1]])
-    return stream[start - first * self.seq_len:stop - first * self.seq_len]
+    stream = np.concatenate([r[: self.seq_len] for r in records[:-1]] + [records[-1]])
+    return stream[start - first * self.seq_len : stop - first * self.seq_len]

@@ -19,7 +19,7 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
 
@@ -70,11 +70,17 @@ def fetch_sources(data_dir: str) -> pathlib.Path:
   if found is not None:
     return found
   if not shutil.which("apt-get"):
-    raise UserError(f"{PACKAGE} is not installed and apt-get is missing; install the package, or use "
-                    "--config.data.source=text with --config.data.text_glob='your/*.txt'.")
+    raise UserError(
+        f"{PACKAGE} is not installed and apt-get is missing; install the package, or use "
+        "--config.data.source=text with --config.data.text_glob='your/*.txt'."
+    )
   if os.geteuid() == 0 and shutil.which("dpkg"):
-    subprocess.run(["apt-get", "install", "-y", "-q", PACKAGE], check=False, capture_output=True,
-                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    subprocess.run(
+        ["apt-get", "install", "-y", "-q", PACKAGE],
+        check=False,
+        capture_output=True,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
     found = _dpkg_sources_dir()
     if found is not None:
       return found
@@ -83,8 +89,10 @@ def fetch_sources(data_dir: str) -> pathlib.Path:
     result = subprocess.run(["apt-get", "download", "-q", PACKAGE], cwd=tmp, capture_output=True, text=True)
     debs = glob.glob(os.path.join(tmp, "*.deb"))
     if result.returncode or not debs:
-      raise UserError(f"could not download {PACKAGE} ({result.stderr.strip().splitlines()[-1:] or '?'}); "
-                      "run `apt-get update` first, or install it with `apt-get install python3.11-doc`.")
+      raise UserError(
+          f"could not download {PACKAGE} ({result.stderr.strip().splitlines()[-1:] or '?'}); "
+          "run `apt-get update` first, or install it with `apt-get install python3.11-doc`."
+      )
     target.mkdir(parents=True, exist_ok=True)
     subprocess.run(["dpkg-deb", "-x", debs[0], str(target)], check=True)
   return target / "usr" / SOURCES_SUFFIX
@@ -122,8 +130,9 @@ class CLAPythonDocs(tfds.core.GeneratorBasedBuilder):
       return pathlib.Path(self._source_dir)
     found = find_sources(str(self._data_dir_root))
     if found is None:
-      raise UserError(f"{PACKAGE} not found; run "
-                      f"`python -m cla_jax.data.python_docs --data_dir={self._data_dir_root}`.")
+      raise UserError(
+          f"{PACKAGE} not found; run " f"`python -m cla_jax.data.python_docs --data_dir={self._data_dir_root}`."
+      )
     return found
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -144,8 +153,9 @@ class CLAPythonDocs(tfds.core.GeneratorBasedBuilder):
     checksum = tree_checksum(sources)
     self.info.metadata.update({"checksum": checksum, "num_files": len(files), "source_dir": str(sources)})
     if checksum not in KNOWN_CHECKSUMS and self._source_dir is None:
-      logging.warning("python docs checksum %s is not one this project was checked with; results may differ.",
-                      checksum[:12])
+      logging.warning(
+          "python docs checksum %s is not one this project was checked with; results may differ.", checksum[:12]
+      )
     held_out = splits.held_out(files, EVAL_FRACTION)
     return {
         "train": self._generate_examples(sources, [f for f in files if f not in held_out]),
@@ -183,8 +193,10 @@ def verify(b: CLAPythonDocs) -> None:
     return  # the sources are gone (e.g. package removed after preparing): the prepared data stands alone
   current = tree_checksum(pathlib.Path(source_dir))
   if current != recorded:
-    raise UserError(f"{NAME} in {b.data_dir} was built from a different {source_dir} (checksum {recorded[:12]}, "
-                    f"now {current[:12]}); delete {b.data_dir} and run `python -m cla_jax.data.python_docs`.")
+    raise UserError(
+        f"{NAME} in {b.data_dir} was built from a different {source_dir} (checksum {recorded[:12]}, "
+        f"now {current[:12]}); delete {b.data_dir} and run `python -m cla_jax.data.python_docs`."
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -196,6 +208,7 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   from cla_jax import cli  # pylint: disable=g-import-not-at-top
 
   _DATA_DIR = flags.DEFINE_string("data_dir", "~/.cache/cla_jax", "TFDS data dir (same as config.data.data_dir).")

@@ -14,7 +14,7 @@ import importlib.util
 import itertools
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import ml_collections
 import tensorflow_datasets as tfds
@@ -51,8 +51,10 @@ class Source:
     """Raises a UserError naming the available splits when `split` is not one."""
     base = split.split("[")[0]  # TFDS slicing syntax, e.g. train[:10%]
     if base not in self.splits():
-      raise UserError(f"{self.name} has no split {base!r}; available: {sorted(self.splits())} "
-                      "(set data.train_split / data.eval_split).")
+      raise UserError(
+          f"{self.name} has no split {base!r}; available: {sorted(self.splits())} "
+          "(set data.train_split / data.eval_split)."
+      )
 
 
 class TFDSSource(Source):
@@ -64,7 +66,9 @@ class TFDSSource(Source):
     self.name = builder.info.full_name
     features = builder.info.features
     if hasattr(features, "keys") and text_key not in features.keys():
-      raise UserError(f"{self.name} has no feature {text_key!r}; set data.text_key to one of {sorted(features.keys())}.")
+      raise UserError(
+          f"{self.name} has no feature {text_key!r}; set data.text_key to one of {sorted(features.keys())}."
+      )
     self._data_sources = {}
 
   def splits(self) -> list[str]:
@@ -101,7 +105,8 @@ class TFDSSource(Source):
       raise UserError(
           f"{self.name} was prepared as {self._builder.info.file_format}, which needs tensorflow to read; "
           f"delete {self._builder.data_dir} and prepare it as array_record: "
-          f"{prepare_command(self._builder.name, self._builder.data_dir_root)}")
+          f"{prepare_command(self._builder.name, self._builder.data_dir_root)}"
+      )
     examples = tfds.as_numpy(self._builder.as_dataset(split=split, shuffle_files=False))
     for example in itertools.islice(examples, start, stop):
       yield _as_text(example[self._text_key])
@@ -113,8 +118,10 @@ def _as_text(value) -> str:
 
 def prepare_command(name: str, data_dir) -> str:
   """The command that downloads and prepares TFDS dataset `name` (and tokenizes it)."""
-  return (f"python -m cla_jax.data.prepare --config.data.source=tfds --config.data.tfds_name={name} "
-          f"--config.data.data_dir={data_dir}")
+  return (
+      f"python -m cla_jax.data.prepare --config.data.source=tfds --config.data.tfds_name={name} "
+      f"--config.data.data_dir={data_dir}"
+  )
 
 
 def _read_utf8(path: str) -> str:
@@ -126,8 +133,10 @@ def _read_utf8(path: str) -> str:
       raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
     return data.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise UserError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}; a binary file?); remove it from "
-                    "data.text_glob or convert it to UTF-8.") from None
+    raise UserError(
+        f"{path} is not UTF-8 text (byte {e.start}: {e.reason}; a binary file?); remove it from "
+        "data.text_glob or convert it to UTF-8."
+    ) from None
 
 
 class TextSource(Source):
@@ -178,8 +187,10 @@ class TextSource(Source):
           all_ids += [(f, lineno) for lineno, line in enumerate(lines, 1) if line.strip()]
       names = [self._rel[f] + (f":{lineno}" if lineno else "") for f, lineno in all_ids]
       held = splits.held_out(names, self._eval_fraction)
-      self._ids = {"train": [i for i, n in zip(all_ids, names) if n not in held],
-                   "validation": [i for i, n in zip(all_ids, names) if n in held]}
+      self._ids = {
+          "train": [i for i, n in zip(all_ids, names) if n not in held],
+          "validation": [i for i, n in zip(all_ids, names) if n in held],
+      }
     return self._ids[split]
 
   def num_documents(self, split: str) -> int:
@@ -215,8 +226,9 @@ def _tfds_builder(name: str, data_dir: str):
   except tfds.core.registered.DatasetNotFoundError:
     raise UserError(f"data.tfds_name={name!r} is not a TFDS dataset; see `tfds.list_builders()`.") from None
   if not builder.is_prepared():
-    raise UserError(f"TFDS dataset {name} is not prepared in {data_dir}; prepare it with: "
-                    f"{prepare_command(name, data_dir)}")
+    raise UserError(
+        f"TFDS dataset {name} is not prepared in {data_dir}; prepare it with: " f"{prepare_command(name, data_dir)}"
+    )
   return builder
 
 
@@ -226,8 +238,10 @@ def get_source(config: ml_collections.ConfigDict) -> Source:
   data_dir = data_dir_of(config)
   if data.source == "python_docs":
     if python_docs.find_sources(data_dir) is None and not python_docs.builder(data_dir).is_prepared():
-      raise UserError(f"the default corpus ({python_docs.PACKAGE}) is missing; run "
-                      f"`bash scripts/get_python_docs.sh {data.data_dir}` (installs or downloads it).")
+      raise UserError(
+          f"the default corpus ({python_docs.PACKAGE}) is missing; run "
+          f"`bash scripts/get_python_docs.sh {data.data_dir}` (installs or downloads it)."
+      )
     return TFDSSource(python_docs.prepare(data_dir), "text")
   if data.source == "tfds":
     return TFDSSource(_tfds_builder(str(data.tfds_name), data_dir), str(data.text_key))

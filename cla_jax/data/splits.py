@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import ml_collections
 
@@ -28,4 +28,4 @@ def held_out(ids: Iterable[str], fraction: float) -> set[str]:
   if fraction <= 0 or len(ids) < 2:
     return set()
   ranked = sorted(ids, key=lambda name: hashlib.sha256(name.encode()).hexdigest())
-  return set(ranked[:min(len(ids) - 1, max(1, math.ceil(fraction * len(ids))))])
+  return set(ranked[: min(len(ids) - 1, max(1, math.ceil(fraction * len(ids))))])

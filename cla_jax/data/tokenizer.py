@@ -13,11 +13,11 @@ import logging
 import os
 import pathlib
 import tempfile
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
-from etils import epath
 import ml_collections
 import sentencepiece as spm
+from etils import epath
 
 from cla_jax import paths
 from cla_jax.data import sources
@@ -101,8 +101,10 @@ class HFTokenizer(Tokenizer):
       self._tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:  # pylint: disable=broad-except  # tokenizers raises a bare Exception
       reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-      raise UserError(f"data.tokenizer={path!r} is not a Hugging Face tokenizer.json ({reason}); give the "
-                      "tokenizer.json of a model, a sentencepiece .model file, or 'sentencepiece'.") from None
+      raise UserError(
+          f"data.tokenizer={path!r} is not a Hugging Face tokenizer.json ({reason}); give the "
+          "tokenizer.json of a model, a sentencepiece .model file, or 'sentencepiece'."
+      ) from None
     self._file_bytes, self.filename = data, "tokenizer.json"
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     vocab = self._tok.get_vocab(with_added_tokens=True)
@@ -134,7 +136,7 @@ def _sentences(texts: Iterable[str], max_chars: int) -> Iterator[str]:
         continue
       # sentencepiece skips sentences above max_sentence_length bytes; cut long lines instead of losing them.
       for start in range(0, len(line), 2048):
-        piece = line[start:start + 2048]
+        piece = line[start : start + 2048]
         yield piece
         total += len(piece)
         if max_chars and total >= max_chars:
@@ -144,13 +146,17 @@ def _sentences(texts: Iterable[str], max_chars: int) -> Iterator[str]:
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, max_chars: int = 0) -> bytes:
   """Trains a unigram sentencepiece model on `texts` whose encode/decode round-trips text exactly."""
   if vocab_size < _MIN_SPM_VOCAB:
-    raise UserError(f"model.vocab_size={vocab_size} is too small to train a sentencepiece vocabulary; use at least "
-                    f"{_MIN_SPM_VOCAB} (the default is 2048).")
+    raise UserError(
+        f"model.vocab_size={vocab_size} is too small to train a sentencepiece vocabulary; use at least "
+        f"{_MIN_SPM_VOCAB} (the default is 2048)."
+    )
   sentences = _sentences(texts, max_chars)
   first = next(sentences, None)
   if first is None:
-    raise UserError("the training text is empty (no non-blank line to train a tokenizer on); check that "
-                    "data.text_glob / the data source holds text.")
+    raise UserError(
+        "the training text is empty (no non-blank line to train a tokenizer on); check that "
+        "data.text_glob / the data source holds text."
+    )
   writer = io.BytesIO()
   byte_fallback = vocab_size >= _BYTE_FALLBACK_MIN_VOCAB
   try:
@@ -169,7 +175,10 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, max_chars: int = 
         character_coverage=0.9995 if byte_fallback else 1.0,
         # A small corpus may not support the requested size; take what it gives (checked against the model).
         hard_vocab_limit=False,
-        pad_id=-1, bos_id=-1, eos_id=1, unk_id=0,
+        pad_id=-1,
+        bos_id=-1,
+        eos_id=1,
+        unk_id=0,
         user_defined_symbols=["\n"],
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
@@ -177,8 +186,10 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, max_chars: int = 
   except RuntimeError as e:
     message = str(e).strip()
     if "vocab" in message.lower():  # e.g. "Vocabulary size is too high": the corpus has fewer pieces
-      raise UserError(f"sentencepiece training failed ({message}); the corpus is too small for vocab_size="
-                      f"{vocab_size}: try a smaller model.vocab_size or more data.") from None
+      raise UserError(
+          f"sentencepiece training failed ({message}); the corpus is too small for vocab_size="
+          f"{vocab_size}: try a smaller model.vocab_size or more data."
+      ) from None
     raise UserError(f"sentencepiece training failed ({message}).") from None
   return writer.getvalue()
 
@@ -212,11 +223,15 @@ def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
     return _trained_sentencepiece(config)
   path = os.path.expanduser(name)
   if not os.path.exists(path):
-    raise UserError(f"data.tokenizer={name!r}: no such file; use 'sentencepiece' (train one on the data), "
-                    "a sentencepiece .model file or a Hugging Face tokenizer.json.")
+    raise UserError(
+        f"data.tokenizer={name!r}: no such file; use 'sentencepiece' (train one on the data), "
+        "a sentencepiece .model file or a Hugging Face tokenizer.json."
+    )
   if os.path.isdir(path):
-    raise UserError(f"data.tokenizer={name!r} is a directory; name the tokenizer file inside it "
-                    "(tokenizer.json or a sentencepiece .model).")
+    raise UserError(
+        f"data.tokenizer={name!r} is a directory; name the tokenizer file inside it "
+        "(tokenizer.json or a sentencepiece .model)."
+    )
   return from_file_bytes(pathlib.Path(path).read_bytes(), path)
 
 
@@ -236,8 +251,10 @@ def _prepared_tokenizer(prepared_dir: str) -> Tokenizer:
   for filename in ("tokenizer.model", "tokenizer.json"):
     if (root / filename).exists():
       return from_file_bytes((root / filename).read_bytes(), str(root / filename))
-  raise UserError(f"data.prepared_dir={prepared_dir!r} holds no tokenizer.model / tokenizer.json; prepare it with "
-                  f"`python -m cla_jax.data.prepare --config=... --output={prepared_dir}`.")
+  raise UserError(
+      f"data.prepared_dir={prepared_dir!r} holds no tokenizer.model / tokenizer.json; prepare it with "
+      f"`python -m cla_jax.data.prepare --config=... --output={prepared_dir}`."
+  )
 
 
 def _trained_sentencepiece(config: ml_collections.ConfigDict) -> SentencePieceTokenizer:
@@ -262,8 +279,10 @@ def check_vocab_covers(tokenizer: Tokenizer, vocab_size: int, fix: str) -> None:
   An out-of-range id would be silently clipped by the embedding gather, so this is an error, never a warning.
   """
   if int(vocab_size) < tokenizer.vocab_size:
-    raise UserError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens "
-                    f"({tokenizer.description}); {fix}")
+    raise UserError(
+        f"model.vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens "
+        f"({tokenizer.description}); {fix}"
+    )
 
 
 def padded_vocab_size(tokenizer: Tokenizer) -> int:
@@ -280,6 +299,9 @@ def set_vocab_size(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> i
   if config.data.get("pad_vocab", False):
     config.model.vocab_size = padded_vocab_size(tokenizer)
   else:
-    check_vocab_covers(tokenizer, config.model.vocab_size,
-                       f"set --config.model.vocab_size={padded_vocab_size(tokenizer)} or --config.data.pad_vocab=True.")
+    check_vocab_covers(
+        tokenizer,
+        config.model.vocab_size,
+        f"set --config.model.vocab_size={padded_vocab_size(tokenizer)} or --config.data.pad_vocab=True.",
+    )
   return int(config.model.vocab_size)

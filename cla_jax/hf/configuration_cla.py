@@ -15,11 +15,28 @@ class CLAConfig(PretrainedConfig):
   model_type = "cla"
   keys_to_ignore_at_inference = ["past_key_values"]
 
-  def __init__(self, vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=None, head_dim=None, kv_group_sizes=None,
-               hidden_act="silu", rms_norm_eps=1e-5, rope_parameters=None, max_position_embeddings=2048,
-               initializer_range=0.02, use_cache=True, tie_word_embeddings=False, bos_token_id=None,
-               eos_token_id=None, pad_token_id=None, **kwargs):
+  def __init__(
+      self,
+      vocab_size=32000,
+      hidden_size=4096,
+      intermediate_size=11008,
+      num_hidden_layers=32,
+      num_attention_heads=32,
+      num_key_value_heads=None,
+      head_dim=None,
+      kv_group_sizes=None,
+      hidden_act="silu",
+      rms_norm_eps=1e-5,
+      rope_parameters=None,
+      max_position_embeddings=2048,
+      initializer_range=0.02,
+      use_cache=True,
+      tie_word_embeddings=False,
+      bos_token_id=None,
+      eos_token_id=None,
+      pad_token_id=None,
+      **kwargs,
+  ):
     self.vocab_size = vocab_size
     self.hidden_size = hidden_size
     self.intermediate_size = intermediate_size
@@ -36,15 +53,23 @@ class CLAConfig(PretrainedConfig):
     self.initializer_range = initializer_range
     self.use_cache = use_cache
     if sum(self.kv_group_sizes) != num_hidden_layers or min(self.kv_group_sizes) <= 0:
-      raise ValueError(f"kv_group_sizes={self.kv_group_sizes} must be positive and sum to "
-                       f"num_hidden_layers={num_hidden_layers}.")
+      raise ValueError(
+          f"kv_group_sizes={self.kv_group_sizes} must be positive and sum to " f"num_hidden_layers={num_hidden_layers}."
+      )
     if self.num_attention_heads % self.num_key_value_heads:
-      raise ValueError(f"num_attention_heads={num_attention_heads} is not divisible by "
-                       f"num_key_value_heads={self.num_key_value_heads}.")
+      raise ValueError(
+          f"num_attention_heads={num_attention_heads} is not divisible by "
+          f"num_key_value_heads={self.num_key_value_heads}."
+      )
     if self.rope_parameters.get("rope_type", "default") != "default" or hidden_act != "silu":
       raise ValueError("CLA models use the default RoPE and a SwiGLU (silu) MLP.")
-    super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,
-                     eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+    super().__init__(
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        **kwargs,
+    )
 
   @property
   def num_kv_groups(self) -> int:

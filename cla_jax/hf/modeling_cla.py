@@ -13,8 +13,6 @@ Weight names follow Llama's (`model.layers.i.self_attn.q_proj`, ...); producers 
 package and is copied into every export.
 """
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,8 +85,15 @@ class CLAAttention(nn.Module):
     value = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
     return apply_rotary(key, cos, sin), value
 
-  def forward(self, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
-              sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+  def forward(
+      self,
+      x: torch.Tensor,
+      key: torch.Tensor,
+      value: torch.Tensor,
+      cos: torch.Tensor,
+      sin: torch.Tensor,
+      bias: torch.Tensor,
+  ) -> torch.Tensor:
     b, t, _ = x.shape
     query = apply_rotary(self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
     # Grouped-query attention: each KV head serves num_heads / num_kv_heads query heads.
@@ -156,7 +161,7 @@ class CLAModel(CLAPreTrainedModel):
   def set_input_embeddings(self, value):
     self.embed_tokens = value
 
-  def _group_cache(self, cache: Optional[Cache], use_cache: bool) -> Optional[Cache]:
+  def _group_cache(self, cache: Cache | None, use_cache: bool) -> Cache | None:
     """The cache to fill: one entry per KV group."""
     if not use_cache:
       return None
@@ -168,8 +173,16 @@ class CLAModel(CLAPreTrainedModel):
       del cache.layers[num_groups:]
     return cache
 
-  def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-              inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+  def forward(
+      self,
+      input_ids=None,
+      attention_mask=None,
+      position_ids=None,
+      past_key_values=None,
+      inputs_embeds=None,
+      use_cache=None,
+      **kwargs,
+  ) -> BaseModelOutputWithPast:
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("pass exactly one of input_ids and inputs_embeds")
     x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -184,10 +197,11 @@ class CLAModel(CLAPreTrainedModel):
     key_position = torch.arange(past + t, device=x.device)
     allowed = (key_position[None, :] <= cache_position[:, None])[None, None]
     if attention_mask is not None and attention_mask.dim() == 2:
-      allowed = allowed & attention_mask[:, None, None, -(past + t):].bool()
+      allowed = allowed & attention_mask[:, None, None, -(past + t) :].bool()
     # A finite minimum (not -inf) keeps fully masked rows (left padding) finite instead of NaN.
     bias = torch.zeros(allowed.shape, dtype=torch.float32, device=x.device).masked_fill(
-        ~allowed, torch.finfo(torch.float32).min)
+        ~allowed, torch.finfo(torch.float32).min
+    )
     cos, sin = rotary(position_ids, self.config.head_dim, float(self.config.rope_parameters["rope_theta"]))
     shared_kv = None
     for layer in self.layers:
@@ -218,11 +232,26 @@ class CLAForCausalLM(CLAPreTrainedModel, GenerationMixin):
   def set_output_embeddings(self, value):
     self.lm_head = value
 
-  def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-              inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
-              **kwargs) -> CausalLMOutputWithPast:
-    out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+  def forward(
+      self,
+      input_ids=None,
+      attention_mask=None,
+      position_ids=None,
+      past_key_values=None,
+      inputs_embeds=None,
+      labels=None,
+      use_cache=None,
+      logits_to_keep=0,
+      **kwargs,
+  ) -> CausalLMOutputWithPast:
+    out = self.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        use_cache=use_cache,
+    )
     hidden = out.last_hidden_state
     if isinstance(logits_to_keep, int) and logits_to_keep > 0:
       hidden = hidden[:, -logits_to_keep:]
@@ -231,6 +260,7 @@ class CLAForCausalLM(CLAPreTrainedModel, GenerationMixin):
     logits = self.lm_head(hidden)
     loss = None
     if labels is not None:
-      loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                             ignore_index=-100)
+      loss = F.cross_entropy(
+          logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+      )
     return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)

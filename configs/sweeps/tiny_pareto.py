@@ -19,16 +19,30 @@ from cla_jax.sweep import Run, grid
 CONFIG = "configs/default.py"
 D_MODEL = 128
 # The same small model for every row: 4 layers, width 128, SwiGLU 344 (~2.7x), 2k vocabulary.
-BASE = {"model.num_layers": 4, "model.d_model": D_MODEL, "model.mlp_dim": 344,
-        "train.steps": 100, "train.batch_size": 16, "train.seq_len": 128, "train.eval_every": 0,
-        "train.log_every": 20, "checkpoint.every_steps": 50, "eval.max_tokens": 65536,
-        # A fixed MFU denominator: measuring the CPU peak at every run start costs seconds and changes nothing.
-        "train.peak_flops_per_device": 1e11}
+BASE = {
+    "model.num_layers": 4,
+    "model.d_model": D_MODEL,
+    "model.mlp_dim": 344,
+    "train.steps": 100,
+    "train.batch_size": 16,
+    "train.seq_len": 128,
+    "train.eval_every": 0,
+    "train.log_every": 20,
+    "checkpoint.every_steps": 50,
+    "eval.max_tokens": 65536,
+    # A fixed MFU denominator: measuring the CPU peak at every run start costs seconds and changes nothing.
+    "train.peak_flops_per_device": 1e11,
+}
 # (row name, d_head, KV heads, pattern); query heads = D_MODEL // d_head.
 ROWS = [
-    ("H64-MQA", 64, 1, "none"), ("H32-MQA", 32, 1, "none"), ("H16-MQA", 16, 1, "none"),
-    ("H128-MQA-CLA2", 128, 1, "cla2"), ("H64-MQA-CLA2", 64, 1, "cla2"), ("H32-MQA-CLA2", 32, 1, "cla2"),
-    ("H32-GQA2", 32, 2, "none"), ("H32-MHA", 32, 4, "none"),
+    ("H64-MQA", 64, 1, "none"),
+    ("H32-MQA", 32, 1, "none"),
+    ("H16-MQA", 16, 1, "none"),
+    ("H128-MQA-CLA2", 128, 1, "cla2"),
+    ("H64-MQA-CLA2", 64, 1, "cla2"),
+    ("H32-MQA-CLA2", 32, 1, "cla2"),
+    ("H32-GQA2", 32, 2, "none"),
+    ("H32-MHA", 32, 4, "none"),
 ]
 # A first pass at 4e-3 / 8e-3 put H64-MQA's best at the low edge (perplexity 251 vs 289 after 100 steps), so
 # the grid is 2e-3 / 4e-3.
@@ -39,8 +53,12 @@ def get_runs(seeds: int = 3) -> list[Run]:
   """Every row at every learning rate, for seeds 0..seeds-1."""
   runs = []
   for name, d_head, kv_heads, pattern in ROWS:
-    model = {"model.head_dim": d_head, "model.num_heads": D_MODEL // d_head, "model.num_kv_heads": kv_heads,
-             "model.pattern": pattern}
+    model = {
+        "model.head_dim": d_head,
+        "model.num_heads": D_MODEL // d_head,
+        "model.num_kv_heads": kv_heads,
+        "model.pattern": pattern,
+    }
     runs += grid(name, CONFIG, {**BASE, **model}, LRS, seeds)
   # Seed-major order: a sweep cut short still has every row at every learning rate.
   return sorted(runs, key=lambda run: run.seed)

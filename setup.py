@@ -19,6 +19,8 @@ setup(
             "cla-eval=cla_jax.eval_cli:run",
             "cla-describe=cla_jax.describe:run",
             "cla-convert-hf=cla_jax.convert_hf:run",
+            "cla-generate=cla_jax.generate_cli:run",
+            "cla-export-hf=cla_jax.export_hf:run",
         ],
     },
     # The transformers modeling files that cla_jax.export_hf copies into every CLA export.

@@ -410,6 +410,11 @@ def main(argv: list[str]) -> None:
     print(line)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console-script entry point."""
   define_flags()
   cli.run(main)
+
+
+if __name__ == "__main__":
+  run()

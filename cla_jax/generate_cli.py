@@ -1,0 +1,94 @@
+"""`cla-generate` (or `python generate.py`): text from a workdir's model with the KV cache.
+
+    cla-generate --workdir=runs/default --prompt="The dictionary" --max_new_tokens=40
+    cla-generate --workdir=runs/default --prompt_file=prompts.txt --temperature=0.8 --top_p=0.95 \
+        --num_samples=3 --seed=1 --jsonl
+
+Prints each prompt followed by its continuation (or one JSON line per continuation with --jsonl).
+See the README's "Generate" section.
+"""
+
+import json
+import pathlib
+
+from absl import flags, logging
+
+from cla_jax import cli
+
+
+def define_flags() -> None:
+  """The command's flags; defined on demand, so importing this module adds no global flags."""
+  flags.DEFINE_string(
+      "workdir", None, "Workdir written by train.py or convert_hf (config.json + checkpoints/).", required=True
+  )
+  flags.DEFINE_string("prompt", None, "Text to continue.")
+  flags.DEFINE_string("prompt_file", None, "A file of prompts, one a line (blank lines are skipped).")
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt (fewer if EOS comes first).")
+  flags.DEFINE_float("temperature", 0.0, "0: greedy; otherwise sample from softmax(logits / temperature).")
+  flags.DEFINE_integer("top_k", 0, "Sample only among the k most likely tokens (0: all).")
+  flags.DEFINE_float("top_p", 1.0, "Sample only within the smallest set of tokens whose probability reaches p.")
+  flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same text.")
+  flags.DEFINE_integer("num_samples", 1, "Continuations per prompt.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable one).")
+  flags.DEFINE_bool("jsonl", False, "Print one JSON line per continuation: prompt, sample, continuation.")
+
+
+FLAGS = flags.FLAGS
+
+
+def read_prompts() -> list[str]:
+  """--prompt, then each non-blank line of --prompt_file; UserError when there is none or one is empty."""
+  prompts = []
+  if FLAGS.prompt is not None:
+    if not FLAGS.prompt.strip():
+      raise cli.UserError("--prompt is empty; give some text to continue.")
+    prompts.append(FLAGS.prompt)
+  if FLAGS.prompt_file is not None:
+    path = pathlib.Path(FLAGS.prompt_file).expanduser()
+    if not path.is_file():
+      raise cli.UserError(f"--prompt_file={FLAGS.prompt_file}: no such file.")
+    prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+  if not prompts:
+    raise cli.UserError("no prompt: give --prompt=TEXT or --prompt_file=FILE (one prompt a line).")
+  return prompts
+
+
+def main(argv: list[str]) -> None:
+  """Generates from `--workdir`'s model; prints each prompt with its continuation."""
+  if len(argv) > 1:
+    raise cli.UserError(f"unexpected arguments {argv[1:]}; flags are written --name=value (quote the prompt).")
+  if FLAGS.num_samples < 1:
+    raise cli.UserError(f"--num_samples must be at least 1, got {FLAGS.num_samples}.")
+  prompts = read_prompts()
+  import cla_jax  # pylint: disable=g-import-not-at-top  (after flags: fast --help and flag errors)
+  from cla_jax import decode  # pylint: disable=g-import-not-at-top
+
+  decode.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p).validate()  # before the slow restore
+  logging.set_verbosity(logging.ERROR)  # orbax logs warnings on every read-only restore
+  model = cla_jax.load_model(FLAGS.workdir, step=FLAGS.step)
+  batch = [p for p in prompts for _ in range(FLAGS.num_samples)]
+  texts = model.generate(
+      batch,
+      max_new_tokens=FLAGS.max_new_tokens,
+      temperature=FLAGS.temperature,
+      top_k=FLAGS.top_k,
+      top_p=FLAGS.top_p,
+      seed=FLAGS.seed,
+  )
+  for i, (prompt, text) in enumerate(zip(batch, texts)):
+    sample = i % FLAGS.num_samples
+    if FLAGS.jsonl:
+      print(json.dumps({"prompt": prompt, "sample": sample, "continuation": text}), flush=True)
+    else:
+      header = f"[prompt {i // FLAGS.num_samples + 1}" + (f", sample {sample + 1}]" if FLAGS.num_samples > 1 else "]")
+      print(f"{header}\n{prompt}{text}\n", flush=True)
+
+
+def run() -> None:
+  """Console-script entry point."""
+  define_flags()
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  run()

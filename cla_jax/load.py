@@ -139,7 +139,7 @@ class LoadedModel:
       dtype = x.dtype
     if len(shape) != 2:
       raise UserError(
-          f"{name} must be 2-D [batch, length], got shape {tuple(shape)}; " "wrap a single sequence as tokens[None]."
+          f"{name} must be 2-D [batch, length], got shape {tuple(shape)}; wrap a single sequence as tokens[None]."
       )
     if not jnp.issubdtype(dtype, jnp.integer):
       raise UserError(f"{name} must be integers (e.g. int32 token ids), got dtype {dtype}.")
@@ -150,6 +150,9 @@ class LoadedModel:
       low, high = int(x.min()), int(x.max())
       if low < 0 or high >= self.model_config.vocab_size:
         raise UserError(f"{name} ids must lie in [0, {self.model_config.vocab_size}), got range [{low}, {high}].")
+    if not vocab_check and isinstance(x, np.ndarray) and x.size and int(x.min()) < 0:
+      # A negative RoPE position or segment id computes silently wrong logits (host arrays only, as above).
+      raise UserError(f"{name} must be >= 0, got a minimum of {int(x.min())}; positions count from 0.")
     return jnp.asarray(x, jnp.int32)
 
   def __repr__(self) -> str:

@@ -264,6 +264,8 @@ def test_load_model_rejects_bad_tokens(gqa_dir, tmp_path):
     loaded(np.zeros((1, 5), np.float32))
   with pytest.raises(UserError, match=r"\[0, 128\)"):
     loaded(np.full((1, 5), VOCAB, np.int32))
+  with pytest.raises(UserError, match="positions must be >= 0"):
+    loaded([[1, 2, 3]], positions=[[-1, 0, 1]])
   assert loaded([[1, 2, 3]]).shape == (1, 3, VOCAB)
   with pytest.raises(UserError, match="no checkpoint for step 7"):
     cla_jax.load_model(tmp_path / "work", step=7)

@@ -53,8 +53,11 @@ def grid(row: str, config: str, overrides: dict[str, Any], lrs: list[float], see
 
 
 def family(num_heads: int, num_kv_heads: int, pattern: str) -> str:
-  """Plot colour group: MHA / GQA / MQA, plus '+CLA2' etc. when layers share KV."""
-  attention = "MHA" if num_kv_heads == num_heads else "MQA" if num_kv_heads == 1 else "GQA"
+  """Plot colour group: MQA / GQA / MHA, plus '+CLA2' etc. when layers share KV.
+
+  One KV head is MQA even with a single query head (the paper's H128-MQA-CLA2 at width 128).
+  """
+  attention = "MQA" if num_kv_heads == 1 else "MHA" if num_kv_heads == num_heads else "GQA"
   return attention if pattern == "none" else f"{attention}+{pattern.upper()}"
 
 

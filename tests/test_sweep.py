@@ -83,6 +83,7 @@ def test_best_rows_take_the_lowest_mean_over_seeds():
 def test_family_names():
   assert sweep.family(4, 1, "none") == "MQA"
   assert sweep.family(4, 1, "cla2") == "MQA+CLA2"
+  assert sweep.family(1, 1, "cla2") == "MQA+CLA2"  # one query head, one KV head: still the MQA family
   assert sweep.family(4, 2, "none") == "GQA"
   assert sweep.family(4, 4, "cla3") == "MHA+CLA3"
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from cla_jax import cli, config_lib, decode, describe, sharding
+from cla_jax import cli, config_lib, decode, describe, export_hf, sharding
 from cla_jax import model as model_lib
 
 _ROWS = flags.DEFINE_list("rows", ["H128-MQA", "H128-MQA-CLA2", "H64-MQA", "H128-GQA4"], "Paper rows (Table 1).")
@@ -174,17 +174,8 @@ def hf_generate(cfg: model_lib.ModelConfig, batch: int, prompt_len: int):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
-  hf_config = transformers.LlamaConfig(
-      vocab_size=cfg.vocab_size,
-      hidden_size=cfg.d_model,
-      intermediate_size=cfg.mlp_dim,
-      num_hidden_layers=cfg.num_layers,
-      num_attention_heads=cfg.num_heads,
-      num_key_value_heads=cfg.num_kv_heads,
-      head_dim=cfg.head_dim,
-      rms_norm_eps=cfg.norm_eps,
-      rope_theta=cfg.rope_theta,
-      tie_word_embeddings=False,
+  hf_config = transformers.LlamaConfig.from_dict(
+      export_hf.hf_config(cfg, llama=True, dtype="float32", max_positions=2048, special={})
   )
   torch.manual_seed(0)
   model = transformers.LlamaForCausalLM(hf_config).eval()

@@ -20,7 +20,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from cla_jax import cli, config_lib, optim, sharding, train_step
+from cla_jax import cli, config_lib, export_hf, optim, sharding, train_step
 from cla_jax import model as model_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG, "Config file[:row].", lock_config=True)
@@ -64,20 +64,11 @@ def torch_step(config, threads: int):
   if threads > 0:
     torch.set_num_threads(threads)
   torch.manual_seed(0)
-  hf_config = transformers.LlamaConfig(
-      vocab_size=m.vocab_size,
-      hidden_size=m.d_model,
-      intermediate_size=m.mlp_dim,
-      num_hidden_layers=m.num_layers,
-      num_attention_heads=m.num_heads,
-      num_key_value_heads=m.num_kv_heads,
-      head_dim=m.head_dim,
-      rms_norm_eps=m.norm_eps,
-      rope_theta=m.rope_theta,
-      tie_word_embeddings=m.tie_embeddings,
-      max_position_embeddings=t.seq_len,
-      attention_bias=False,
-      mlp_bias=False,
+  # The same config.json the Hugging Face export writes for this model (plain Llama: no sharing on the peer side).
+  hf_config = transformers.LlamaConfig.from_dict(
+      export_hf.hf_config(
+          config_lib.model_config(config), llama=True, dtype="float32", max_positions=t.seq_len, special={}
+      )
   )
   model = transformers.LlamaForCausalLM._from_config(hf_config, attn_implementation="sdpa", dtype=torch.float32)
   model.train()

@@ -21,6 +21,7 @@ the cache directory: the same code, so a small corpus needs no extra command.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
@@ -181,6 +182,16 @@ def _run(fn, tasks: list[dict], num_workers: int, init_args: tuple | None, local
 # One split.
 
 
+@contextlib.contextmanager
+def _one_thread(tokenizer: tokenizer_lib.Tokenizer):
+  """Runs the block with the tokenizer on one thread, then restores its thread count."""
+  threads, tokenizer.threads = tokenizer.threads, 1
+  try:
+    yield
+  finally:
+    tokenizer.threads = threads
+
+
 def prepare_split(
     config: ml_collections.ConfigDict,
     source: sources.Source,
@@ -216,120 +227,77 @@ def prepare_split(
   dtype = prepared.token_dtype(tokenizer.vocab_size).name
   init_args = (config.to_dict(), tokenizer.file_bytes(), tokenizer.filename)
   local = {"source": source, "tokenizer": tokenizer}
-  threads, tokenizer.threads = tokenizer.threads, 1  # one core per worker, in this process too
-  try:
-    return _prepare_phases(
-        directory,
-        work,
-        key,
-        plan,
-        source,
-        tokenizer,
-        split,
-        seq_len,
-        max_tokens,
-        dtype,
-        num_workers,
-        shard,
-        num_shards,
-        records_per_shard,
-        keep_work,
-        init_args,
-        local,
-    )
-  finally:
-    tokenizer.threads = threads
+  with _one_thread(tokenizer):  # one core per worker, in this process too
+    # The two phases (see the module docstring).
+    num_chunks = math.ceil(plan["num_documents"] / plan["docs_per_chunk"])
+    starts = [min(c * plan["docs_per_chunk"], plan["num_documents"]) for c in range(num_chunks + 1)]
 
+    # Phase 1: tokenize the chunks (in order, in waves, when max_tokens may stop it early).
+    mine = [c for c in range(num_chunks) if c % num_shards == shard]
+    wave = max(1, num_workers) * 2 if max_tokens and num_shards == 1 else len(mine)
+    for first in range(0, len(mine), max(wave, 1)):
+      todo = [
+          dict(split=split, start=starts[c], stop=starts[c + 1], path=str(work / _chunk_name(c)), dtype=dtype)
+          for c in mine[first : first + wave]
+          if not (work / _chunk_name(c)).with_suffix(".json").exists()
+      ]
+      logging.info("tokenizing %d chunks of %s %s into %s", len(todo), source.name, split, work)
+      _run(_tokenize_chunk, todo, num_workers, init_args, local)
+      if max_tokens and sum(_done_prefix(work, num_chunks)) >= max_tokens:
+        break  # the cap is reached: later chunks are never read
+    counts = _done_prefix(work, num_chunks)
+    if len(counts) < num_chunks and not (max_tokens and sum(counts) >= max_tokens):
+      done = sum((work / _chunk_name(c)).with_suffix(".json").exists() for c in range(num_chunks))
+      print(f"{directory}: {done} of {num_chunks} chunks tokenized; rerun once every shard's run has finished.")
+      return None
 
-def _prepare_phases(
-    directory,
-    work,
-    key,
-    plan,
-    source,
-    tokenizer,
-    split,
-    seq_len,
-    max_tokens,
-    dtype,
-    num_workers,
-    shard,
-    num_shards,
-    records_per_shard,
-    keep_work,
-    init_args,
-    local,
-) -> dict | None:
-  """The two phases of prepare_split (see the module docstring)."""
-  num_chunks = math.ceil(plan["num_documents"] / plan["docs_per_chunk"])
-  starts = [min(c * plan["docs_per_chunk"], plan["num_documents"]) for c in range(num_chunks + 1)]
-
-  # Phase 1: tokenize the chunks (in order, in waves, when max_tokens may stop it early).
-  mine = [c for c in range(num_chunks) if c % num_shards == shard]
-  wave = max(1, num_workers) * 2 if max_tokens and num_shards == 1 else len(mine)
-  for first in range(0, len(mine), max(wave, 1)):
+    # Phase 2: cut the stream into windows and write the shards.
+    offsets = [0, *np.cumsum(counts).tolist()]
+    num_tokens = min(offsets[-1], max_tokens) if max_tokens else offsets[-1]
+    num_windows = (num_tokens - 1) // seq_len if num_tokens else 0
+    has_tail = num_tokens - 1 > num_windows * seq_len
+    num_records = num_windows + int(has_tail)
+    per_shard = records_per_shard or prepared.records_per_shard(seq_len, np.dtype(dtype))
+    num_out = math.ceil(num_records / per_shard)
     todo = [
-        dict(split=split, start=starts[c], stop=starts[c + 1], path=str(work / _chunk_name(c)), dtype=dtype)
-        for c in mine[first : first + wave]
-        if not (work / _chunk_name(c)).with_suffix(".json").exists()
+        dict(
+            directory=str(directory),
+            shard=j,
+            num_shards=num_out,
+            per_shard=per_shard,
+            offsets=offsets,
+            seq_len=seq_len,
+            num_tokens=num_tokens,
+            num_windows=num_windows,
+            num_records=num_records,
+            dtype=dtype,
+        )
+        for j in range(num_out)
+        if j % num_shards == shard and not (directory / prepared.shard_name(j, num_out)).exists()
     ]
-    logging.info("tokenizing %d chunks of %s %s into %s", len(todo), source.name, split, work)
-    _run(_tokenize_chunk, todo, num_workers, init_args, local)
-    if max_tokens and sum(_done_prefix(work, num_chunks)) >= max_tokens:
-      break  # the cap is reached: later chunks are never read
-  counts = _done_prefix(work, num_chunks)
-  if len(counts) < num_chunks and not (max_tokens and sum(counts) >= max_tokens):
-    done = sum((work / _chunk_name(c)).with_suffix(".json").exists() for c in range(num_chunks))
-    print(f"{directory}: {done} of {num_chunks} chunks tokenized; rerun once every shard's run has finished.")
-    return None
-
-  # Phase 2: cut the stream into windows and write the shards.
-  offsets = [0, *np.cumsum(counts).tolist()]
-  num_tokens = min(offsets[-1], max_tokens) if max_tokens else offsets[-1]
-  num_windows = (num_tokens - 1) // seq_len if num_tokens else 0
-  has_tail = num_tokens - 1 > num_windows * seq_len
-  num_records = num_windows + int(has_tail)
-  per_shard = records_per_shard or prepared.records_per_shard(seq_len, np.dtype(dtype))
-  num_out = math.ceil(num_records / per_shard)
-  todo = [
-      dict(
-          directory=str(directory),
-          shard=j,
-          num_shards=num_out,
-          per_shard=per_shard,
-          offsets=offsets,
-          seq_len=seq_len,
-          num_tokens=num_tokens,
-          num_windows=num_windows,
-          num_records=num_records,
-          dtype=dtype,
-      )
-      for j in range(num_out)
-      if j % num_shards == shard and not (directory / prepared.shard_name(j, num_out)).exists()
-  ]
-  _run(_write_window_shard, todo, num_workers, None, {})
-  if not all((directory / prepared.shard_name(j, num_out)).exists() for j in range(num_out)):
-    print(f"{directory}: window shards of other hosts are missing; rerun once every shard's run has finished.")
-    return None
-  shard_list = [
-      {"file": prepared.shard_name(j, num_out), "num_records": min((j + 1) * per_shard, num_records) - j * per_shard}
-      for j in range(num_out)
-  ]
-  index = {
-      **key,
-      "key": key,
-      "tokenizer": tokenizer.description,
-      "dtype": dtype,
-      "num_documents": plan["num_documents"],
-      "num_tokens": num_tokens,
-      "num_windows": num_windows,
-      "num_records": num_records,
-      "shards": shard_list,
-  }
-  prepared.write_json(directory / prepared.INDEX_FILE, index)
-  if not keep_work:
-    _remove(work)
-  return index
+    _run(_write_window_shard, todo, num_workers, None, {})
+    if not all((directory / prepared.shard_name(j, num_out)).exists() for j in range(num_out)):
+      print(f"{directory}: window shards of other hosts are missing; rerun once every shard's run has finished.")
+      return None
+    shard_list = [
+        {"file": prepared.shard_name(j, num_out), "num_records": min((j + 1) * per_shard, num_records) - j * per_shard}
+        for j in range(num_out)
+    ]
+    index = {
+        **key,
+        "key": key,
+        "tokenizer": tokenizer.description,
+        "dtype": dtype,
+        "num_documents": plan["num_documents"],
+        "num_tokens": num_tokens,
+        "num_windows": num_windows,
+        "num_records": num_records,
+        "shards": shard_list,
+    }
+    prepared.write_json(directory / prepared.INDEX_FILE, index)
+    if not keep_work:
+      _remove(work)
+    return index
 
 
 def _check_same(where: epath.Path, found: dict, wanted: dict) -> None:

@@ -21,12 +21,11 @@ import tempfile
 import time
 
 import jax
-import numpy as np
+import step_setup  # benchmarks/step_setup.py, beside this script
 from absl import flags
 from ml_collections import config_flags
 
-from cla_jax import cli, config_lib, optim, sharding, train_step
-from cla_jax import model as model_lib
+from cla_jax import cli, config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG, "Config file[:row].", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 5, "Profiled steps (after two warm-up steps).")
@@ -87,29 +86,17 @@ def op_times(trace_dir: str) -> collections.Counter:
 def main(argv):
   del argv
   config = _CONFIG.value
-  cfg = config_lib.model_config(config)
-  mesh = sharding.make_mesh(config.mesh)
-  model, tx = model_lib.Transformer(cfg), optim.make_optimizer(config.train)
-  param_sh, opt_sh = train_step.state_shardings(model_lib.abstract_params(cfg), tx, mesh)
-  params, opt_state = train_step.init_state(model, tx, mesh, param_sh, opt_sh, jax.random.key(0))
-  step = train_step.jit_train_step(model, tx, config.train.grad_accum_steps, mesh, param_sh, opt_sh)
+  setup = step_setup.setup_step(config)
+  cfg = setup.model_config
   b, t = config.train.batch_size, config.train.seq_len
-  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(b, t + 1), dtype=np.int32)
-  batch = sharding.global_batch(
-      {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((b, t), np.float32)}, mesh
-  )
-  with jax.set_mesh(mesh):
-    sources = op_sources(step.jitted.lower(params, opt_state, batch).compile().as_text())
-  for _ in range(2):
-    params, opt_state, metrics = step(params, opt_state, batch)
-  jax.block_until_ready(metrics)
+  with jax.set_mesh(setup.mesh):
+    sources = op_sources(setup.step.jitted.lower(setup.params, setup.opt_state, setup.batch).compile().as_text())
+  jax.block_until_ready(setup.run(2))
 
   with tempfile.TemporaryDirectory() as trace_dir:
     start = time.perf_counter()
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      for _ in range(_STEPS.value):
-        params, opt_state, metrics = step(params, opt_state, batch)
-      jax.block_until_ready(metrics)
+      jax.block_until_ready(setup.run(_STEPS.value))
     wall_ms = 1e3 * (time.perf_counter() - start) / _STEPS.value
     times = op_times(trace_dir)
 

@@ -17,11 +17,11 @@ import time
 
 import jax
 import numpy as np
+import step_setup  # benchmarks/step_setup.py, beside this script
 from absl import flags
 from ml_collections import config_flags
 
-from cla_jax import cli, config_lib, export_hf, optim, sharding, train_step
-from cla_jax import model as model_lib
+from cla_jax import cli, config_lib, export_hf
 
 _CONFIG = config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG, "Config file[:row].", lock_config=True)
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating rounds (each times both sides).")
@@ -31,23 +31,11 @@ _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0: 
 
 def jax_step(config):
   """(run n steps -> seconds per step) for cla_jax's jitted train step on random tokens."""
-  cfg = config_lib.model_config(config)
-  mesh = sharding.make_mesh(config.mesh)
-  model, tx = model_lib.Transformer(cfg), optim.make_optimizer(config.train)
-  param_sh, opt_sh = train_step.state_shardings(model_lib.abstract_params(cfg), tx, mesh)
-  state = list(train_step.init_state(model, tx, mesh, param_sh, opt_sh, jax.random.key(0)))
-  step = train_step.jit_train_step(model, tx, config.train.grad_accum_steps, mesh, param_sh, opt_sh)
-  b, t = config.train.batch_size, config.train.seq_len
-  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(b, t + 1), dtype=np.int32)
-  batch = sharding.global_batch(
-      {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((b, t), np.float32)}, mesh
-  )
+  setup = step_setup.setup_step(config)
 
   def run(n: int) -> float:
     start = time.perf_counter()
-    for _ in range(n):
-      state[0], state[1], metrics = step(state[0], state[1], batch)
-    jax.block_until_ready(metrics)
+    jax.block_until_ready(setup.run(n))
     return (time.perf_counter() - start) / n
 
   return run

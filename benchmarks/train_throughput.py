@@ -12,13 +12,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+import step_setup  # benchmarks/step_setup.py, beside this script
 from absl import flags
 from ml_collections import config_flags
 
-from cla_jax import cli, config_lib, metrics, optim, sharding, train_step
-from cla_jax import model as model_lib
-from cla_jax.model import Transformer
+from cla_jax import cli, config_lib, metrics, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG, "Config file[:row].", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step).")
@@ -27,27 +25,14 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step).
 def main(argv):
   del argv
   config = _CONFIG.value
-  cfg = config_lib.model_config(config)
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_model_fits(cfg, mesh)
-  model, tx = Transformer(cfg), optim.make_optimizer(config.train)
-  param_sh, opt_sh = train_step.state_shardings(model_lib.abstract_params(cfg), tx, mesh)
-  params, opt_state = train_step.init_state(model, tx, mesh, param_sh, opt_sh, jax.random.key(0))
-  step = train_step.jit_train_step(model, tx, config.train.grad_accum_steps, mesh, param_sh, opt_sh)
+  setup = step_setup.setup_step(config)
+  cfg, mesh = setup.model_config, setup.mesh
   b, t = config.train.batch_size, config.train.seq_len
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, cfg.vocab_size, size=(b, t + 1), dtype=np.int32)
-  batch = sharding.global_batch(
-      {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((b, t), np.float32)}, mesh
-  )
   start = time.perf_counter()
-  params, opt_state, m = step(params, opt_state, batch)
-  jax.block_until_ready(m)
+  jax.block_until_ready(setup.run(1))
   compile_s = time.perf_counter() - start
   start = time.perf_counter()
-  for _ in range(_STEPS.value):
-    params, opt_state, m = step(params, opt_state, batch)
-  jax.block_until_ready(m)
+  jax.block_until_ready(setup.run(_STEPS.value))
   step_s = (time.perf_counter() - start) / _STEPS.value
   flops = metrics.flops_per_token(cfg, t) * b * t / step_s
   devices = list(mesh.devices.flat)

@@ -585,6 +585,52 @@ def test_prepare_refuses_bad_arguments(text_config, tmp_path):
     batches_lib.TrainBatches(text_config, tok, process_index=0, process_count=1)
 
 
+def test_shard_and_chunk_sizes_spread_work_and_bound_files():
+  """At least MIN_SHARDS shards / MIN_CHUNKS chunks once a split is big enough, never a shard above the cap."""
+  from cla_jax.data import prepared
+
+  record = 129 * 2  # seq_len 128, uint16
+  for num_records in (1, 1000, prepared.MIN_SHARD_BYTES * 100 // record, 10 * prepared.MAX_SHARD_BYTES // record):
+    per_shard = prepared.records_per_shard(num_records, 128, np.dtype(np.uint16))
+    num_shards = math.ceil(num_records / per_shard)
+    assert per_shard * record <= prepared.MAX_SHARD_BYTES
+    if num_records * record >= prepared.MIN_SHARDS * prepared.MIN_SHARD_BYTES:
+      assert num_shards >= prepared.MIN_SHARDS, num_records
+    else:  # small splits stay in few files of at least MIN_SHARD_BYTES
+      assert num_shards == 1 or per_shard * record >= prepared.MIN_SHARD_BYTES * 0.9
+  for num_docs in (1, 10, 64 * 7 + 3, 10**7):
+    size = prepare.chunk_size(num_docs)
+    assert 1 <= size <= prepare.MAX_DOCS_PER_CHUNK
+    assert math.ceil(num_docs / size) >= min(num_docs, prepare.MIN_CHUNKS)
+
+
+def fail_on_task_3(task: int, **state) -> None:
+  """A task for `prepare.Workers` (module level, so spawned helpers can run it) that fails for task 3."""
+  if task == 3:
+    raise RuntimeError(f"task {task} failed in process {os.getpid()}")
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_workers_run_every_task_and_reraise_a_failure(text_config, tmp_path, num_workers):
+  tok = tokenizer_lib.get_tokenizer(text_config)
+  workers = prepare.Workers(num_workers, sources.get_source(text_config), tok)
+  try:
+    out = tmp_path / "out"
+    out.mkdir()
+    tasks = [{"path": str(out / f"{i}.txt"), "text": str(i)} for i in range(20)]
+    workers.run(write_text_task, tasks, uses_state=False)
+    assert sorted(int(p.read_text()) for p in out.iterdir()) == list(range(20))
+    with pytest.raises(RuntimeError, match="task 3 failed"):
+      workers.run(fail_on_task_3, [{"task": i} for i in range(8)])
+  finally:
+    workers.close()
+
+
+def write_text_task(path: str, text: str) -> None:
+  """A task for `prepare.Workers`: writes `text` to `path`."""
+  pathlib.Path(path).write_text(text)
+
+
 def _without_prepared(config):
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.prepared_dir = ""

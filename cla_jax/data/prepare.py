@@ -6,8 +6,8 @@
 Two phases, both split into independent tasks and both resumable (every file is written atomically and a
 task whose file exists is skipped, so a killed run continues where it stopped and writes the same bytes):
 
-1. Tokenize: the split's documents, in chunks of DOCS_PER_CHUNK, each into `work/chunk-NNNNNN.bin` (the
-   chunk's documents, each followed by EOS) in N worker processes.
+1. Tokenize: the split's documents, in chunks (at least MIN_CHUNKS of them, see `chunk_size`), each into
+   `work/chunk-NNNNNN.bin` (the chunk's documents, each followed by EOS) in N worker processes.
 2. Window: once every chunk is there, the token counts fix every window's place in the stream; each
    ArrayRecord shard of windows is cut from the chunks it overlaps, again in N processes. Then `index.json`.
 
@@ -41,7 +41,11 @@ from cla_jax.data import prepared, python_docs, sources, splits
 from cla_jax.data import tokenizer as tokenizer_lib
 from cla_jax.errors import UserError
 
-DOCS_PER_CHUNK = 2000  # documents per tokenization task: fixed, so a resumed run finds the same chunks
+# Documents per tokenization task: at most MAX_DOCS_PER_CHUNK, and few enough that a split makes at least
+# MIN_CHUNKS tasks, so workers finish together. Decided from the document count alone (and kept in the plan),
+# so a resumed run finds the same chunks; the prepared bytes never depend on it.
+MAX_DOCS_PER_CHUNK = 2000
+MIN_CHUNKS = 64
 WORK_DIR = "work"
 
 
@@ -65,19 +69,24 @@ def split_key(
   }
 
 
+def chunk_size(num_documents: int) -> int:
+  """Documents per tokenization task for a split of `num_documents` (see MIN_CHUNKS)."""
+  return max(1, min(MAX_DOCS_PER_CHUNK, num_documents // MIN_CHUNKS))
+
+
 def _expand(path: str) -> epath.Path:
   return epath.Path(path if paths.is_remote(path) else os.path.expanduser(path))
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tasks. Each runs in the calling process (one worker) or in a spawned worker process; a worker builds the
-# source and the tokenizer once from the config and the tokenizer file.
+# Tasks. Each runs in the calling process (one worker) or in a spawned worker process; a worker gets the
+# source (pickled) and builds the tokenizer from the tokenizer file, once.
 
 _WORKER_STATE: dict[str, Any] = {}
 
 
-def _init_worker(config_dict: dict, tokenizer_bytes: bytes, tokenizer_path: str) -> None:
-  _WORKER_STATE["source"] = sources.get_source(ml_collections.ConfigDict(config_dict))
+def _init_worker(source: sources.Source, tokenizer_bytes: bytes, tokenizer_path: str) -> None:
+  _WORKER_STATE["source"] = source  # pickled with its document list: a worker does not list the corpus again
   tokenizer = tokenizer_lib.from_file_bytes(tokenizer_bytes, tokenizer_path)
   tokenizer.threads = 1  # one core per worker process: parallelism comes from the processes
   _WORKER_STATE["tokenizer"] = tokenizer
@@ -158,24 +167,61 @@ def _chunk_name(chunk: int) -> str:
   return f"chunk-{chunk:06d}.bin"
 
 
-def _run(fn, tasks: list[dict], num_workers: int, init_args: tuple | None, local: dict) -> None:
-  """Runs fn(**task) for every task: in this process (one worker) or in `num_workers` spawned processes."""
-  if not tasks:
-    return
-  if num_workers <= 1 or len(tasks) == 1:
-    for task in tasks:
-      fn(**task, **local)
-    return
-  # spawn, not fork: the caller may hold threads (JAX, TFDS) that a forked child would inherit half-way.
-  context = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(
-      min(num_workers, len(tasks)),
-      mp_context=context,
-      initializer=_init_worker if init_args else None,
-      initargs=init_args or (),
-  ) as pool:
-    for future in concurrent.futures.as_completed([pool.submit(fn, **task) for task in tasks]):
-      future.result()  # re-raises a worker's error here
+class Workers:
+  """Runs tasks in this process and, for num_workers > 1, in num_workers - 1 spawned worker processes.
+
+  This process works too (its source and tokenizer are loaded already, and the helpers start while it works);
+  the helpers start on first use and serve every split and phase of a `prepare` run.
+  """
+
+  def __init__(self, num_workers: int, source: sources.Source, tokenizer: tokenizer_lib.Tokenizer):
+    self.num_workers = num_workers
+    self._state = {"source": source, "tokenizer": tokenizer}
+    self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+  def run(self, fn, tasks: list[dict], uses_state: bool = True) -> None:
+    """Calls fn(**task) for every task, in any order and in parallel; re-raises the first error.
+
+    `uses_state`: fn takes the source and tokenizer (a helper's own, or this process's).
+    """
+    local = self._state if uses_state else {}
+    pending = list(reversed(tasks))
+    if self.num_workers <= 1 or len(tasks) == 1:
+      while pending:
+        fn(**pending.pop(), **local)
+      return
+    pool = self._helpers()
+    running: set[concurrent.futures.Future] = set()
+    while pending or running:
+      # Two queued per helper, so a helper never waits for this process to hand it the next task.
+      while pending and len(running) < 2 * (self.num_workers - 1):
+        running.add(pool.submit(fn, **pending.pop()))
+      if pending:
+        fn(**pending.pop(), **local)
+        done = {f for f in running if f.done()}
+      else:
+        done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+      for future in done:
+        future.result()
+      running -= done
+
+  def _helpers(self) -> concurrent.futures.ProcessPoolExecutor:
+    if self._pool is None:
+      tokenizer = self._state["tokenizer"]
+      # spawn, not fork: the caller may hold threads (JAX, TFDS) that a forked child would inherit half-way.
+      self._pool = concurrent.futures.ProcessPoolExecutor(
+          self.num_workers - 1,
+          mp_context=multiprocessing.get_context("spawn"),
+          initializer=_init_worker,
+          initargs=(self._state["source"], tokenizer.file_bytes(), tokenizer.filename),
+      )
+    return self._pool
+
+  def close(self) -> None:
+    """Stops the helpers (tasks not started yet are dropped: after an error, their files are just missing)."""
+    if self._pool is not None:
+      self._pool.shutdown(cancel_futures=True)
+      self._pool = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,9 +248,10 @@ def prepare_split(
     num_workers: int = 1,
     shard: int = 0,
     num_shards: int = 1,
-    docs_per_chunk: int = DOCS_PER_CHUNK,
+    docs_per_chunk: int = 0,
     records_per_shard: int = 0,
     keep_work: bool = False,
+    workers: Workers | None = None,
 ) -> dict | None:
   """Prepares `split` into `directory`; returns its index, or None while other hosts' chunks are missing."""
   directory = epath.Path(directory)
@@ -218,23 +265,25 @@ def prepare_split(
   source.check_split(split)
   work = directory / WORK_DIR
   num_docs = source.num_documents(split)
-  plan = {"key": key, "num_documents": num_docs, "docs_per_chunk": int(docs_per_chunk)}
+  plan = {"key": key, "num_documents": num_docs, "docs_per_chunk": int(docs_per_chunk or chunk_size(num_docs))}
   if (work / "plan.json").exists():
     _check_same(work, json.loads((work / "plan.json").read_text())["key"], key)
     plan = json.loads((work / "plan.json").read_text())  # a resumed run keeps the first run's chunking
   else:
     prepared.write_json(work / "plan.json", plan)
   dtype = prepared.token_dtype(tokenizer.vocab_size).name
-  init_args = (config.to_dict(), tokenizer.file_bytes(), tokenizer.filename)
-  local = {"source": source, "tokenizer": tokenizer}
-  with _one_thread(tokenizer):  # one core per worker, in this process too
+  own_workers = workers is None
+  workers = workers or Workers(num_workers, source, tokenizer)
+  with _one_thread(tokenizer), contextlib.ExitStack() as stack:  # one core per worker, in this process too
+    if own_workers:
+      stack.callback(workers.close)
     # The two phases (see the module docstring).
     num_chunks = math.ceil(plan["num_documents"] / plan["docs_per_chunk"])
     starts = [min(c * plan["docs_per_chunk"], plan["num_documents"]) for c in range(num_chunks + 1)]
 
     # Phase 1: tokenize the chunks (in order, in waves, when max_tokens may stop it early).
     mine = [c for c in range(num_chunks) if c % num_shards == shard]
-    wave = max(1, num_workers) * 2 if max_tokens and num_shards == 1 else len(mine)
+    wave = max(1, workers.num_workers) * 2 if max_tokens and num_shards == 1 else len(mine)
     for first in range(0, len(mine), max(wave, 1)):
       todo = [
           dict(split=split, start=starts[c], stop=starts[c + 1], path=str(work / _chunk_name(c)), dtype=dtype)
@@ -242,7 +291,7 @@ def prepare_split(
           if not (work / _chunk_name(c)).with_suffix(".json").exists()
       ]
       logging.info("tokenizing %d chunks of %s %s into %s", len(todo), source.name, split, work)
-      _run(_tokenize_chunk, todo, num_workers, init_args, local)
+      workers.run(_tokenize_chunk, todo)
       if max_tokens and sum(_done_prefix(work, num_chunks)) >= max_tokens:
         break  # the cap is reached: later chunks are never read
     counts = _done_prefix(work, num_chunks)
@@ -257,7 +306,7 @@ def prepare_split(
     num_windows = (num_tokens - 1) // seq_len if num_tokens else 0
     has_tail = num_tokens - 1 > num_windows * seq_len
     num_records = num_windows + int(has_tail)
-    per_shard = records_per_shard or prepared.records_per_shard(seq_len, np.dtype(dtype))
+    per_shard = records_per_shard or prepared.records_per_shard(num_records, seq_len, np.dtype(dtype))
     num_out = math.ceil(num_records / per_shard)
     todo = [
         dict(
@@ -275,7 +324,7 @@ def prepare_split(
         for j in range(num_out)
         if j % num_shards == shard and not (directory / prepared.shard_name(j, num_out)).exists()
     ]
-    _run(_write_window_shard, todo, num_workers, None, {})
+    workers.run(_write_window_shard, todo, uses_state=False)
     if not all((directory / prepared.shard_name(j, num_out)).exists() for j in range(num_out)):
       print(f"{directory}: window shards of other hosts are missing; rerun once every shard's run has finished.")
       return None
@@ -381,7 +430,7 @@ def prepare(
     num_workers: int = 1,
     shard: int = 0,
     num_shards: int = 1,
-    docs_per_chunk: int = DOCS_PER_CHUNK,
+    docs_per_chunk: int = 0,
     records_per_shard: int = 0,
 ) -> dict:
   """Prepares the config's corpus (TFDS download, tokenizer, both splits) into `output`; returns a summary.
@@ -403,33 +452,49 @@ def prepare(
     root = _expand(output)
     root.mkdir(parents=True, exist_ok=True)
     prepared.atomic_write(root / tokenizer.filename, lambda tmp: epath.Path(tmp).write_bytes(tokenizer.file_bytes()))
-  for name in (config.data.train_split, config.data.eval_split):
-    split = str(name)
-    if not output:
-      data = open_split(config, tokenizer, split)
-      summary[split] = {"dir": str(data.directory), "tokens": data.num_tokens, "windows": data.num_windows}
-      continue
-    directory = root / split_dirname(split)
-    index = prepare_split(
-        config,
-        source,
-        tokenizer,
-        split,
-        directory,
-        num_workers=num_workers,
-        shard=shard,
-        num_shards=num_shards,
-        docs_per_chunk=docs_per_chunk,
-        records_per_shard=records_per_shard,
-    )
-    summary[split] = (
-        {"dir": str(directory), "tokens": index["num_tokens"], "windows": index["num_windows"]}
-        if index
-        else {"dir": str(directory), "incomplete": True}
-    )
+  workers = Workers(num_workers, source, tokenizer)
+  with contextlib.closing(workers):
+    for name in (config.data.train_split, config.data.eval_split):
+      summary[str(name)] = _prepare_one(
+          config, source, tokenizer, str(name), output, workers, shard, num_shards, docs_per_chunk, records_per_shard
+      )
   if output:
     summary["train_with"] = f"--config.data.prepared_dir={output}"
   return summary
+
+
+def _prepare_one(
+    config: ml_collections.ConfigDict,
+    source: sources.Source,
+    tokenizer: tokenizer_lib.Tokenizer,
+    split: str,
+    output: str,
+    workers: Workers,
+    shard: int,
+    num_shards: int,
+    docs_per_chunk: int,
+    records_per_shard: int,
+) -> dict:
+  """Prepares one split into `output` (or the training cache when empty); returns its summary."""
+  if not output:
+    data = open_split(config, tokenizer, split)
+    return {"dir": str(data.directory), "tokens": data.num_tokens, "windows": data.num_windows}
+  directory = _expand(output) / split_dirname(split)
+  index = prepare_split(
+      config,
+      source,
+      tokenizer,
+      split,
+      directory,
+      shard=shard,
+      num_shards=num_shards,
+      docs_per_chunk=docs_per_chunk,
+      records_per_shard=records_per_shard,
+      workers=workers,
+  )
+  if index is None:
+    return {"dir": str(directory), "incomplete": True}
+  return {"dir": str(directory), "tokens": index["num_tokens"], "windows": index["num_windows"]}
 
 
 def _fetch(config: ml_collections.ConfigDict) -> None:
@@ -472,7 +537,9 @@ if __name__ == "__main__":
       "Directory or bucket for the prepared splits (train with "
       "--config.data.prepared_dir=OUTPUT); empty: the cache training uses by default.",
   )
-  _NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "Local worker processes.")
+  _NUM_WORKERS = flags.DEFINE_integer(
+      "num_workers", os.cpu_count() or 1, "Local processes tokenizing and writing shards (this one included)."
+  )
   _SHARD = flags.DEFINE_integer("shard", 0, "This host's share of the tasks, in [0, num_shards).")
   _NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Hosts preparing this corpus together.")
   cli.run(main)

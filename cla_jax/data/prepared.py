@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -32,7 +33,11 @@ FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 # Random access reads one record at a time: ArrayRecord's group size 1 (what Grain expects).
 WRITER_OPTIONS = "group_size:1"
-SHARD_BYTES = 128 << 20  # target shard size: large enough for few files, small enough to write in parallel
+# Shard sizes: at most MAX_SHARD_BYTES per file, and a split of more than MIN_SHARDS * MIN_SHARD_BYTES is cut
+# into at least MIN_SHARDS files, so that many workers write (and later hosts read) it in parallel.
+MAX_SHARD_BYTES = 128 << 20
+MIN_SHARD_BYTES = 4 << 20
+MIN_SHARDS = 16
 
 
 _UMASK = os.umask(0)
@@ -49,9 +54,12 @@ def shard_name(shard: int, num_shards: int) -> str:
   return f"windows-{shard:05d}-of-{num_shards:05d}.array_record"
 
 
-def records_per_shard(seq_len: int, dtype: np.dtype) -> int:
-  """Records per shard for about SHARD_BYTES per file."""
-  return max(1, SHARD_BYTES // ((seq_len + 1) * np.dtype(dtype).itemsize))
+def records_per_shard(num_records: int, seq_len: int, dtype: np.dtype) -> int:
+  """Records per shard for a split of `num_records` windows (see MAX_SHARD_BYTES and MIN_SHARDS)."""
+  record_bytes = (seq_len + 1) * np.dtype(dtype).itemsize
+  split_bytes = num_records * record_bytes
+  num_shards = max(1, math.ceil(split_bytes / MAX_SHARD_BYTES), min(MIN_SHARDS, split_bytes // MIN_SHARD_BYTES))
+  return max(1, math.ceil(num_records / num_shards))
 
 
 def atomic_write(path: epath.Path, write: Callable[[str], None]) -> None:

@@ -71,6 +71,10 @@ class TFDSSource(Source):
       )
     self._data_sources = {}
 
+  def __getstate__(self) -> dict:
+    # Open data sources stay behind: a worker process that gets this source opens its own.
+    return {**self.__dict__, "_data_sources": {}}
+
   def splits(self) -> list[str]:
     return list(self._builder.info.splits.keys())
 

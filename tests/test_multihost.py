@@ -64,9 +64,12 @@ def test_missing_process_id_is_one_error_line(tmp_path, tiny_config):
 
 # ---------------------------------------------------------------------------------------------------------
 # 2 processes x 2 CPU devices (scripts/launch_local.sh) against 1 process x 4 devices, mesh data=2 fsdp=2.
-# Two launches of 2 processes in all (each costs jax start-up and a compile per process on a busy CPU):
-#   launch 1: train 4 steps (checkpoints 2, 4)
-#   launch 2: resume the 1-process run's step-2 checkpoint, then eval.py the 2-process workdir
+# The 1-process runs go through launch_local.sh too: a launched job sums its cross-device reductions with gloo
+# whatever its process count, so 2 x 2 and 1 x 4 are bitwise equal (a plain `train.py` uses XLA's in-process
+# collectives, which sum in another order: equal to ~1 ulp, checked at the end). Three launches in all:
+#   launch 1 (2 processes): train 4 steps (checkpoints 2, 4)
+#   launch 2 (1 process):   train 4 steps; resume the 2-process run's step-2 checkpoint
+#   launch 3 (2 processes): resume the 1-process run's step-2 checkpoint, then eval.py the 2-process workdir
 # ---------------------------------------------------------------------------------------------------------
 
 _LAUNCH = str(th.REPO_ROOT / "scripts" / "launch_local.sh")
@@ -80,15 +83,27 @@ def _config(corpus):
   return config
 
 
-def _launch(tmp_path, name, *commands, timeout=600):
-  """Runs `commands` (each an argv list, one after the other) in 2 processes x 2 devices; returns the logs."""
+def _launch(tmp_path, name, num_processes, *commands, timeout=600):
+  """Runs `commands` (argv lists, one after the other) in `num_processes` processes sharing 4 CPU devices."""
   script = " && ".join(subprocess.list2cmdline(c) for c in commands)
-  env = {**th.env(), "DEVICES_PER_PROCESS": "2", "LOG_DIR": str(tmp_path / name), "PYTHON": sys.executable}
+  env = {
+      **th.env(),
+      "DEVICES_PER_PROCESS": str(4 // num_processes),
+      "LOG_DIR": str(tmp_path / name),
+      "PYTHON": sys.executable,
+  }
   out = subprocess.run(
-      [_LAUNCH, "2", "bash", "-c", script], cwd=th.REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+      [_LAUNCH, str(num_processes), "bash", "-c", script],
+      cwd=th.REPO_ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
   )
-  logs = [(tmp_path / name / f"process_{i}.log").read_text() for i in range(2)]
-  assert out.returncode == 0, f"{out.stderr}\n--- process 0:\n{logs[0][-3000:]}\n--- process 1:\n{logs[1][-3000:]}"
+  logs = [(tmp_path / name / f"process_{i}.log").read_text() for i in range(num_processes)]
+  assert out.returncode == 0, f"{out.stderr}\n" + "\n".join(
+      f"--- process {i}:\n{log[-3000:]}" for i, log in enumerate(logs)
+  )
   return logs
 
 
@@ -104,40 +119,37 @@ def test_two_processes_train_resume_and_eval_like_one(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
   corpus = th.write_corpus(root / "text"), str(root / "cache")
   config = _config(corpus)
-  one = th.use_corpus(_config(corpus), corpus, num_devices=4, mesh=(2, 2, 1))
 
   # 2 processes first: process 0 trains the sentencepiece tokenizer into the shared cache, then the other loads it.
-  two = root / "two"
-  logs = _launch(root, "train", th.train_cmd(config, two))
-  # 1 process x 4 devices, uninterrupted (in this process).
-  trainer.run(one, str(root / "one"))
-  want = th.losses(root / "one")
-  _drop_last_checkpoint(root / "one", root / "one_then_two")
-
-  got = th.losses(two)
-  assert sorted(got) == [1, 2, 3, 4]
-  np.testing.assert_allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)], rtol=1e-6)
+  two, one = root / "two", root / "one"
+  logs = _launch(root, "train", 2, th.train_cmd(config, two))
   assert "2 process(es)" in logs[0] and "step 4/4" in logs[0]
   assert "step 4/4" not in logs[1] and "initialised" not in logs[1]  # only process 0 logs
   assert len(os.listdir(two / "tensorboard")) == 1
   assert sorted(os.listdir(two / "checkpoints")) == ["2", "4"]
 
-  # 2-process checkpoint, resumed by 1 process: the later losses are the uninterrupted 1-process run's.
-  # Not bitwise: gloo sums the cross-process gradient all-reduce in another order than one process does
-  # (steps 3-4 differ by one float32 ulp, 4.8e-7); a 1-process self-resume is bitwise (test_train.py).
+  # 1 process x 4 devices, uninterrupted; then the 2-process step-2 checkpoint resumed by 1 process.
   _drop_last_checkpoint(two, root / "two_then_one")
-  trainer.run(one, str(root / "two_then_one"))
-  resumed = th.losses(root / "two_then_one")
-  np.testing.assert_allclose([resumed[3], resumed[4]], [want[3], want[4]], rtol=1e-6)
+  _launch(root, "one", 1, th.train_cmd(config, one), th.train_cmd(config, root / "two_then_one"))
+  want = th.losses(one)
+  assert sorted(want) == [1, 2, 3, 4]
+  assert th.losses(two) == want  # bitwise
+  assert th.losses(root / "two_then_one") == want
 
   # ... and the other way round, then eval.py under 2 processes, in one launch.
+  _drop_last_checkpoint(one, root / "one_then_two")
   eval_cmd = [sys.executable, str(th.REPO_ROOT / "eval.py"), f"--workdir={two}", "--progress=false"]
-  logs = _launch(root, "resume_eval", th.train_cmd(config, root / "one_then_two"), eval_cmd)
+  logs = _launch(root, "resume_eval", 2, th.train_cmd(config, root / "one_then_two"), eval_cmd)
   assert "resumed from checkpoint step 2" in logs[0]
-  resumed = th.losses(root / "one_then_two")
-  np.testing.assert_allclose([resumed[3], resumed[4]], [want[3], want[4]], rtol=1e-6)
+  assert th.losses(root / "one_then_two") == want
   evaluated = json.loads(logs[0].strip().splitlines()[-1])
   expected = evaluate.run(str(two), overrides={"mesh.num_devices": 4}, progress=False, write=False)
   assert evaluated["tokens"] == expected["tokens"] > 0
   assert evaluated["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
   assert os.listdir(two / "eval") == ["validation_step4.json"]
+
+  # A plain 1-process run (XLA's in-process collectives, no launch) differs from the launched runs by rounding only.
+  plain = th.use_corpus(_config(corpus), corpus, num_devices=4, mesh=(2, 2, 1))
+  trainer.run(plain, str(root / "plain"))
+  got = th.losses(root / "plain")
+  np.testing.assert_allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)], rtol=1e-6)

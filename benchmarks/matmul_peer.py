@@ -5,7 +5,9 @@
 For the default config's MLP (tokens 2048 = batch 16 x 128, d_model 256, mlp 688) it times, alternating
 jax and torch in one process, the three matmuls of one linear layer in training: the forward
 x[t,d] @ w[d,f], the input gradient g[t,f] @ w[d,f]^T and the weight gradient x[t,d]^T @ g[t,f]
-(contracting over tokens). Prints ms per call and torch/jax time ratios (> 1: jax is faster).
+(contracting over tokens); then the whole SwiGLU MLP, forward and backward, written as the model wrote it
+before (3-D einsums such as 'btd,df->btf') and as it does now (`model.dense`: 2-D matmuls), against torch.
+Prints ms per call and torch/jax time ratios (> 1: jax is faster).
 """
 
 import statistics
@@ -15,7 +17,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cla_jax.model import dense
+
 TOKENS, D_MODEL, MLP = 2048, 256, 688
+BATCH = 16  # TOKENS = BATCH x 128
+
+
+def mlp_einsum(x, w_gate, w_up, w_down):
+  """SwiGLU as 3-D einsums over [b, t, d] (how model.py wrote it before `dense`)."""
+  hidden = jax.nn.silu(jnp.einsum("btd,df->btf", x, w_gate)) * jnp.einsum("btd,df->btf", x, w_up)
+  return jnp.einsum("btf,fd->btd", hidden, w_down)
+
+
+def mlp_dense(x, w_gate, w_up, w_down):
+  """SwiGLU through `model.dense` (2-D matmuls), as model.py writes it."""
+  return dense(jax.nn.silu(dense(x, w_gate)) * dense(x, w_up), w_down)
 
 
 def _time(fn, rounds: int = 7, calls: int = 20) -> list[float]:
@@ -41,15 +57,29 @@ def main() -> None:
       "input grad g @ w^T": (jax.jit(lambda a, b: a @ b.T), (jg, jw), lambda: tg @ tw.t()),
       "weight grad x^T @ g": (jax.jit(lambda a, b: a.T @ b), (jx, jg), lambda: tx.t() @ tg),
   }
+  x3, dy = x.reshape(BATCH, -1, D_MODEL), rng.standard_normal((BATCH, TOKENS // BATCH, D_MODEL)).astype(np.float32)
+  weights = [rng.standard_normal(s).astype(np.float32) * 0.05 for s in ((D_MODEL, MLP), (D_MODEL, MLP), (MLP, D_MODEL))]
+  mlp_args = tuple(map(jnp.asarray, (x3, *weights, dy)))
+  tensors = [torch.from_numpy(a).requires_grad_() for a in (x3, *weights)]
+  t_dy = torch.from_numpy(dy)
+
+  def torch_mlp():
+    tx3, t_gate, t_up, t_down = tensors
+    out = (torch.nn.functional.silu(tx3 @ t_gate) * (tx3 @ t_up)) @ t_down
+    torch.autograd.grad(out, tensors, t_dy)
+
+  for name, fn in (("MLP fwd+bwd, 3-D einsum", mlp_einsum), ("MLP fwd+bwd, model.dense", mlp_dense)):
+    step = jax.jit(lambda x, wg, wu, wd, dy, fn=fn: jax.vjp(fn, x, wg, wu, wd)[1](dy))
+    cases[name] = (step, mlp_args, torch_mlp)
   print(
       f"tokens {TOKENS}, d_model {D_MODEL}, mlp {MLP}; fp32; jax {jax.devices()[0].device_kind}, "
       f"torch threads {torch.get_num_threads()}"
   )
   for name, (jfn, args, tfn) in cases.items():
-    j = _time(lambda jfn=jfn, args=args: jfn(*args).block_until_ready())
+    j = _time(lambda jfn=jfn, args=args: jax.block_until_ready(jfn(*args)))
     t = _time(tfn)
     print(
-        f"{name:22s} jax {1e3 * statistics.median(j):6.2f} ms   torch {1e3 * statistics.median(t):6.2f} ms   "
+        f"{name:26s} jax {1e3 * statistics.median(j):6.2f} ms   torch {1e3 * statistics.median(t):6.2f} ms   "
         f"torch/jax {statistics.median(t) / statistics.median(j):.2f}"
     )
 

@@ -6,7 +6,8 @@
 Runs a few steps under `jax.profiler.trace` (Perfetto JSON, no extra packages), sums each XLA op's
 time over the runtime's worker threads, and joins op names with the compiled HLO's `op_name` metadata,
 so a fusion is reported as the jax code it came from: its phase (forward, backward, optimizer) and the
-last parts of its name scope (e.g. `bwd  btd,df->btf/dot_general`, the MLP's up/gate matmul's backward).
+last parts of its name scope (e.g. `bwd  kv/dot_general`, a K/V projection's backward); a second table sums
+the same times by op kind (matmuls, the scan's dynamic slices / updates and fills, elementwise, ...).
 Op time is summed over threads, so it can exceed the step's wall time on several cores; the shares are
 what to read.
 """
@@ -64,6 +65,37 @@ def op_sources(hlo_text: str) -> dict[str, str]:
   return sources
 
 
+def op_kinds(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> what it does (dot, dynamic-slice, fill, ...), from the ops of the computation it calls.
+
+  The kind says what the time is spent on whatever model code the op came from, e.g. the scan's stacking of
+  residuals (fills, dynamic-update-slices, dynamic-slices) against the matmuls.
+  """
+  ops_of, current = {}, None
+  for line in hlo_text.splitlines():
+    if (m := re.match(r"^(?:ENTRY )?%([\w.\-]+) ", line)) and line.rstrip().endswith("{"):
+      current = ops_of.setdefault(m.group(1), set())
+    elif current is not None and (m := re.match(r"\s*(?:ROOT )?%[\w.\-]+ = \S+ ([\w\-]+)\(", line)):
+      current.add(m.group(1))
+  kinds = {}
+  for line in hlo_text.splitlines():
+    if m := re.match(r"\s*(?:ROOT )?%([\w.\-]+) = \S+ ([\w\-]+)\(", line):
+      called = re.search(r"calls=%([\w.\-]+)", line)
+      kinds.setdefault(m.group(1), _kind(ops_of.get(called.group(1), set()) if called else {m.group(2)}))
+  return kinds
+
+
+def _kind(ops: set[str]) -> str:
+  for op in ("dot", "dynamic-update-slice", "dynamic-slice", "scatter", "gather", "reduce"):
+    if op in ops:
+      return op
+  if ops <= {"broadcast", "constant", "parameter"}:
+    return "fill (broadcast)"
+  if ops <= {"copy", "bitcast", "parameter", "transpose"}:
+    return "copy / transpose"
+  return "elementwise / other"
+
+
 def op_times(trace_dir: str) -> collections.Counter:
   """Microseconds per op name, summed over the XLA runtime threads of a Perfetto trace."""
   path = glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True)[0]
@@ -90,7 +122,8 @@ def main(argv):
   cfg = setup.model_config
   b, t = config.train.batch_size, config.train.seq_len
   with jax.set_mesh(setup.mesh):
-    sources = op_sources(setup.step.jitted.lower(setup.params, setup.opt_state, setup.batch).compile().as_text())
+    hlo_text = setup.step.jitted.lower(setup.params, setup.opt_state, setup.batch).compile().as_text()
+  sources, kinds = op_sources(hlo_text), op_kinds(hlo_text)
   jax.block_until_ready(setup.run(2))
 
   with tempfile.TemporaryDirectory() as trace_dir:
@@ -117,6 +150,12 @@ def main(argv):
   print(f"{'ms/step':>8} {'share':>6}  source (phase, name scope)")
   for source, us in by_source.most_common(_TOP.value):
     print(f"{per_step(us):8.2f} {100 * us / total:5.1f}%  {source}")
+  by_kind = collections.Counter()
+  for name, us in times.items():
+    by_kind[kinds.get(name, "runtime (not an HLO op)")] += us
+  print(f"\n{'ms/step':>8} {'share':>6}  op kind")
+  for kind, us in by_kind.most_common():
+    print(f"{per_step(us):8.2f} {100 * us / total:5.1f}%  {kind}")
 
 
 if __name__ == "__main__":

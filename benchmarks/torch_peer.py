@@ -5,13 +5,18 @@
 
 Both sides train the same dims (layers, width, heads, KV heads, head size, FFN, vocab, batch x length),
 fp32, AdamW with the config's betas and weight decay, global-norm clipping. The peer has no CLA, so for
-a CLA pattern it is the same-sized model without sharing (it computes more K/V, not less). Timed in
-alternating rounds in this one process (jax, torch, jax, torch, ...) so that a noisy machine hits both;
-the figure to quote is the median of the per-round ratios. The last line of stdout is one JSON object.
+a CLA pattern it is the same-sized model without sharing (it computes more K/V, not less). Each side runs
+in its own worker process (a jax step that follows torch's in one process runs slower: the two runtimes'
+thread pools and allocators get in each other's way), and the rounds alternate (jax, torch, jax, torch,
+...) so that a noisy machine hits both; the figure to quote is the median of the per-round ratios.
+
+On Linux, `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (transparent huge pages for malloc) speeds up both sides;
+see the README's benchmark notes. The last line of stdout is one JSON object.
 """
 
 import json
 import statistics
+import subprocess
 import sys
 import time
 
@@ -26,6 +31,7 @@ from cla_jax import cli, config_lib, export_hf
 _CONFIG = config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG, "Config file[:row].", lock_config=True)
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating rounds (each times both sides).")
 _STEPS = flags.DEFINE_integer("steps", 3, "Train steps per side per round.")
+_SIDE = flags.DEFINE_enum("side", None, ["jax", "torch"], "Internal: run as the worker process of one side.")
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0: one per core, like XLA's CPU pool).")
 
 
@@ -87,27 +93,64 @@ def torch_step(config, threads: int):
   return run
 
 
+def serve(run) -> None:
+  """Worker loop: for each line `n` on stdin, runs n steps and prints the seconds per step."""
+  run(1)  # compile / warm up
+  print("ready", flush=True)
+  for line in sys.stdin:
+    print(run(int(line)), flush=True)
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
+  if _SIDE.value == "jax":
+    return serve(jax_step(config))
+  if _SIDE.value == "torch":
+    peer = torch_step(config, _THREADS.value)
+    if peer is None:
+      print("missing", flush=True)
+      return None
+    return serve(peer)
   cfg = config_lib.model_config(config)
-  ours = jax_step(config)
-  peer = torch_step(config, _THREADS.value)
-  if peer is None:
-    raise cli.UserError("torch/transformers are not installed; `pip install -e '.[test]'` brings them in.")
-  ours(1), peer(1)  # compile / warm up
-  ours_s, peer_s, ratios = [], [], []
-  for _ in range(_ROUNDS.value):
-    a = ours(_STEPS.value)
-    b = peer(_STEPS.value)
-    ours_s.append(a)
-    peer_s.append(b)
-    ratios.append(b / a)  # > 1: cla_jax is faster
+  flags_passed = [a for a in sys.argv[1:] if not a.startswith("--side")]
+  workers = {
+      side: subprocess.Popen(
+          [sys.executable, __file__, f"--side={side}", *flags_passed],
+          stdin=subprocess.PIPE,
+          stdout=subprocess.PIPE,
+          text=True,
+      )
+      for side in ("jax", "torch")
+  }
+  try:
+    for side, worker in workers.items():  # one at a time: compiling is not what is timed
+      status = worker.stdout.readline().strip()
+      if status == "missing":
+        raise cli.UserError("torch/transformers are not installed; `pip install -e '.[test]'` brings them in.")
+      if status != "ready":
+        raise SystemExit(f"the {side} worker failed (see its error above).")
+
+    def timed(side: str) -> float:
+      workers[side].stdin.write(f"{_STEPS.value}\n")
+      workers[side].stdin.flush()
+      return float(workers[side].stdout.readline())
+
+    ours_s, peer_s, ratios = [], [], []
+    for _ in range(_ROUNDS.value):
+      a, b = timed("jax"), timed("torch")
+      ours_s.append(a)
+      peer_s.append(b)
+      ratios.append(b / a)  # > 1: cla_jax is faster
+  finally:
+    for worker in workers.values():
+      worker.stdin.close()
+      worker.wait()
   b, t = config.train.batch_size, config.train.seq_len
   print(
       f"{cfg.num_layers} layers, d={cfg.d_model}, heads {cfg.num_heads}/{cfg.num_kv_heads} kv, head_dim "
       f"{cfg.head_dim}, ffn {cfg.mlp_dim}, vocab {cfg.vocab_size}, pattern={cfg.pattern}, batch {b} x {t}, fp32, "
-      f"{jax.device_count()} jax device(s)"
+      "each side in its own process"
   )
   print(f"cla_jax step  median {1e3 * statistics.median(ours_s):7.1f} ms  (min {1e3 * min(ours_s):.1f})")
   print(f"torch   step  median {1e3 * statistics.median(peer_s):7.1f} ms  (min {1e3 * min(peer_s):.1f})")

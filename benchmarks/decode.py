@@ -131,7 +131,10 @@ class RowBench:
       return 0
     # Memory is affine in the batch: two compiled sizes point at the answer, compiles around it confirm it.
     fits(2)
-    guess = max(1, int((budget - memo[1]) // max(memo[2] - memo[1], 1)) + 1)
+    # A sequence costs at least its own cache: a floor on the slope when the two sizes measure alike (XLA
+    # CPU can report equal memory for batch 1 and 2 with a bf16 cache), which would make the guess explode.
+    per_sequence = max(memo[2] - memo[1], self.cache_bytes(1, context), 1)
+    guess = max(1, int((budget - memo[1]) // per_sequence) + 1)
     low, high = (guess, None) if fits(guess) else (1, guess)
     if high is None:
       high = guess + 1

@@ -33,8 +33,8 @@ FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 # Random access reads one record at a time: ArrayRecord's group size 1 (what Grain expects).
 WRITER_OPTIONS = "group_size:1"
-# Shard sizes: at most MAX_SHARD_BYTES per file, and a split of more than MIN_SHARDS * MIN_SHARD_BYTES is cut
-# into at least MIN_SHARDS files, so that many workers write (and later hosts read) it in parallel.
+# Shard sizes: at most MAX_SHARD_BYTES per file, and as many files of at least MIN_SHARD_BYTES as the split
+# holds, up to MIN_SHARDS, so that several workers write (and later hosts read) it in parallel.
 MAX_SHARD_BYTES = 128 << 20
 MIN_SHARD_BYTES = 4 << 20
 MIN_SHARDS = 16

@@ -8,7 +8,7 @@ With sharing, each KV group keeps the K/V projections of its first layer and ini
 from that layer's pre-attention norm (`input_layernorm`); the other layers' K/V weights are dropped
 and listed in OUT/convert_report.json. See docs/convert_hf.md.
 
-Weight mapping (HF [out, in] matrices become [in, ...] einsum operands):
+Weight mapping (HF [out, in] matrices become [in, ...] matmul operands):
   model.embed_tokens [v, d]              -> embed [v, d]
   layers.i.self_attn.q_proj [n*h, d]     -> layer.query [d, n, h]
   layers.i.self_attn.k_proj/v_proj [k*h, d] -> kv.key/value [d, k, h]   (group's first layer only)

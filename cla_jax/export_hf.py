@@ -7,7 +7,7 @@ plain `LlamaForCausalLM`. Any other model is written with this package's `config
 `modeling_cla.py` (a Llama-style decoder whose KV cache holds one entry per layer group), loaded with
 `AutoModelForCausalLM.from_pretrained(HF_DIR, trust_remote_code=True)`. See docs/export_hf.md.
 
-Weight mapping (cla_jax [in, ...] einsum operands become HF [out, in] matrices; convert_hf's, reversed):
+Weight mapping (cla_jax [in, ...] matmul operands become HF [out, in] matrices; convert_hf's, reversed):
   embed [v, d]                    -> model.embed_tokens.weight [v, d]
   layer.query [d, n, h]           -> model.layers.i.self_attn.q_proj.weight [n*h, d]
   kv.key/value [d, k, h]          -> model.layers.i.self_attn.k_proj/v_proj.weight [k*h, d]  (group's first layer)

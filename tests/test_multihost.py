@@ -139,7 +139,15 @@ def test_two_processes_train_resume_and_eval_like_one(tmp_path_factory):
   # ... and the other way round, then eval.py under 2 processes, in one launch.
   _drop_last_checkpoint(one, root / "one_then_two")
   eval_cmd = [sys.executable, str(th.REPO_ROOT / "eval.py"), f"--workdir={two}", "--progress=false"]
-  logs = _launch(root, "resume_eval", 2, th.train_cmd(config, root / "one_then_two"), eval_cmd)
+  generate_cmd = [
+      sys.executable,
+      str(th.REPO_ROOT / "generate.py"),
+      f"--workdir={two}",
+      "--prompt=the cat",
+      "--max_new_tokens=6",
+      "--jsonl",
+  ]
+  logs = _launch(root, "resume_eval", 2, th.train_cmd(config, root / "one_then_two"), generate_cmd, eval_cmd)
   assert "resumed from checkpoint step 2" in logs[0]
   assert th.losses(root / "one_then_two") == want
   evaluated = json.loads(logs[0].strip().splitlines()[-1])
@@ -147,6 +155,14 @@ def test_two_processes_train_resume_and_eval_like_one(tmp_path_factory):
   assert evaluated["tokens"] == expected["tokens"] > 0
   assert evaluated["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
   assert os.listdir(two / "eval") == ["validation_step4.json"]
+  # generate.py under the launch: each process continues the prompt on its own device, as one process does.
+  import cla_jax  # pylint: disable=g-import-not-at-top
+
+  want_text = cla_jax.load_model(str(two)).generate(["the cat"], max_new_tokens=6)[0]
+  assert want_text.strip()  # some text to compare, not an immediate EOS
+  for log in logs:
+    generated = [json.loads(line) for line in log.splitlines() if line.startswith('{"prompt"')]
+    assert [g["continuation"] for g in generated] == [want_text], log[-2000:]
 
   # A plain 1-process run (XLA's in-process collectives, no launch) differs from the launched runs by rounding only.
   plain = th.use_corpus(_config(corpus), corpus, num_devices=4, mesh=(2, 2, 1))

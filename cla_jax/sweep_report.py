@@ -16,6 +16,8 @@ import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+# What a run's row is (shared by its seeds and learning rates).
+ROW_FIELDS = ("d_head", "num_heads", "num_kv_heads", "num_layers", "kv_layers", "kv_bytes_per_token", "params")
 FIELDS = (
     "name",
     "row",
@@ -23,13 +25,7 @@ FIELDS = (
     "status",
     "error",
     "config",
-    "d_head",
-    "num_heads",
-    "num_kv_heads",
-    "num_layers",
-    "kv_layers",
-    "kv_bytes_per_token",
-    "params",
+    *ROW_FIELDS,
     "lr",
     "seed",
     "steps",
@@ -102,20 +98,7 @@ def best_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     best_lr = min(stats[row], key=lambda lr: stats[row][lr]["mean"])
     out.append(
         {
-            **{
-                k: r[k]
-                for k in (
-                    "row",
-                    "family",
-                    "d_head",
-                    "num_heads",
-                    "num_kv_heads",
-                    "num_layers",
-                    "kv_layers",
-                    "kv_bytes_per_token",
-                    "params",
-                )
-            },
+            **{k: r[k] for k in ("row", "family", *ROW_FIELDS)},
             "best_lr": best_lr,
             **stats[row][best_lr],
             "other_lrs": {lr: s["mean"] for lr, s in stats[row].items() if lr != best_lr},

@@ -452,49 +452,34 @@ def prepare(
     root = _expand(output)
     root.mkdir(parents=True, exist_ok=True)
     prepared.atomic_write(root / tokenizer.filename, lambda tmp: epath.Path(tmp).write_bytes(tokenizer.file_bytes()))
-  workers = Workers(num_workers, source, tokenizer)
-  with contextlib.closing(workers):
+  with contextlib.closing(Workers(num_workers, source, tokenizer)) as workers:
     for name in (config.data.train_split, config.data.eval_split):
-      summary[str(name)] = _prepare_one(
-          config, source, tokenizer, str(name), output, workers, shard, num_shards, docs_per_chunk, records_per_shard
+      split = str(name)
+      if not output:
+        data = open_split(config, tokenizer, split)
+        summary[split] = {"dir": str(data.directory), "tokens": data.num_tokens, "windows": data.num_windows}
+        continue
+      directory = root / split_dirname(split)
+      index = prepare_split(
+          config,
+          source,
+          tokenizer,
+          split,
+          directory,
+          shard=shard,
+          num_shards=num_shards,
+          docs_per_chunk=docs_per_chunk,
+          records_per_shard=records_per_shard,
+          workers=workers,
+      )
+      summary[split] = (
+          {"dir": str(directory), "tokens": index["num_tokens"], "windows": index["num_windows"]}
+          if index
+          else {"dir": str(directory), "incomplete": True}
       )
   if output:
     summary["train_with"] = f"--config.data.prepared_dir={output}"
   return summary
-
-
-def _prepare_one(
-    config: ml_collections.ConfigDict,
-    source: sources.Source,
-    tokenizer: tokenizer_lib.Tokenizer,
-    split: str,
-    output: str,
-    workers: Workers,
-    shard: int,
-    num_shards: int,
-    docs_per_chunk: int,
-    records_per_shard: int,
-) -> dict:
-  """Prepares one split into `output` (or the training cache when empty); returns its summary."""
-  if not output:
-    data = open_split(config, tokenizer, split)
-    return {"dir": str(data.directory), "tokens": data.num_tokens, "windows": data.num_windows}
-  directory = _expand(output) / split_dirname(split)
-  index = prepare_split(
-      config,
-      source,
-      tokenizer,
-      split,
-      directory,
-      shard=shard,
-      num_shards=num_shards,
-      docs_per_chunk=docs_per_chunk,
-      records_per_shard=records_per_shard,
-      workers=workers,
-  )
-  if index is None:
-    return {"dir": str(directory), "incomplete": True}
-  return {"dir": str(directory), "tokens": index["num_tokens"], "windows": index["num_windows"]}
 
 
 def _fetch(config: ml_collections.ConfigDict) -> None:

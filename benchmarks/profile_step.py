@@ -139,7 +139,8 @@ def main(argv):
   total = sum(by_source.values())
   per_step = lambda us: us / _STEPS.value / 1e3  # noqa: E731
   print(
-      f"{cfg.num_layers} layers, pattern={cfg.pattern}, remat={cfg.remat}, scan={cfg.scan_layers}, "
+      f"{cfg.num_layers} layers, pattern={cfg.pattern}, remat={cfg.resolved_remat}, "
+      f"attention={cfg.resolved_attention_impl}, scan={cfg.scan_layers}, "
       f"batch {b} x {t}; {_STEPS.value} steps, wall {wall_ms:.1f} ms/step (profiled), "
       f"op time {per_step(total):.1f} ms/step summed over threads"
   )

@@ -18,17 +18,24 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from cla_jax import patterns
 from cla_jax.errors import UserError
 
 Array = jax.Array
 
+# Residuals the "save_qkv_ffn" policy keeps (named with checkpoint_name in the layers below); the rest of a
+# layer's forward (norms, RoPE of the query, attention probabilities and output, the SwiGLU product) is recomputed
+# in the backward pass.
+SAVED_QKV_FFN = ("query", "key", "value", "attn_residual", "gate", "up")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_ffn": jax.checkpoint_policies.save_only_these_names(*SAVED_QKV_FFN),
 }
+REMATS = ("auto", *REMAT_POLICIES)
 NORMS = ("rmsnorm", "layernorm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
@@ -57,9 +64,9 @@ class ModelConfig:
   rope_theta: float = 10000.0
   tie_embeddings: bool = False
   init_std: float = 0.01275  # N(0, std) for every linear layer and the embedding (paper)
-  remat: str = "none"  # none | full | save_dots
+  remat: str = "auto"  # auto (save_qkv_ffn if scanned on CPU, else none) | none | full | save_dots | save_qkv_ffn
   scan_layers: bool = True  # nn.scan over layer groups (False: unrolled, for debugging)
-  attention_impl: str = "auto"  # auto (cuDNN on GPU when it applies, else XLA) | xla | cudnn
+  attention_impl: str = "auto"  # auto (cuDNN on GPU when it applies, folded_attention on CPU, else xla) | xla | cudnn
 
   @classmethod
   def from_config(cls, model_config: Any) -> ModelConfig:
@@ -90,7 +97,7 @@ class ModelConfig:
     for name, allowed in (
         ("norm", NORMS),
         ("dtype", DTYPES),
-        ("remat", tuple(REMAT_POLICIES)),
+        ("remat", REMATS),
         ("attention_impl", ATTENTION_IMPLS),
     ):
       if getattr(self, name) not in allowed:
@@ -119,6 +126,7 @@ class ModelConfig:
 
   @property
   def resolved_attention_impl(self) -> str:
+    """What `auto` means on this backend: cudnn, folded (CPU) or xla (`jax.nn.dot_product_attention`'s XLA path)."""
     if self.attention_impl != "auto":
       return self.attention_impl
     cudnn_ok = (
@@ -127,7 +135,19 @@ class ModelConfig:
         and self.head_dim % 8 == 0
         and self.head_dim <= 128
     )
-    return "cudnn" if cudnn_ok else "xla"
+    if cudnn_ok:
+      return "cudnn"
+    return "folded" if jax.default_backend() == "cpu" else "xla"
+
+  @property
+  def resolved_remat(self) -> str:
+    """What `auto` means here: save_qkv_ffn for a scanned stack on CPU, else none (every residual kept)."""
+    if self.remat != "auto":
+      return self.remat
+    # XLA:CPU stacks each scanned group's residuals into [groups, ...] buffers (zero-filled, written and read
+    # back through dynamic slices: about a fifth of the step with remat=none). Keeping only the costly matmul
+    # outputs and recomputing the rest is faster there; accelerators keep every residual, as before.
+    return "save_qkv_ffn" if self.scan_layers and jax.default_backend() == "cpu" else "none"
 
 
 def _param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str], init) -> Array:
@@ -148,14 +168,24 @@ def dense(x: Array, w: Array, contract: int = 1, out_dtype: jnp.dtype | None = N
   return y.reshape(*lead, *w.shape[contract:])
 
 
-def apply_rope(x: Array, positions: Array, theta: float) -> Array:
-  """Rotary embedding in the rotate-half layout (Hugging Face Llama's): x [b, t, heads, h]."""
-  head_dim = x.shape[-1]
+Rope = tuple[Array, Array]  # (cos, sin), each [b, t, 1, head_dim / 2] float32
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float) -> Rope:
+  """cos and sin of the rotary angles at positions [b, t], computed once per forward and shared by every layer.
+
+  (Inside a layer, XLA may fuse the sin/cos into the rotation and evaluate them for every head and element,
+  in the forward and again in the backward.)
+  """
   half = head_dim // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / head_dim)  # [h/2]
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, h/2]
-  sin = jnp.sin(angles)[:, :, None, :]  # [b, t, 1, h/2]
-  cos = jnp.cos(angles)[:, :, None, :]
+  return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x: Array, rope: Rope) -> Array:
+  """Rotary embedding in the rotate-half layout (Hugging Face Llama's): x [b, t, heads, h]."""
+  cos, sin = rope
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -184,7 +214,7 @@ class KVBlock(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array) -> tuple[Array, Array]:
+  def __call__(self, x: Array, rope: Rope) -> tuple[Array, Array]:
     cfg, dtype = self.cfg, self.cfg.compute_dtype
     init = nn.initializers.normal(cfg.init_std)
     shape, axes = (cfg.d_model, cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim")
@@ -193,7 +223,8 @@ class KVBlock(nn.Module):
     h = Norm(cfg, name="norm")(x)
     key = dense(h, w_key.astype(dtype))  # [b, s, k, h]
     value = dense(h, w_value.astype(dtype))  # [b, s, k, h]
-    key = apply_rope(key, positions, cfg.rope_theta)
+    key = apply_rope(key, rope)
+    key, value = checkpoint_name(key, "key"), checkpoint_name(value, "value")
     kv_axes = ("activation_batch", "activation_length", "activation_kv_heads", None)
     return nn.with_logical_constraint(key, kv_axes), nn.with_logical_constraint(value, kv_axes)
 
@@ -208,12 +239,49 @@ def attention(
   """
   if cache_mask is not None:
     return jax.nn.dot_product_attention(query, key, value, mask=cache_mask, implementation="xla")
+  if impl == "folded":
+    return folded_attention(query, key, value, segment_ids)
   mask = None
   if segment_ids is not None:
     # Packed examples: a token attends only within its own document.
     mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [b, 1, t, s]
     impl = "xla"
   return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=True, implementation=impl)
+
+
+def folded_attention(query: Array, key: Array, value: Array, segment_ids: Array | None, blocks: int = 2) -> Array:
+  """Causal attention as `jax.nn.dot_product_attention` computes it, with each KV head's query heads folded into
+  the query length: [b * k, t * g, h] against [b * k, s, h] (g = n / k query heads per KV head).
+
+  The CPU path (model.attention_impl=auto). The library's einsums keep (k, g) as separate dims, and XLA:CPU
+  transposes the query, the probabilities and the output around its batched matmuls; folded, with one KV head
+  (MQA) every reshape here is free and each matmul has a single batch dim. The queries are cut into `blocks`
+  runs of positions, each multiplied only with the keys up to its end, which skips the products above the
+  diagonal (a quarter of them with 2 blocks) that the causal mask would discard.
+  """
+  b, t, n, h = query.shape
+  s, k = key.shape[1], key.shape[2]
+  g = n // k
+  fold_kv = lambda x: x.transpose(0, 2, 1, 3).reshape(b * k, s, h)  # noqa: E731  [b, s, k, h] -> [b*k, s, h]
+  q = query.reshape(b, t, k, g, h).transpose(0, 2, 1, 3, 4).reshape(b * k, t * g, h)  # row = position * g + head
+  keys, values = fold_kv(key), fold_kv(value)
+  blocks = blocks if t == s and t % blocks == 0 else 1
+  span = t // blocks
+  outs = []
+  for i in range(blocks):
+    start, end = i * span, (i + 1) * span  # positions of this block's queries; it sees keys [0, end)
+    logits = jnp.einsum("zmh,zsh->zms", q[:, start * g : end * g], keys[:, :end], preferred_element_type=jnp.float32)
+    row_position = start + jnp.arange(span * g) // g
+    visible = row_position[:, None] >= jnp.arange(end)[None, :]  # [span*g, end]
+    if segment_ids is not None:
+      # Packed examples: a token attends only within its own document.
+      row_doc = jnp.repeat(segment_ids[:, start:end], g, axis=1)  # [b, span*g]
+      visible = jnp.repeat(visible & (row_doc[:, :, None] == segment_ids[:, None, :end]), k, axis=0)
+    logits = jnp.where(visible, logits * h**-0.5, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    outs.append(jnp.einsum("zms,zsh->zmh", probs, values[:, :end]))
+  out = jnp.concatenate(outs, axis=1) if blocks > 1 else outs[0]  # [b*k, t*g, h]
+  return out.reshape(b, k, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
 
 
 class DecoderLayer(nn.Module):
@@ -227,7 +295,7 @@ class DecoderLayer(nn.Module):
       x: Array,
       key: Array,
       value: Array,
-      positions: Array,
+      rope: Rope,
       segment_ids: Array | None,
       cache_mask: Array | None = None,
   ) -> Array:
@@ -241,13 +309,13 @@ class DecoderLayer(nn.Module):
 
     h = Norm(cfg, name="attn_norm")(x)
     query = dense(h, w_query.astype(dtype))  # [b, t, n, h]
-    query = apply_rope(query, positions, cfg.rope_theta)
+    query = checkpoint_name(apply_rope(query, rope), "query")
     attended = attention(query, key, value, segment_ids, cfg.resolved_attention_impl, cache_mask)  # [b, t, n, h]
-    x = x + dense(attended, w_out.astype(dtype), contract=2)  # [b, t, d]
+    x = checkpoint_name(x + dense(attended, w_out.astype(dtype), contract=2), "attn_residual")  # [b, t, d]
 
     h = Norm(cfg, name="mlp_norm")(x)
-    gate = dense(h, w_gate.astype(dtype))  # [b, t, f]
-    up = dense(h, w_up.astype(dtype))
+    gate = checkpoint_name(dense(h, w_gate.astype(dtype)), "gate")  # [b, t, f]
+    up = checkpoint_name(dense(h, w_up.astype(dtype)), "up")
     hidden = nn.with_logical_constraint(
         jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp")
     )
@@ -287,26 +355,27 @@ class LayerGroup(nn.Module):
       self,
       x: Array,
       positions: Array,
+      rope: Rope,
       segment_ids: Array | None,
       cache: KVCache | None = None,
       group: Array | None = None,
   ) -> Array | tuple[Array, KVCache]:
-    key, value = KVBlock(self.cfg, name="kv")(x, positions)
+    key, value = KVBlock(self.cfg, name="kv")(x, rope)
     mask = None
     if cache is not None:
       cache = write_cache(cache, key, value, positions, group)
       key, value = cache if group is None else (cache[0][group], cache[1][group])
       mask = cache_mask(positions, key.shape[1])
     for i in range(self.group_size):
-      x = DecoderLayer(self.cfg, name=f"layer_{i}")(x, key, value, positions, segment_ids, mask)
+      x = DecoderLayer(self.cfg, name=f"layer_{i}")(x, key, value, rope, segment_ids, mask)
     return x if cache is None else (x, cache)
 
 
 class _ScannedGroup(LayerGroup):
   """LayerGroup with the (carry, out) signature nn.scan wants."""
 
-  def __call__(self, x, positions, segment_ids):  # pytype: disable=signature-mismatch
-    return super().__call__(x, positions, segment_ids), None
+  def __call__(self, x, positions, rope, segment_ids):  # pytype: disable=signature-mismatch
+    return super().__call__(x, positions, rope, segment_ids), None
 
 
 class _ScannedDecodeGroup(LayerGroup):
@@ -315,9 +384,9 @@ class _ScannedDecodeGroup(LayerGroup):
   (Scanning the cache in and out as per-group slices would make XLA build a second, stacked copy.)
   """
 
-  def __call__(self, carry, positions, segment_ids, group):  # pytype: disable=signature-mismatch
+  def __call__(self, carry, positions, rope, segment_ids, group):  # pytype: disable=signature-mismatch
     x, cache = carry
-    return super().__call__(x, positions, segment_ids, cache, group), None
+    return super().__call__(x, positions, rope, segment_ids, cache, group), None
 
 
 class Transformer(nn.Module):
@@ -343,6 +412,7 @@ class Transformer(nn.Module):
     init = nn.initializers.normal(cfg.init_std)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     embedding = _param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), init)
     # The lookup gathers the table's d_model dim over fsdp first (as FSDP does for every weight before use):
     # a gather's output inherits the table's d_model sharding, and moving the fsdp axis from there to the
@@ -351,11 +421,11 @@ class Transformer(nn.Module):
     x = jnp.take(table, tokens, axis=0).astype(dtype)  # [b, t, d]
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
-    policy = REMAT_POLICIES[cfg.remat]
+    policy = REMAT_POLICIES[cfg.resolved_remat]
     new_cache = []
     for s, (group_size, num_groups) in enumerate(cfg.segments):
       # Decoding has no backward pass to save memory for: remat would only add work.
-      remat = cfg.remat != "none" and cache is None
+      remat = cfg.resolved_remat != "none" and cache is None
       if cfg.scan_layers and cache is not None:
         # The same scan over the same params; the segment's cache [num_groups, ...] is carried, and the
         # scanned input is the group index g whose slice the group writes and reads.
@@ -363,12 +433,12 @@ class Transformer(nn.Module):
             _ScannedDecodeGroup,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=num_groups,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         (x, segment_cache), _ = scanned(cfg, group_size, name=f"segment_{s}")(
-            (x, tuple(cache[s])), positions, segment_ids, jnp.arange(num_groups)
+            (x, tuple(cache[s])), positions, rope, segment_ids, jnp.arange(num_groups)
         )
         new_cache.append(segment_cache)
       elif cfg.scan_layers:
@@ -379,20 +449,20 @@ class Transformer(nn.Module):
             group_cls,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=num_groups,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = scanned(cfg, group_size, name=f"segment_{s}")(x, positions, segment_ids)
+        x, _ = scanned(cfg, group_size, name=f"segment_{s}")(x, positions, rope, segment_ids)
       else:
         group_cls = nn.remat(LayerGroup, policy=policy) if remat else LayerGroup
         group_caches = []
         for g in range(num_groups):
           group = group_cls(cfg, group_size, name=group_name(s, g))
           if cache is None:
-            x = group(x, positions, segment_ids)
+            x = group(x, positions, rope, segment_ids)
           else:
-            x, group_cache = group(x, positions, segment_ids, (cache[s][0][g], cache[s][1][g]))
+            x, group_cache = group(x, positions, rope, segment_ids, (cache[s][0][g], cache[s][1][g]))
             group_caches.append(group_cache)
         if cache is not None:
           new_cache.append(tuple(jnp.stack(c) for c in zip(*group_caches)))

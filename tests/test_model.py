@@ -142,9 +142,9 @@ def test_consumer_layer_gradients_reach_the_producer_kv():
   np.testing.assert_allclose(grads["value"][0, 3, 1, 2], numeric, rtol=1e-3, atol=1e-7)
 
 
-@pytest.mark.parametrize("remat", ["full", "save_dots"])
+@pytest.mark.parametrize("remat", ["full", "save_dots", "save_qkv_ffn", "auto"])
 def test_remat_changes_nothing_numerically(remat):
-  cfg = small_config(pattern="keep_ends")
+  cfg = small_config(pattern="keep_ends", remat="none")
   params, tokens = random_params(cfg), tokens_for(cfg)
 
   def loss(c):
@@ -176,6 +176,7 @@ def _equations(jaxpr, out):
         ("none", None),
         ("full", jax.checkpoint_policies.nothing_saveable),
         ("save_dots", jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+        ("save_qkv_ffn", model_lib.REMAT_POLICIES["save_qkv_ffn"]),
     ],
 )
 def test_remat_puts_each_group_in_a_checkpoint_with_its_policy(remat, policy, scan_layers):
@@ -191,6 +192,57 @@ def test_remat_puts_each_group_in_a_checkpoint_with_its_policy(remat, policy, sc
   expected = 0 if remat == "none" else (3 if scan_layers else 5)
   assert len(checkpoints) == expected
   assert all(e.params["policy"] is policy for e in checkpoints)
+
+
+def test_auto_remat_is_save_qkv_ffn_for_a_scanned_stack_on_cpu_only():
+  assert jax.default_backend() == "cpu"
+  assert small_config(remat="auto").resolved_remat == "save_qkv_ffn"
+  assert small_config(remat="auto", scan_layers=False).resolved_remat == "none"  # nothing is stacked
+  assert small_config(remat="full").resolved_remat == "full"
+
+
+def test_save_qkv_ffn_names_residuals_the_model_tags():
+  """The policy saves by name: a renamed checkpoint_name in the model would silently make it `full`."""
+  cfg = small_config(pattern="cla2", remat="save_qkv_ffn")
+  jaxpr = jax.make_jaxpr(lambda p: apply(cfg, p, tokens_for(cfg)))(random_params(cfg))
+  names = {e.params["name"] for e in _equations(jaxpr.jaxpr, []) if e.primitive.name == "name"}
+  assert set(model_lib.SAVED_QKV_FFN) <= names, sorted(names)
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 4])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_folded_attention_equals_the_library(kv_heads, packed, blocks):
+  """The CPU path against `jax.nn.dot_product_attention` (XLA): outputs and all three gradients."""
+  rng = np.random.default_rng(kv_heads * 10 + blocks)
+  b, t, n, h = 3, 12, 4, 8
+  query = jnp.asarray(rng.standard_normal((b, t, n, h), np.float32))
+  key, value = (jnp.asarray(rng.standard_normal((b, t, kv_heads, h), np.float32)) for _ in range(2))
+  segment_ids = jnp.asarray(np.sort(rng.integers(0, 3, (b, t)), axis=1)) if packed else None
+  weights = jnp.asarray(rng.standard_normal((b, t, n, h), np.float32))
+
+  def folded(q, k, v):
+    return model_lib.folded_attention(q, k, v, segment_ids, blocks)
+
+  def library(q, k, v):
+    mask = None if segment_ids is None else (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla")
+
+  np.testing.assert_allclose(folded(query, key, value), library(query, key, value), atol=2e-6)
+
+  def grads(attend):
+    return jax.grad(lambda *a: jnp.sum(attend(*a) * weights), argnums=(0, 1, 2))(query, key, value)
+
+  for got, want in zip(grads(folded), grads(library)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+
+
+def test_cpu_model_attends_with_folded_heads_and_matches_the_library_path():
+  cfg = small_config(pattern="cla2")
+  assert cfg.resolved_attention_impl == "folded"
+  params, tokens = random_params(cfg), tokens_for(cfg)
+  library = apply(dataclasses.replace(cfg, attention_impl="xla"), params, tokens)
+  np.testing.assert_allclose(apply(cfg, params, tokens), library, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_compute_keeps_fp32_params_and_logits():

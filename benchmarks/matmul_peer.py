@@ -8,6 +8,12 @@ x[t,d] @ w[d,f], the input gradient g[t,f] @ w[d,f]^T and the weight gradient x[
 (contracting over tokens); then the whole SwiGLU MLP, forward and backward, written as the model wrote it
 before (3-D einsums such as 'btd,df->btf') and as it does now (`model.dense`: 2-D matmuls), against torch.
 Prints ms per call and torch/jax time ratios (> 1: jax is faster).
+
+Then the weight gradient (x^T @ g, contracting over the 2048 tokens) of every projection of the default
+config, and their sum over one train step at `pattern=none` (the count of each shape per step): XLA:CPU
+runs these transposed-operand matmuls with Eigen, not the YNNPACK kernels of the forward and input-gradient
+matmuls, and this is where its matmuls fall behind torch's (MKL/oneDNN); then one layer's causal attention,
+forward and backward: `model.folded_attention` against torch's `scaled_dot_product_attention`.
 """
 
 import statistics
@@ -17,10 +23,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cla_jax.model import dense
+from cla_jax.model import dense, folded_attention
 
 TOKENS, D_MODEL, MLP = 2048, 256, 688
 BATCH = 16  # TOKENS = BATCH x 128
+HEADS, KV_HEADS, HEAD_DIM, VOCAB, LAYERS = 4, 1, 64, 2048, 4
+# (in, out) of each projection's weight, and how many of them one train step has (pattern=none, 4 layers).
+WEIGHT_GRADS = {
+    "query, out": ((D_MODEL, HEADS * HEAD_DIM), 2 * LAYERS),
+    "key, value": ((D_MODEL, KV_HEADS * HEAD_DIM), 2 * LAYERS),
+    "gate, up": ((D_MODEL, MLP), 2 * LAYERS),
+    "down": ((MLP, D_MODEL), LAYERS),
+    "lm_head": ((D_MODEL, VOCAB), 1),
+}
 
 
 def mlp_einsum(x, w_gate, w_up, w_down):
@@ -76,12 +91,49 @@ def main() -> None:
       f"torch threads {torch.get_num_threads()}"
   )
   for name, (jfn, args, tfn) in cases.items():
-    j = _time(lambda jfn=jfn, args=args: jax.block_until_ready(jfn(*args)))
-    t = _time(tfn)
-    print(
-        f"{name:26s} jax {1e3 * statistics.median(j):6.2f} ms   torch {1e3 * statistics.median(t):6.2f} ms   "
-        f"torch/jax {statistics.median(t) / statistics.median(j):.2f}"
+    _compare(name, jfn, args, tfn)
+
+  print("\nweight gradient x^T @ g over the step's 2048 tokens, per projection (count per step, pattern=none)")
+  totals = [0.0, 0.0]
+  for name, ((d_in, d_out), count) in WEIGHT_GRADS.items():
+    a, b = rng.standard_normal((TOKENS, d_in), np.float32), rng.standard_normal((TOKENS, d_out), np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    j, t = _compare(
+        f"{name} [{d_in}x{d_out}] x{count}",
+        jax.jit(lambda a, b: a.T @ b),
+        (jnp.asarray(a), jnp.asarray(b)),
+        lambda ta=ta, tb=tb: ta.t() @ tb,
+        flops=2 * TOKENS * d_in * d_out,
     )
+    totals[0] += count * j
+    totals[1] += count * t
+  print(
+      f"{'all weight gradients of a step':26s} jax {1e3 * totals[0]:6.2f} ms   torch {1e3 * totals[1]:6.2f} ms   "
+      f"torch/jax {totals[1] / totals[0]:.2f}"
+  )
+
+  q, k, v, dout = (
+      rng.standard_normal((BATCH, TOKENS // BATCH, h, HEAD_DIM), np.float32) for h in (HEADS, KV_HEADS, KV_HEADS, HEADS)
+  )
+  attend = jax.jit(lambda q, k, v, dout: jax.vjp(lambda *a: folded_attention(*a, None), q, k, v)[1](dout))
+  tq, tk, tv = (torch.from_numpy(a.transpose(0, 2, 1, 3).copy()).requires_grad_() for a in (q, k, v))
+  tdout = torch.from_numpy(dout.transpose(0, 2, 1, 3).copy())
+
+  def torch_attend():
+    out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True, enable_gqa=True)
+    torch.autograd.grad(out, (tq, tk, tv), tdout)
+
+  print()
+  _compare("causal attention fwd+bwd", attend, tuple(map(jnp.asarray, (q, k, v, dout))), torch_attend)
+
+
+def _compare(name, jfn, args, tfn, flops: int = 0) -> tuple[float, float]:
+  """Times jax `jfn(*args)` and torch `tfn()`; prints both, the ratio (and GFLOP/s when `flops`)."""
+  j = statistics.median(_time(lambda: jax.block_until_ready(jfn(*args))))
+  t = statistics.median(_time(tfn))
+  rate = f"   {flops / j / 1e9:4.0f} vs {flops / t / 1e9:4.0f} GFLOP/s" if flops else ""
+  print(f"{name:26s} jax {1e3 * j:6.2f} ms   torch {1e3 * t:6.2f} ms   torch/jax {t / j:.2f}{rate}")
+  return j, t
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from ml_collections import config_flags
 from cla_jax import cli, config_lib, export_hf
 
 _CONFIG = config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG, "Config file[:row].", lock_config=True)
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating rounds (each times both sides).")
+_ROUNDS = flags.DEFINE_integer("rounds", 16, "Alternating rounds (each times both sides).")
 _STEPS = flags.DEFINE_integer("steps", 3, "Train steps per side per round.")
 _SIDE = flags.DEFINE_enum("side", None, ["jax", "torch"], "Internal: run as the worker process of one side.")
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0: one per core, like XLA's CPU pool).")

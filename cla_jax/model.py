@@ -280,7 +280,7 @@ def folded_attention(query: Array, key: Array, value: Array, segment_ids: Array 
     logits = jnp.where(visible, logits * h**-0.5, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
     outs.append(jnp.einsum("zms,zsh->zmh", probs, values[:, :end]))
-  out = jnp.concatenate(outs, axis=1) if blocks > 1 else outs[0]  # [b*k, t*g, h]
+  out = jnp.concatenate(outs, axis=1)  # [b*k, t*g, h]
   return out.reshape(b, k, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
 
 
@@ -422,10 +422,10 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
     policy = REMAT_POLICIES[cfg.resolved_remat]
+    # Decoding has no backward pass to save memory for: remat would only add work.
+    remat = policy is not None and cache is None
     new_cache = []
     for s, (group_size, num_groups) in enumerate(cfg.segments):
-      # Decoding has no backward pass to save memory for: remat would only add work.
-      remat = cfg.resolved_remat != "none" and cache is None
       if cfg.scan_layers and cache is not None:
         # The same scan over the same params; the segment's cache [num_groups, ...] is carried, and the
         # scanned input is the group index g whose slice the group writes and reads.

@@ -23,6 +23,17 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_cla import CLAConfig
 
 _TRANSFORMERS_5 = int(__import__("transformers").__version__.split(".")[0]) >= 5
+# transformers 5.2x renamed the cache argument and output field `past_key_values` to `cache`: `generate` then
+# passes the cache as `cache=`, and a forward that reads only `past_key_values` would start every step from an
+# empty cache. Forwards here accept both names and return the cache under the field this version has.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+  """The cache passed under either name (`cache` in newer transformers, `past_key_values` in older)."""
+  if cache is not None and past_key_values is not None:
+    raise ValueError("pass the KV cache as `cache` or `past_key_values`, not both")
+  return cache if cache is not None else past_key_values
 
 
 class CLARMSNorm(nn.Module):
@@ -131,7 +142,7 @@ class CLAPreTrainedModel(PreTrainedModel):
   config_class = CLAConfig
   base_model_prefix = "model"
   _no_split_modules = ["CLADecoderLayer"]
-  _skip_keys_device_placement = ["past_key_values"]
+  _skip_keys_device_placement = ["past_key_values", "cache"]
   _supports_sdpa = True
 
   def _init_weights(self, module):
@@ -181,13 +192,14 @@ class CLAModel(CLAPreTrainedModel):
       past_key_values=None,
       inputs_embeds=None,
       use_cache=None,
+      cache=None,
       **kwargs,
   ) -> BaseModelOutputWithPast:
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("pass exactly one of input_ids and inputs_embeds")
     x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
     use_cache = self.config.use_cache if use_cache is None else use_cache
-    cache = self._group_cache(past_key_values, use_cache)
+    cache = self._group_cache(_one_cache(cache, past_key_values), use_cache)
     b, t = x.shape[:2]
     past = cache.get_seq_length() if cache is not None else 0
     cache_position = torch.arange(past, past + t, device=x.device)
@@ -206,7 +218,7 @@ class CLAModel(CLAPreTrainedModel):
     shared_kv = None
     for layer in self.layers:
       x, shared_kv = layer(x, shared_kv, cos, sin, bias, cache)
-    return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=cache)
+    return BaseModelOutputWithPast(last_hidden_state=self.norm(x), **{_CACHE_FIELD: cache})
 
 
 class CLAForCausalLM(CLAPreTrainedModel, GenerationMixin):
@@ -242,13 +254,14 @@ class CLAForCausalLM(CLAPreTrainedModel, GenerationMixin):
       labels=None,
       use_cache=None,
       logits_to_keep=0,
+      cache=None,
       **kwargs,
   ) -> CausalLMOutputWithPast:
     out = self.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=past_key_values,
+        cache=_one_cache(cache, past_key_values),
         inputs_embeds=inputs_embeds,
         use_cache=use_cache,
     )
@@ -263,4 +276,4 @@ class CLAForCausalLM(CLAPreTrainedModel, GenerationMixin):
       loss = F.cross_entropy(
           logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
       )
-    return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+    return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})

@@ -45,9 +45,18 @@ setup(
         "matplotlib",  # the sweep's pareto.png / lr_sweep.png, written after every run (Agg backend, no display)
     ],
     extras_require={
-        # torch only for the Hugging Face parity tests; 2.13.0 is the CPU build.
+        # torch only for the Hugging Face parity tests; 2.13.0 is the CPU build. transformers: 4.57 (the last 4.x)
+        # through 5.x are supported and tested (test.sh; constraints.txt and constraints-oldest.txt pin both ends).
         # lm_eval for tests/test_harness.py (the `eval` extra below); ruff and pyink: scripts/lint.sh.
-        "test": ["pytest", "pytest-xdist", "transformers>=4.45", "torch==2.13.0", "lm_eval==0.4.13", "ruff", "pyink"],
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "transformers>=4.57,<6",
+            "torch==2.13.0",
+            "lm_eval==0.4.13",
+            "ruff",
+            "pyink",
+        ],
         # LM-Eval-Harness: python -m cla_jax.harness (docs/eval.md).
         "eval": ["lm_eval==0.4.13"],
         "gpu": ["jax[cuda12]>=0.10.2"],

@@ -41,6 +41,7 @@ DTYPES = ("bfloat16", "float32")
 MAX_SHARD_BYTES = 5 * 1024**3
 MODELING_DIR = pathlib.Path(__file__).resolve().parent / "hf"
 MODELING_FILES = ("configuration_cla.py", "modeling_cla.py")
+TOKENIZER_FILE = "tokenization_cla.py"  # shipped with every sentencepiece tokenizer
 INDEX_FILE = "model.safetensors.index.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>", "<eos>")
@@ -151,6 +152,8 @@ def hf_config(
       "hidden_act": "silu",
       "rms_norm_eps": cfg.norm_eps,
       "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+      # transformers 4.x reads only the top-level field (and would silently use 10000); 5.x reads either.
+      "rope_theta": cfg.rope_theta,
       "max_position_embeddings": max_positions,
       "tie_word_embeddings": cfg.tie_embeddings,
       "initializer_range": cfg.init_std,
@@ -185,102 +188,67 @@ def find_tokenizer(workdir: pathlib.Path, config: Any) -> pathlib.Path | None:
   return path if path.suffix in (".json", ".model") and path.is_file() else None
 
 
-def sentencepiece_to_tokenizers(model_file: pathlib.Path) -> Any:
-  """A `tokenizers.Tokenizer` that encodes exactly like cla_jax's sentencepiece model (Unigram, no dummy prefix).
-
-  transformers' LlamaTokenizer would re-read tokenizer.model with Llama's normaliser (a dummy-prefix space),
-  which cla_jax's models were not trained with; this keeps sentencepiece's pieces, scores and whitespace
-  splitting as they are.
-  """
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+def _tokenizer_json_without_specials(path: pathlib.Path, out: pathlib.Path) -> None:
+  """Copies a tokenizer.json, dropping a post-processor that adds tokens (BOS/EOS): cla_jax trains without them."""
   import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
 
-  sp = spm.SentencePieceProcessor(model_file=str(model_file))
-  ids = range(sp.get_piece_size())
-  byte_fallback = any(sp.is_byte(i) for i in ids)
-  tok = tokenizers.Tokenizer(
-      models.Unigram(
-          [(sp.id_to_piece(i), sp.get_score(i)) for i in ids], unk_id=sp.unk_id(), byte_fallback=byte_fallback
-      )
-  )
-  # Sentencepiece splits at whitespace, which it writes as U+2581 at the start of the following piece.
-  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)
-  metaspace = decoders.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)
-  tok.decoder = decoders.Sequence([decoders.ByteFallback(), metaspace]) if byte_fallback else metaspace
-  tok.add_special_tokens(
-      [tokenizers.AddedToken(sp.id_to_piece(i), special=True, normalized=False) for i in ids if sp.is_control(i)]
-  )
-  return tok
-
-
-# Probe texts for the sentencepiece translation: leading, repeated and trailing whitespace, newlines, digits,
-# punctuation and characters outside any small vocabulary.
-_PROBES = (
-    "The cat sat.",
-    "  two  spaces\n\n\tand a tab ",
-    "x=42; y = 3.14159!\n",
-    "caf\u00e9 \u65e5\u672c \U0001F600 end",
-)
-
-
-def _translation_matches(model_file: pathlib.Path, tok: Any) -> bool:
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-
-  sp = spm.SentencePieceProcessor(model_file=str(model_file))
-  normal = [i for i in range(min(sp.get_piece_size(), 400)) if not (sp.is_control(i) or sp.is_unknown(i))]
-  pieces = " ".join(sp.id_to_piece(i) for i in normal).replace("\u2581", " ")
-  return all(sp.encode(text) == tok.encode(text, add_special_tokens=False).ids for text in _PROBES + (pieces,))
-
-
-def write_tokenizer(path: pathlib.Path, out: pathlib.Path) -> tuple[dict[str, int | None], str | None]:
-  """Writes tokenizer.json (+ tokenizer.model for sentencepiece) and tokenizer_config.json.
-
-  Returns the bos/eos/pad ids and a warning when a sentencepiece model could not be translated faithfully
-  (not a cla_jax-trained one: e.g. BPE, or a normaliser with a dummy prefix); then only tokenizer.model is
-  written, for transformers' LlamaTokenizer, which may split text differently from cla_jax.
-  """
-  warning = None
-  if path.suffix == ".json":
-    shutil.copyfile(path, out / "tokenizer.json")
-  else:
-    shutil.copyfile(path, out / "tokenizer.model")
-    tok = sentencepiece_to_tokenizers(path)
-    if not _translation_matches(path, tok):
-      import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-
-      sp = spm.SentencePieceProcessor(model_file=str(path))
-      tok_config = {
-          "tokenizer_class": "LlamaTokenizer",
-          "add_bos_token": False,
-          "add_eos_token": False,
-          "eos_token": sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None,
-      }
-      (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-      warning = (
-          f"{path} is not a sentencepiece model the export can translate exactly; wrote tokenizer.model "
-          "for LlamaTokenizer, which may split text differently: check its ids against cla_jax's."
-      )
-      ids = {"bos_token_id": None, "eos_token_id": sp.eos_id() if sp.eos_id() >= 0 else None, "pad_token_id": None}
-      return ids, warning
+  try:
+    tok = tokenizers.Tokenizer.from_file(str(path))
+  except Exception as e:  # pylint: disable=broad-except  # tokenizers raises a bare Exception
+    raise ExportError(f"{path} is not a Hugging Face tokenizer.json ({str(e).strip()[:120]}).") from None
+  probe = "The cat sat.\n  x = 42"
+  if tok.encode(probe, add_special_tokens=True).ids != tok.encode(probe, add_special_tokens=False).ids:
+    # transformers encodes with add_special_tokens=True by default; the model never saw those tokens.
+    tok.post_processor = None
     tok.save(str(out / "tokenizer.json"))
-  import tokenizers  # pylint: disable=g-import-not-at-top
+  else:
+    shutil.copyfile(path, out / "tokenizer.json")
 
-  vocab = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab(with_added_tokens=True)
-  eos = next((t for t in _EOS_CANDIDATES if t in vocab), None)
-  unk = next((t for t in ("<unk>", "[UNK]") if t in vocab), None)
+
+def write_tokenizer(path: pathlib.Path, out: pathlib.Path) -> dict[str, int | None]:
+  """Writes the tokenizer so that transformers' AutoTokenizer gives cla_jax's ids; returns bos/eos/pad ids.
+
+  A tokenizer.json is copied (the `tokenizers` library is what cla_jax encodes with). A sentencepiece model
+  is shipped with `tokenization_cla.py`, a tokenizer class that calls sentencepiece itself (remote code, like
+  the CLA model): any translation into a tokenizer.json can break sentencepiece's ties differently.
+  """
+  if path.suffix == ".json":
+    _tokenizer_json_without_specials(path, out)
+    import tokenizers  # pylint: disable=g-import-not-at-top
+
+    vocab = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    eos = next((t for t in _EOS_CANDIDATES if t in vocab), None)
+    # No unk_token here: transformers would make it an added token and split text at its spelling ("[UNK]").
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    eos_id = vocab.get(eos) if eos else None
+  else:
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+
+    try:
+      sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError):
+      raise ExportError(
+          f"{path} is not a sentencepiece model; give the workdir the tokenizer it was trained with."
+      ) from None
+    shutil.copyfile(path, out / "tokenizer.model")
+    shutil.copyfile(MODELING_DIR / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
+    eos = sp.id_to_piece(eos_id) if eos_id is not None else None
+    tok_config = {
+        "tokenizer_class": "CLATokenizer",
+        "auto_map": {"AutoTokenizer": [f"{TOKENIZER_FILE[:-3]}.CLATokenizer", None]},
+        "unk_token": sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None,
+    }
   # cla_jax adds no BOS/EOS when encoding, and neither does this config.
-  tok_config = {
-      "tokenizer_class": "PreTrainedTokenizerFast",
-      "eos_token": eos,
-      "unk_token": unk,
-      "add_bos_token": False,
-      "add_eos_token": False,
-      "clean_up_tokenization_spaces": False,
-      "model_max_length": 1_000_000_000,
-  }
+  tok_config.update(
+      eos_token=eos,
+      add_bos_token=False,
+      add_eos_token=False,
+      clean_up_tokenization_spaces=False,
+      model_max_length=1_000_000_000,
+  )
   (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-  return {"bos_token_id": None, "eos_token_id": vocab.get(eos) if eos else None, "pad_token_id": None}, warning
+  return {"bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": None}
 
 
 # ----------------------------------------------------------------------------- export
@@ -331,9 +299,9 @@ def export(
   try:
     files = write_safetensors(tensors, tmp, dtype, max_shard_bytes)
     tokenizer = find_tokenizer(workdir, config)
-    special, tokenizer_warning = ({"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}, None)
+    special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tokenizer:
-      special, tokenizer_warning = write_tokenizer(tokenizer, tmp)
+      special = write_tokenizer(tokenizer, tmp)
     max_positions = int(config.train.get("seq_len", 2048)) if "train" in config else 2048
     (tmp / "config.json").write_text(json.dumps(hf_config(cfg, llama, dtype, max_positions, special), indent=2) + "\n")
     generation = {
@@ -359,7 +327,6 @@ def export(
       "dtype": dtype,
       "weight_files": files,
       "tokenizer": str(tokenizer) if tokenizer else None,
-      "tokenizer_warning": tokenizer_warning,
       "reason": _format_reason(cfg, llama),
   }
 
@@ -378,9 +345,7 @@ def describe_export(summary: dict) -> Iterator[str]:
   """Human-readable lines summarising an export."""
   yield f"step {summary['step']} -> {summary['out']} ({summary['format']}, {summary['dtype']}): {summary['reason']}"
   yield f"weights: {', '.join(summary['weight_files'])}"
-  if summary["tokenizer_warning"]:
-    yield f"warning: {summary['tokenizer_warning']}"
-  elif summary["tokenizer"]:
+  if summary["tokenizer"]:
     yield f"tokenizer: {summary['tokenizer']}"
   else:
     yield "warning: no tokenizer found in the workdir (tokenizer.model/tokenizer.json) or data.tokenizer; none written"

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -113,6 +114,11 @@ def greedy_reference(model, prompts: np.ndarray, max_new_tokens: int) -> np.ndar
   return tokens
 
 
+def _cache(output):
+  """The KV cache of a transformers output: `cache` since transformers 5.2x, `past_key_values` before."""
+  return output["cache"] if "cache" in type(output).__dataclass_fields__ else output["past_key_values"]
+
+
 def _cache_bytes(cache) -> int:
   return sum(
       layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
@@ -147,7 +153,7 @@ def test_every_pattern_matches_cla_jax_in_transformers(kind, tmp_path):
 
     # The cache holds one entry per KV group, of exactly describe's bytes per token (fp32 here: 2x its 16-bit).
     info = describe.describe(loaded.model_config)
-    cache = out.past_key_values
+    cache = _cache(out)
     assert len(cache.layers) == info["kv_layers"] == len(loaded.model_config.group_sizes), pattern
     assert _cache_bytes(cache) == info["kv_bytes_per_token"] * 2 * tokens.size, pattern
 
@@ -174,7 +180,7 @@ def test_every_pattern_matches_cla_jax_in_transformers(kind, tmp_path):
     )
     for row, new_ids in enumerate(ours):
       assert new_ids == generated.sequences.numpy()[row, PROMPT : PROMPT + len(new_ids)].tolist(), (kind, pattern)
-    assert len(generated.past_key_values.layers) == info["kv_layers"], pattern
+    assert len(_cache(generated).layers) == info["kv_layers"], pattern
 
 
 @pytest.fixture(scope="module")
@@ -226,63 +232,103 @@ def test_sharded_bf16_export_loads_and_its_cache_is_describes_bytes(tmp_path, ke
     out = hf_model(torch.tensor(tokens, dtype=torch.long), use_cache=True)
   loaded = cla_jax.load_model(keep_ends_workdir)
   info = describe.describe(loaded.model_config)
-  assert len(out.past_key_values.layers) == 4 and out.past_key_values.layers[0].keys.dtype == torch.bfloat16
-  assert _cache_bytes(out.past_key_values) == info["kv_bytes_per_token"] * tokens.size
+  assert len(_cache(out).layers) == 4 and _cache(out).layers[0].keys.dtype == torch.bfloat16
+  assert _cache_bytes(_cache(out)) == info["kv_bytes_per_token"] * tokens.size
   expected = np.asarray(loaded(tokens))
   assert np.abs(out.logits.float().numpy() - expected).max() < 0.1 * np.abs(expected).max()
 
 
-def _word_tokenizer(path: pathlib.Path, words: list[str]) -> None:
+def _word_tokenizer(path: pathlib.Path, words: list[str], bos: bool = False) -> None:
+  """A word-level tokenizer.json; with `bos`, its post-processor prepends <s> (as Llama-3's does)."""
   tokenizers = pytest.importorskip("tokenizers")
-  vocab = {"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+  vocab = {"[UNK]": 0, "</s>": 1, "<s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
   tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-  tok.add_special_tokens(["</s>"])
+  tok.add_special_tokens(["</s>", "<s>"])
+  if bos:
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
   tok.save(str(path))
 
 
+def real_text_sample() -> list[str]:
+  """Whole documents as they come: this repo's docs and Python sources, plus the hard cases spelled out.
+
+  Markdown tables, reST-like rule lines (long runs of one character, where segmentations tie), indentation,
+  blank lines, tabs, non-ASCII and characters outside any small vocabulary (byte fallback or unk).
+  """
+  import textwrap  # pylint: disable=g-import-not-at-top
+
+  docs = sorted((REPO_ROOT / "docs").glob("*.md")) + [REPO_ROOT / "README.md"]
+  sources = sorted((REPO_ROOT / "cla_jax").glob("*.py"))[:12]
+  texts = [p.read_text(encoding="utf-8") for p in docs + sources]
+  texts.append(pathlib.Path(textwrap.__file__).read_text(encoding="utf-8"))
+  texts.append(
+      "Heading\n=======\n\nSub\n^^^^^^^^^^^^^^^^^^^^^^^^^\n\n\tdef f(x):\n\t\treturn x  # tab-indented\n"
+      "  caf\u00e9 na\u00efve \u00fcber \u65e5\u672c\u8a9e \U0001F600 \u2192 \u2264 end.\n\n\n"
+      "----------------------------------------------------------------------\n"
+      "+++++++++++++++++++++++++++++++++\n   trailing spaces   \n"
+  )
+  return texts
+
+
 def test_tokenizers_export_and_encode_like_cla_jax(tmp_path, keep_ends_workdir):
-  """A workdir's tokenizer.model (sentencepiece) or tokenizer.json loads with AutoTokenizer and encodes the same."""
+  """AutoTokenizer on an export gives cla_jax's ids and text on whole real documents, for every tokenizer kind.
+
+  The kinds: the default recipe's sentencepiece (byte fallback, 2048 pieces), a small one without byte fallback
+  (unknown characters), a sentencepiece model with Llama's dummy-prefix normaliser (not trained by cla_jax), a
+  tokenizer.json, and a tokenizer.json whose post-processor adds BOS (the export drops it: cla_jax adds none).
+  """
+  import io  # pylint: disable=g-import-not-at-top
+
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+
   from cla_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
-  text = "the cat sees the ball.\n\n  a dog likes the river, 42 times!  "
-  corpus = [f"the cat sees the ball {i}.\n  a dog likes the river, my friend calls {i * 7} times!" for i in range(300)]
-  spm_dir = tmp_path / "spm"
-  spm_dir.mkdir()
-  (spm_dir / "tokenizer.model").write_bytes(tokenizer_lib.train_sentencepiece(corpus, vocab_size=VOCAB))
-  json_dir = tmp_path / "json"
-  json_dir.mkdir()
-  _word_tokenizer(json_dir / "tokenizer.json", sorted(set(" ".join(corpus).split()))[: VOCAB - 2])
-  for name, tokenizer_dir in (("tokenizer.model", spm_dir), ("tokenizer.json", json_dir)):
+  sample = real_text_sample()
+  assert sum(len(t) for t in sample) > 200_000
+  train_text, test_text = sample[1::2], sample
+  files = {}
+  for name, vocab in (("spm_default", 2048), ("spm_small", 200)):
+    files[name] = tmp_path / name / "tokenizer.model"
+    files[name].parent.mkdir()
+    files[name].write_bytes(tokenizer_lib.train_sentencepiece(train_text, vocab_size=vocab))
+  writer = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(" ".join(train_text).split("\n")),
+      model_writer=writer,
+      vocab_size=300,
+      hard_vocab_limit=False,
+      minloglevel=2,
+  )
+  files["spm_dummy_prefix"] = tmp_path / "spm_dummy_prefix" / "tokenizer.model"
+  files["spm_dummy_prefix"].parent.mkdir()
+  files["spm_dummy_prefix"].write_bytes(writer.getvalue())
+  words = sorted(set(" ".join(train_text).split()))[:500]
+  for name, bos in (("json", False), ("json_bos", True)):
+    files[name] = tmp_path / name / "tokenizer.json"
+    files[name].parent.mkdir()
+    _word_tokenizer(files[name], words, bos=bos)
+
+  for name, path in files.items():
     config = ml_collections.ConfigDict(checkpoint.read_config(keep_ends_workdir).to_dict())
-    config.data.tokenizer = str(tokenizer_dir / name)
+    config.data.tokenizer = str(path)
     ours = tokenizer_lib.get_tokenizer(config)
     work = tmp_path / f"work_{name}"
     work.mkdir()
     (work / "checkpoints").symlink_to(keep_ends_workdir / "checkpoints", target_is_directory=True)
     checkpoint.write_config(work, config)
-    export_hf.export(work, tmp_path / f"hf_{name}")
+    summary = export_hf.export(work, tmp_path / f"hf_{name}")
+    assert summary["tokenizer"] == str(path), name
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / f"hf_{name}"), trust_remote_code=True)
-    assert theirs(text)["input_ids"] == ours.encode(text), name
-    assert theirs.decode(ours.encode(text)) == ours.decode(ours.encode(text)), name
+    for i, text in enumerate(test_text):
+      ids = ours.encode(text)
+      assert theirs(text)["input_ids"] == ids, (name, i)
+      assert theirs.decode(ids) == ours.decode(ids), (name, i)
+    batch = theirs(test_text[:3])["input_ids"]
+    assert batch == [ours.encode(t) for t in test_text[:3]], name
     assert theirs.eos_token_id == ours.eos_id, name
     generation = json.loads((tmp_path / f"hf_{name}" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == ours.eos_id, name
-
-  # A sentencepiece model with a dummy-prefix normaliser (not cla_jax-trained) is not translated: a warning.
-  import io  # pylint: disable=g-import-not-at-top
-
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-
-  writer = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(corpus), model_writer=writer, vocab_size=VOCAB, hard_vocab_limit=False, minloglevel=2
-  )
-  (spm_dir / "tokenizer.model").write_bytes(writer.getvalue())
-  summary = export_hf.export(tmp_path / "work_tokenizer.model", tmp_path / "hf_prefix")
-  assert "translate exactly" in summary["tokenizer_warning"]
-  tok_config = json.loads((tmp_path / "hf_prefix" / "tokenizer_config.json").read_text())
-  assert tok_config["tokenizer_class"] == "LlamaTokenizer"
 
 
 def test_errors_are_one_clear_line(tmp_path, keep_ends_workdir):
@@ -308,6 +354,12 @@ def test_errors_are_one_clear_line(tmp_path, keep_ends_workdir):
   assert not (tmp_path / "hf_layernorm").exists()
   with pytest.raises(UserError, match="omit --pattern"):
     convert_hf.convert(out, tmp_path / "back", pattern="cla2")
+  corrupt = tmp_path / "corrupt_tokenizer"
+  shutil.copytree(keep_ends_workdir, corrupt)
+  (corrupt / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+  with pytest.raises(UserError, match="tokenizer.model is not a sentencepiece model"):
+    export_hf.export(corrupt, tmp_path / "hf_corrupt")
+  assert not (tmp_path / "hf_corrupt").exists()
 
 
 def test_cli_writes_and_refuses_in_one_line(tmp_path, keep_ends_workdir):
@@ -322,8 +374,8 @@ def test_cli_writes_and_refuses_in_one_line(tmp_path, keep_ends_workdir):
   assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_left_padded_batch_generates_like_single_prompts(tmp_path, keep_ends_workdir):
-  """Batched generate with left padding (attention_mask zeros) gives each prompt's unpadded greedy tokens."""
+def test_left_padded_batch_generates_like_cla_jax(tmp_path, keep_ends_workdir):
+  """Batched generate with left padding (attention_mask zeros) gives cla_jax's greedy tokens for each ragged prompt."""
   export_hf.export(keep_ends_workdir, tmp_path / "hf", dtype="float32")
   hf_model = _hf_model(tmp_path / "hf")
   long, short = _tokens(1, PROMPT, seed=5)[0], _tokens(1, PROMPT - 3, seed=6)[0]
@@ -331,11 +383,13 @@ def test_left_padded_batch_generates_like_single_prompts(tmp_path, keep_ends_wor
   mask = torch.ones_like(batch)
   mask[1, :3] = 0
   padded = hf_model.generate(batch, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-  for row, prompt in enumerate((long, short)):
-    single = hf_model.generate(
-        torch.tensor(prompt[None], dtype=torch.long), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
-    )
-    np.testing.assert_array_equal(padded[row, -NEW_TOKENS:].numpy(), single[0, -NEW_TOKENS:].numpy())
+  loaded = cla_jax.load_model(keep_ends_workdir)
+  ours = decode.generate(loaded.params, loaded.model_config, [long.tolist(), short.tolist()], max_new_tokens=NEW_TOKENS)
+  for row, (prompt, new_ids) in enumerate(zip((long, short), ours)):
+    assert len(new_ids) == NEW_TOKENS  # no EOS in this tokenizer-less model
+    np.testing.assert_array_equal(padded[row, -NEW_TOKENS:].numpy(), new_ids)
+    # ... and the full-forward reference (no cache at all) agrees with both.
+    np.testing.assert_array_equal(greedy_reference(loaded, prompt[None], NEW_TOKENS)[0, -NEW_TOKENS:], new_ids)
 
 
 def test_unscanned_workdir_exports_the_same_model(tmp_path):

@@ -34,6 +34,9 @@ EVAL_FRACTION = 0.05  # fixed: changing it would change the corpus
 # with a warning, since loss figures are then not comparable with the documented ones.
 KNOWN_CHECKSUMS = {
     "1490a211a9bef4e760f68eea582eee2b0b7b9fe43ebd3ce36364a5b7fb7de732": "python3.11-doc 3.11.2-6+deb12u9 (Debian 12)",
+    # u8 lacks a few security-fix paragraphs in 4 train-split files (ssl, asyncio-eventloop, asyncio-stream,
+    # urllib.request); the 25 validation files are byte-identical, so validation losses compare directly.
+    "930d16cdb6d46cd5e1cdac239b15b9502c475b80e9bbf1740abe591e0e5edb95": "python3.11-doc 3.11.2-6+deb12u8 (Debian 12)",
 }
 
 

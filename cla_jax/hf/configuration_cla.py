@@ -28,6 +28,7 @@ class CLAConfig(PretrainedConfig):
       hidden_act="silu",
       rms_norm_eps=1e-5,
       rope_parameters=None,
+      rope_theta=None,
       max_position_embeddings=2048,
       initializer_range=0.02,
       use_cache=True,
@@ -48,7 +49,8 @@ class CLAConfig(PretrainedConfig):
     self.kv_group_sizes = list(kv_group_sizes) if kv_group_sizes else [1] * num_hidden_layers
     self.hidden_act = hidden_act
     self.rms_norm_eps = rms_norm_eps
-    self.rope_parameters = dict(rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+    # Exports write both `rope_parameters` (transformers 5) and the older top-level `rope_theta` (4.x).
+    self.rope_parameters = dict(rope_parameters or {"rope_type": "default", "rope_theta": rope_theta or 10000.0})
     self.max_position_embeddings = max_position_embeddings
     self.initializer_range = initializer_range
     self.use_cache = use_cache

@@ -33,6 +33,7 @@ MODES = ("lm", "distill")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   """Command-line settings; --quick shrinks every count so that the whole pipeline runs in minutes."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.error = lambda message: sys.exit(f"error: {message}")  # one line, like the cla_jax CLIs
   p.add_argument("--out", required=True, help="Output directory (reused: finished stages are skipped).")
   p.add_argument("--quick", action="store_true", help="Tiny counts: checks the pipeline end to end in minutes.")
   p.add_argument("--teacher_steps", type=int, default=1200)

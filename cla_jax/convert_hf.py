@@ -199,12 +199,19 @@ def cla_pattern(hf: Mapping[str, Any], arch: LlamaArch, pattern: str) -> str:
   own = named if named and _sizes_or_none(named, arch.num_layers) == sizes else ",".join(map(str, sizes))
   if pattern == "none" and own != "none":  # the default: keep the checkpoint's grouping
     return own
+  if has_per_layer_kv(arch):  # no sharing yet (e.g. a cla_jax pattern=none model): any pattern applies
+    return pattern
   if _sizes_or_none(pattern, arch.num_layers) != sizes:
     raise ConvertError(
         f"--pattern={pattern!r} differs from the exported CLA model's KV groups {list(sizes)} "
         f"(pattern {own!r}); omit --pattern: an exported CLA model keeps its grouping."
     )
   return pattern
+
+
+def has_per_layer_kv(arch: LlamaArch) -> bool:
+  """True when every layer has its own K/V (a Llama, or an exported CLA model without sharing)."""
+  return arch.kv_group_sizes is None or all(size == 1 for size in arch.kv_group_sizes)
 
 
 def _sizes_or_none(pattern: str, num_layers: int) -> tuple[int, ...] | None:
@@ -333,8 +340,8 @@ def _layer_tensors(
       "down": _expect(reader, p + "mlp.down_proj.weight", (d, f), "hidden_size, intermediate_size").T,
   }
   kv_heads = "num_key_value_heads x head_dim, hidden_size"
-  if not with_kv and arch.kv_group_sizes is not None:
-    return layer, None  # an exported CLA model's non-first layers have no K/V
+  if not with_kv and not has_per_layer_kv(arch):
+    return layer, None  # a shared exported CLA model's non-first layers have no K/V
   if not with_kv:
     # Dropped, but still shape-checked so that a malformed file never converts silently.
     for w in ("k", "v"):
@@ -401,7 +408,7 @@ def convert_params(
         "checkpoints, 'interleaved' for Meta-layout Q/K weights."
     )
   _check_unused(reader, arch)
-  if arch.kv_group_sizes is not None and tuple(cfg.group_sizes) != arch.kv_group_sizes:
+  if not has_per_layer_kv(arch) and tuple(cfg.group_sizes) != arch.kv_group_sizes:
     raise ConvertError(
         f"model.pattern={cfg.pattern!r} gives KV groups {list(cfg.group_sizes)} but the exported CLA "
         f"model has {list(arch.kv_group_sizes)}; an exported CLA model keeps its grouping."
@@ -432,14 +439,14 @@ def convert_params(
   for layers, group_name in zip(groups, group_names):
     group = {}
     # Every layer's K/V is read when the group's block is built from all of them or its error is measured.
-    read_all = arch.kv_group_sizes is None and (kv_init != "first" or layer_inputs is not None)
+    read_all = has_per_layer_kv(arch) and (kv_init != "first" or layer_inputs is not None)
     originals = []
     for j, i in enumerate(layers):
       layer, kv = _layer_tensors(reader, arch, i, rope_layout, with_kv=(j == 0 or read_all))
       group[f"layer_{j}"] = layer
       if kv is not None:
         originals.append(kv)
-      if j > 0 and arch.kv_group_sizes is None:  # an exported CLA model has no K/V here to drop
+      if j > 0 and has_per_layer_kv(arch):  # a shared exported CLA model has no K/V here to drop
         names = [f"model.layers.{i}.self_attn.{w}_proj.weight" for w in ("k", "v")]
         dropped.append({"layer": i, "kv_from_layer": layers[0], "tensors": names})
     inputs = None if layer_inputs is None or not read_all else [layer_inputs[i] for i in layers]
@@ -478,7 +485,7 @@ def check_kv_init(kv_init: str, arch: LlamaArch, calibrated: bool) -> None:
     raise ConvertError(
         f"--kv_init={kv_init} fits the K/V on a calibration batch; set --calib_sequences to a positive count."
     )
-  if kv_init != "first" and arch.kv_group_sizes is not None:
+  if kv_init != "first" and not has_per_layer_kv(arch):
     raise ConvertError(
         f"--kv_init={kv_init}: an exported CLA model already has one K/V per group; omit --kv_init (or pass first)."
     )
@@ -542,7 +549,7 @@ def convert(
   with contextlib.ExitStack() as stack:
     reader = SafetensorsReader(hf_dir, stack)
     inputs = None
-    if calib_tokens is not None and arch.kv_group_sizes is None and any(n > 1 for n in cfg.group_sizes):
+    if calib_tokens is not None and has_per_layer_kv(arch) and any(n > 1 for n in cfg.group_sizes):
       inputs = original_layer_inputs(reader, arch, rope_layout, calib_tokens)
     params, report = convert_params(reader, arch, cfg, rope_layout, kv_init, inputs)
     source_dtypes = sorted(reader.dtypes)

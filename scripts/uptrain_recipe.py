@@ -93,13 +93,22 @@ def export(teacher: pathlib.Path, hf_dir: pathlib.Path) -> None:
   _run(cmd + ["--overwrite"], hf_dir.parent / "export.log")
 
 
+def tokenizer_of(hf_dir: pathlib.Path) -> pathlib.Path:
+  """The exported teacher's tokenizer file (the student must use exactly this one)."""
+  found = [hf_dir / n for n in ("tokenizer.json", "tokenizer.model") if (hf_dir / n).is_file()]
+  if not found:
+    sys.exit(f"error: {hf_dir} has no tokenizer.json or tokenizer.model; re-export the teacher.")
+  return found[0]
+
+
 def convert(hf_dir: pathlib.Path, workdir: pathlib.Path, kv_init: str) -> None:
   """`convert_hf --pattern=cla2 --kv_init=...`; a conversion that died half way is redone."""
   if (workdir / "convert_report.json").is_file():
     return
   shutil.rmtree(workdir, ignore_errors=True)
   cmd = [sys.executable, "-m", "cla_jax.convert_hf", f"--hf_dir={hf_dir}", f"--workdir={workdir}", "--pattern=cla2"]
-  _run(cmd + [f"--kv_init={kv_init}", "--calib_sequences=16"], workdir.parent / f"{workdir.name}.log")
+  cmd += [f"--kv_init={kv_init}", "--calib_sequences=16", f"--config.data.tokenizer={tokenizer_of(hf_dir)}"]
+  _run(cmd, workdir.parent / f"{workdir.name}.log")
 
 
 def recovery_dir(converted: pathlib.Path, workdir: pathlib.Path) -> None:
@@ -178,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     for mode in MODES:
       run = out / f"recover_{init}_{mode}"
       recovery_dir(converted, run)
-      overrides = [f"--config.data.tokenizer={run / 'tokenizer.json'}", f"--config.train.lr={args.recovery_lr}"]
+      overrides = [f"--config.data.tokenizer={tokenizer_of(hf_dir)}", f"--config.train.lr={args.recovery_lr}"]
       if mode == "distill":
         overrides += [
             f"--config.train.teacher={hf_dir}",

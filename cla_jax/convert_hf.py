@@ -39,6 +39,7 @@ from ml_collections import config_flags
 from safetensors import safe_open
 
 from cla_jax import cli, config_lib, patterns
+from cla_jax import kv_init as kv_init_lib
 from cla_jax import model as model_lib
 from cla_jax.errors import UserError
 
@@ -198,12 +199,19 @@ def cla_pattern(hf: Mapping[str, Any], arch: LlamaArch, pattern: str) -> str:
   own = named if named and _sizes_or_none(named, arch.num_layers) == sizes else ",".join(map(str, sizes))
   if pattern == "none" and own != "none":  # the default: keep the checkpoint's grouping
     return own
+  if has_per_layer_kv(arch):  # no sharing yet (e.g. a cla_jax pattern=none model): any pattern applies
+    return pattern
   if _sizes_or_none(pattern, arch.num_layers) != sizes:
     raise ConvertError(
         f"--pattern={pattern!r} differs from the exported CLA model's KV groups {list(sizes)} "
         f"(pattern {own!r}); omit --pattern: an exported CLA model keeps its grouping."
     )
   return pattern
+
+
+def has_per_layer_kv(arch: LlamaArch) -> bool:
+  """True when every layer has its own K/V (a Llama, or an exported CLA model without sharing)."""
+  return arch.kv_group_sizes is None or all(size == 1 for size in arch.kv_group_sizes)
 
 
 def _sizes_or_none(pattern: str, num_layers: int) -> tuple[int, ...] | None:
@@ -332,8 +340,8 @@ def _layer_tensors(
       "down": _expect(reader, p + "mlp.down_proj.weight", (d, f), "hidden_size, intermediate_size").T,
   }
   kv_heads = "num_key_value_heads x head_dim, hidden_size"
-  if not with_kv and arch.kv_group_sizes is not None:
-    return layer, None  # an exported CLA model's non-first layers have no K/V
+  if not with_kv and not has_per_layer_kv(arch):
+    return layer, None  # a shared exported CLA model's non-first layers have no K/V
   if not with_kv:
     # Dropped, but still shape-checked so that a malformed file never converts silently.
     for w in ("k", "v"):
@@ -380,16 +388,27 @@ def _check_unused(reader: SafetensorsReader, arch: LlamaArch) -> None:
 
 
 def convert_params(
-    reader: SafetensorsReader, arch: LlamaArch, cfg: model_lib.ModelConfig, rope_layout: str = "half"
+    reader: SafetensorsReader,
+    arch: LlamaArch,
+    cfg: model_lib.ModelConfig,
+    rope_layout: str = "half",
+    kv_init: str = "first",
+    layer_inputs: list[np.ndarray] | None = None,
 ) -> tuple[dict, dict]:
-  """(scanned params as float32 numpy, report of dropped K/V) for the CLA model `cfg`."""
+  """(scanned params as float32 numpy, report of dropped K/V) for the CLA model `cfg`.
+
+  `kv_init` picks how a shared group's K/V block is built from its layers' (cla_jax.kv_init);
+  `layer_inputs` (the original model's residual stream entering each layer on a calibration batch,
+  kv_init.layer_inputs) is needed by 'lsq' and, when given, adds each group's K/V errors to the report.
+  """
+  check_kv_init(kv_init, arch, calibrated=layer_inputs is not None)
   if rope_layout not in ROPE_LAYOUTS:
     raise ConvertError(
         f"rope_layout={rope_layout!r} is not one of {ROPE_LAYOUTS}: 'half' for Hugging Face "
         "checkpoints, 'interleaved' for Meta-layout Q/K weights."
     )
   _check_unused(reader, arch)
-  if arch.kv_group_sizes is not None and tuple(cfg.group_sizes) != arch.kv_group_sizes:
+  if not has_per_layer_kv(arch) and tuple(cfg.group_sizes) != arch.kv_group_sizes:
     raise ConvertError(
         f"model.pattern={cfg.pattern!r} gives KV groups {list(cfg.group_sizes)} but the exported CLA "
         f"model has {list(arch.kv_group_sizes)}; an exported CLA model keeps its grouping."
@@ -416,16 +435,30 @@ def convert_params(
   group_names = [
       model_lib.group_name(s, g) for s, (_, num_groups) in enumerate(cfg.segments) for g in range(num_groups)
   ]
+  kv_errors = []
   for layers, group_name in zip(groups, group_names):
     group = {}
+    # Every layer's K/V is read when the group's block is built from all of them or its error is measured.
+    read_all = has_per_layer_kv(arch) and (kv_init != "first" or layer_inputs is not None)
+    originals = []
     for j, i in enumerate(layers):
-      layer, kv = _layer_tensors(reader, arch, i, rope_layout, with_kv=(j == 0))
+      layer, kv = _layer_tensors(reader, arch, i, rope_layout, with_kv=(j == 0 or read_all))
       group[f"layer_{j}"] = layer
       if kv is not None:
-        group["kv"] = kv
-      elif arch.kv_group_sizes is None:  # an exported CLA model has no K/V here to drop
+        originals.append(kv)
+      if j > 0 and has_per_layer_kv(arch):  # a shared exported CLA model has no K/V here to drop
         names = [f"model.layers.{i}.self_attn.{w}_proj.weight" for w in ("k", "v")]
         dropped.append({"layer": i, "kv_from_layer": layers[0], "tensors": names})
+    inputs = None if layer_inputs is None or not read_all else [layer_inputs[i] for i in layers]
+    group["kv"], errors = kv_init_lib.init_group(originals, kv_init, arch.norm_eps, inputs)
+    if errors is not None:
+      kv_errors.append(
+          {
+              "layers": layers,
+              "key": [round(e["key"], 6) for e in errors],
+              "value": [round(e["value"], 6) for e in errors],
+          }
+      )
     params[group_name] = group
   params = model_lib.stack_params(params, cfg)
   kv_size = 2 * arch.d_model * arch.num_kv_heads * arch.head_dim
@@ -435,10 +468,27 @@ def convert_params(
       "kv_source_layers": [layers[0] for layers in groups],
       "dropped_kv": dropped,
       "dropped_parameters": kv_size * len(dropped),
+      "kv_init": kv_init,
+      # Per group and layer: ||shared K - layer's own K||_F / ||layer's own K||_F (and V) on the calibration batch.
+      "kv_relative_errors": kv_errors if layer_inputs is not None else None,
       "rope_layout": rope_layout,
       "ignored_tensors": ignored,
   }
   return params, report
+
+
+def check_kv_init(kv_init: str, arch: LlamaArch, calibrated: bool) -> None:
+  """Raises ConvertError for an unknown init, one that needs a calibration batch without one, or a CLA export."""
+  if kv_init not in kv_init_lib.KV_INITS:
+    raise ConvertError(f"--kv_init={kv_init!r} is not one of {kv_init_lib.KV_INITS}; see docs/convert_hf.md.")
+  if kv_init in kv_init_lib.NEEDS_CALIBRATION and not calibrated:
+    raise ConvertError(
+        f"--kv_init={kv_init} fits the K/V on a calibration batch; set --calib_sequences to a positive count."
+    )
+  if kv_init != "first" and not has_per_layer_kv(arch):
+    raise ConvertError(
+        f"--kv_init={kv_init}: an exported CLA model already has one K/V per group; omit --kv_init (or pass first)."
+    )
 
 
 def check_against_model(params: dict, cfg: model_lib.ModelConfig) -> None:
@@ -475,8 +525,14 @@ def convert(
     pattern: str = "none",
     config: ml_collections.ConfigDict | None = None,
     rope_layout: str = "half",
+    kv_init: str = "first",
+    calib_tokens: np.ndarray | None = None,
 ) -> dict:
-  """Converts `hf_dir` into a params-only CLA workdir; returns the report also written to REPORT_FILE."""
+  """Converts `hf_dir` into a params-only CLA workdir; returns the report also written to REPORT_FILE.
+
+  `kv_init` builds each shared group's K/V block (cla_jax.kv_init); `calib_tokens` [b, t] (e.g.
+  `calibration_tokens(...)`) is the batch 'lsq' fits on and the report's K/V errors are measured on.
+  """
   from cla_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax is slow to import)
 
   hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
@@ -489,9 +545,13 @@ def convert(
     pattern = cla_pattern(hf, arch, pattern)
   config = build_config(arch, pattern, config)
   cfg = model_lib.ModelConfig.from_config(config.model)
+  check_kv_init(kv_init, arch, calibrated=calib_tokens is not None)
   with contextlib.ExitStack() as stack:
     reader = SafetensorsReader(hf_dir, stack)
-    params, report = convert_params(reader, arch, cfg, rope_layout)
+    inputs = None
+    if calib_tokens is not None and has_per_layer_kv(arch) and any(n > 1 for n in cfg.group_sizes):
+      inputs = original_layer_inputs(reader, arch, rope_layout, calib_tokens)
+    params, report = convert_params(reader, arch, cfg, rope_layout, kv_init, inputs)
     source_dtypes = sorted(reader.dtypes)
   check_against_model(params, cfg)
 
@@ -511,9 +571,45 @@ def convert(
       num_layers=arch.num_layers,
       tokenizer=config.data.tokenizer,
       max_position_embeddings=arch.max_position_embeddings,
+      calibration_tokens=None if inputs is None else list(np.shape(calib_tokens)),
   )
   (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
   return report
+
+
+def original_layer_inputs(
+    reader: SafetensorsReader, arch: LlamaArch, rope_layout: str, tokens: np.ndarray
+) -> list[np.ndarray]:
+  """The unconverted model's residual stream entering each layer on `tokens` (kv_init.layer_inputs)."""
+  tokens = np.asarray(tokens)
+  if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer) or tokens.size == 0:
+    raise ConvertError(f"calibration tokens must be a non-empty int array [batch, length], got {tokens.shape}.")
+  if tokens.min() < 0 or tokens.max() >= arch.vocab_size:
+    raise ConvertError(
+        f"calibration token ids span [{tokens.min()}, {tokens.max()}] but the model's vocab_size is "
+        f"{arch.vocab_size}; calibrate with the checkpoint's own tokenizer (--config.data.tokenizer)."
+    )
+  cfg = model_lib.ModelConfig.from_config(build_config(arch, "none").model)
+  params, _ = convert_params(reader, arch, cfg, rope_layout)
+  return kv_init_lib.layer_inputs(params, cfg, tokens)
+
+
+def calibration_tokens(hf_dir: str | pathlib.Path, config: ml_collections.ConfigDict, sequences: int) -> np.ndarray:
+  """The first `sequences` rows of training batch 0 of `config`'s data, tokenized with the checkpoint's tokenizer.
+
+  The training split, not validation: the K/V fit must not see the text the converted model is judged on.
+  """
+  from cla_jax.data import batches as batches_lib  # pylint: disable=g-import-not-at-top  (data stack is heavy)
+  from cla_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+
+  config = ml_collections.ConfigDict(config.to_dict())
+  tokenizer_file = pathlib.Path(hf_dir) / "tokenizer.json"
+  if tokenizer_file.is_file() and config.data.tokenizer == "sentencepiece":
+    config.data.tokenizer = str(tokenizer_file.resolve())
+  config.train.batch_size = sequences
+  tokenizer = tokenizer_lib.get_tokenizer(config)
+  batches = batches_lib.TrainBatches(config, tokenizer, "train", process_index=0, process_count=1)
+  return np.asarray(batches.batch(0)["inputs"], np.int32)
 
 
 def describe_report(report: dict) -> Iterator[str]:
@@ -527,6 +623,10 @@ def describe_report(report: dict) -> Iterator[str]:
     )
   else:
     yield "no K/V weights dropped: the converted model computes the same function as the original"
+  for group in report.get("kv_relative_errors") or []:
+    if len(group["layers"]) > 1:
+      errors = ", ".join(f"{k:.3f}/{v:.3f}" for k, v in zip(group["key"], group["value"]))
+      yield f"group {group['layers']} ({report['kv_init']}): K/V relative error per layer {errors}"
   if report["tokenizer"].endswith("tokenizer.json"):
     yield f"tokenizer: {report['tokenizer']}"
   else:
@@ -555,6 +655,18 @@ def define_flags() -> None:
       ROPE_LAYOUTS,
       "Q/K RoPE layout of the checkpoint: 'half' for Hugging " "Face exports, 'interleaved' for Meta-layout weights.",
   )
+  flags.DEFINE_string(
+      "kv_init",
+      "first",
+      "How a shared group's K/V block is initialised: first (its first layer's), mean (the mean of its layers' "
+      "projections, norm gains folded in) or lsq (least-squares fit of the layers' K/V on a calibration batch).",
+  )
+  flags.DEFINE_integer(
+      "calib_sequences",
+      8,
+      "Training sequences (of train.seq_len tokens, from --config's data) that 'lsq' fits on and the report's "
+      "K/V errors are measured on; 0: no calibration (then no errors in the report).",
+  )
   config_flags.DEFINE_config_file(
       "config",
       config_lib.DEFAULT_CONFIG,
@@ -570,7 +682,23 @@ def main(argv: list[str]) -> None:
   args = flags.FLAGS
   if not args.hf_dir or not args.workdir:
     raise UserError("--hf_dir and --workdir are required, e.g. --hf_dir=llama-hf --workdir=runs/llama_cla2.")
-  report = convert(args.hf_dir, args.workdir, pattern=args.pattern, config=args.config, rope_layout=args.rope_layout)
+  if args.calib_sequences < 0:
+    raise UserError(f"--calib_sequences={args.calib_sequences} must be >= 0 (0: no calibration batch).")
+  if args.kv_init not in kv_init_lib.KV_INITS:
+    raise UserError(f"--kv_init={args.kv_init!r} is not one of {kv_init_lib.KV_INITS}; see docs/convert_hf.md.")
+  tokens = None
+  if args.calib_sequences and args.pattern != "none":
+    read_hf_config(args.hf_dir)  # a missing checkpoint is named before any data is prepared
+    tokens = calibration_tokens(args.hf_dir, args.config, args.calib_sequences)
+  report = convert(
+      args.hf_dir,
+      args.workdir,
+      pattern=args.pattern,
+      config=args.config,
+      rope_layout=args.rope_layout,
+      kv_init=args.kv_init,
+      calib_tokens=tokens,
+  )
   for line in describe_report(report):
     print(line)
   print(f"wrote {args.workdir} (report: {pathlib.Path(args.workdir) / REPORT_FILE})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from cla_jax import sharding
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+Objective = Callable[[Any, Batch], tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]]
 
 
 def loss_fn(params: Any, batch: Batch, model: nn.Module) -> tuple[jax.Array, jax.Array]:
@@ -48,30 +50,57 @@ def _micro_batches(batch: Batch, accum_steps: int) -> Batch:
   return {k: split(v) for k, v in batch.items()}
 
 
-def grads_and_loss(params: Any, batch: Batch, model: nn.Module, accum_steps: int) -> tuple[Any, jax.Array, jax.Array]:
-  """(summed fp32 grads, summed loss, token count) over `accum_steps` micro-batches, scanned."""
-  grad_fn = jax.value_and_grad(lambda p, b: loss_fn(p, b, model), has_aux=True)
+def grads_and_loss(
+    params: Any, batch: Batch, model: nn.Module, accum_steps: int, objective: Objective | None = None
+) -> tuple[Any, jax.Array, jax.Array, dict[str, jax.Array]]:
+  """(summed fp32 grads, summed loss, token count, summed extra terms) over `accum_steps` micro-batches, scanned.
+
+  `objective(params, batch) -> (summed loss, (token count, {name: summed term}))` replaces the LM loss
+  (distillation, cla_jax.distill); its extra terms are summed like the loss.
+  """
+  if objective is None:
+    objective = lambda p, b: _no_extras(*loss_fn(p, b, model))  # noqa: E731
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
   if accum_steps == 1:
-    (loss_sum, tokens), grads = grad_fn(params, batch)
-    return grads, loss_sum, tokens
+    (loss_sum, (tokens, extras)), grads = grad_fn(params, batch)
+    return grads, loss_sum, tokens, extras
 
   def body(carry, micro):
-    grads_acc, loss_acc, tokens_acc = carry
-    (loss_sum, tokens), grads = grad_fn(params, micro)
+    grads_acc, loss_acc, tokens_acc, extras_acc = carry
+    (loss_sum, (tokens, extras)), grads = grad_fn(params, micro)
     grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
-    return (grads_acc, loss_acc + loss_sum, tokens_acc + tokens), None
+    extras_acc = jax.tree.map(jnp.add, extras_acc, extras)
+    return (grads_acc, loss_acc + loss_sum, tokens_acc + tokens, extras_acc), None
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-  (grads, loss_sum, tokens), _ = jax.lax.scan(body, init, _micro_batches(batch, accum_steps))
-  return grads, loss_sum, tokens
+  micro_batches = _micro_batches(batch, accum_steps)
+  extras_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches))[0][1][1]
+  init = (
+      zeros,
+      jnp.zeros((), jnp.float32),
+      jnp.zeros((), jnp.float32),
+      jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), extras_shape),
+  )
+  (grads, loss_sum, tokens, extras), _ = jax.lax.scan(body, init, micro_batches)
+  return grads, loss_sum, tokens, extras
+
+
+def _no_extras(loss_sum: jax.Array, tokens: jax.Array) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+  return loss_sum, (tokens, {})
 
 
 def train_step(
-    params: Any, opt_state: Any, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation, accum_steps: int
+    params: Any,
+    opt_state: Any,
+    batch: Batch,
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    accum_steps: int,
+    objective: Objective | None = None,
 ) -> tuple[Any, Any, Metrics]:
   """One optimizer step on a global batch: mean-token-loss gradients, clipped AdamW update."""
-  grads, loss_sum, tokens = grads_and_loss(params, batch, model, accum_steps)
+  grads, loss_sum, tokens, extras = grads_and_loss(params, batch, model, accum_steps, objective)
   denom = jnp.maximum(tokens, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   updates, opt_state = tx.update(grads, opt_state, params)
@@ -81,6 +110,7 @@ def train_step(
       "num_tokens": tokens,
       "grad_norm": optax.tree.norm(grads),
       "param_norm": optax.tree.norm(params),
+      **{name: value / denom for name, value in extras.items()},
   }
   return params, opt_state, metrics
 
@@ -122,19 +152,35 @@ def jit_train_step(
     mesh: Mesh,
     param_shardings: Any,
     opt_shardings: Any,
+    teacher: Any = None,
 ) -> Callable[..., tuple[Any, Any, Metrics]]:
-  """`train_step` as one jax.jit with explicit shardings; params and optimizer state are donated."""
+  """`train_step` as one jax.jit with explicit shardings; params and optimizer state are donated.
 
-  def step(params, opt_state, batch):
-    return train_step(params, opt_state, batch, model=model, tx=tx, accum_steps=accum_steps)
+  With a `distill.Teacher`, its forward runs in the same program (its params an input, never donated).
+  """
 
+  def step(params, opt_state, batch, teacher_params=None):
+    objective = None
+    if teacher is not None:
+      from cla_jax import distill  # pylint: disable=g-import-not-at-top
+
+      objective = functools.partial(distill.objective, model=model, teacher=teacher, teacher_params=teacher_params)
+    return train_step(params, opt_state, batch, model=model, tx=tx, accum_steps=accum_steps, objective=objective)
+
+  in_shardings = (param_shardings, opt_shardings, sharding.batch_sharding(mesh))
+  if teacher is not None:
+    in_shardings += (teacher.param_shardings,)
   jitted = jax.jit(
       step,
-      in_shardings=(param_shardings, opt_shardings, sharding.batch_sharding(mesh)),
+      in_shardings=in_shardings,
       out_shardings=(param_shardings, opt_shardings, NamedSharding(mesh, P())),
       donate_argnums=(0, 1),
   )
-  return _with_mesh(jitted, mesh)
+  if teacher is None:
+    return _with_mesh(jitted, mesh)
+  call = _with_mesh(lambda params, opt_state, batch: jitted(params, opt_state, batch, teacher.params), mesh)
+  call.jitted = jitted  # lower(params, opt_state, batch, teacher.params)
+  return call
 
 
 def jit_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Callable[[Any, Batch], Metrics]:

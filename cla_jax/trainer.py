@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from cla_jax import checkpoint, config_lib, health, optim, paths, sharding, workdir_lock
+from cla_jax import checkpoint, config_lib, distill, health, optim, paths, sharding, workdir_lock
 from cla_jax import metrics as metrics_lib
 from cla_jax import model as model_lib
 from cla_jax import train_step as train_step_lib
@@ -152,6 +152,7 @@ class Trainer:
     self.workdir = workdir if paths.is_remote(workdir) else os.path.abspath(os.path.expanduser(workdir))
     self.config = config = ml_collections.ConfigDict(config.to_dict())
     config_lib.check_values(config)
+    distill.check_config(config)
     from_workdir = _model_from_workdir(self.workdir, config, explicit_model_fields)
     self.mesh = sharding.make_mesh(config.mesh)
     check_train_config(config, self.mesh)
@@ -159,6 +160,8 @@ class Trainer:
     tokenizer_lib.set_vocab_size(config, self.tokenizer)
     self.model_config = config_lib.model_config(config)
     sharding.check_model_fits(self.model_config, self.mesh)
+    # Loaded (and checked against the student) before the workdir is touched; None without train.teacher.
+    self.teacher = distill.load_teacher(config, self.mesh, self.model_config, self.tokenizer)
     _prepare_workdir(self.workdir)
     self.lock = workdir_lock.WorkdirLock(self.workdir).acquire()  # before anything in the workdir changes
     try:
@@ -287,7 +290,13 @@ class Trainer:
         f"peak {self.peak_flops / 1e12:.2f} TFLOP/s ({self.peak_source})"
     )
     train_fn = train_step_lib.jit_train_step(
-        self.model, self.tx, config.train.grad_accum_steps, self.mesh, self.param_shardings, self.opt_shardings
+        self.model,
+        self.tx,
+        config.train.grad_accum_steps,
+        self.mesh,
+        self.param_shardings,
+        self.opt_shardings,
+        teacher=self.teacher,
     )
     batches: Iterator[dict] = batches_lib.TrainBatches(config, self.tokenizer, "train").iterator(start)
     tokens_per_step = config.train.batch_size * config.train.seq_len
@@ -324,7 +333,7 @@ class Trainer:
                 "step_time": step_time,
                 "tokens_per_s": tokens_per_step / step_time,
                 "mfu": flops / self.peak_flops,
-                **{k: v for k, v in m.items() if k.startswith("eval_")},
+                **{k: v for k, v in m.items() if k.startswith(("eval_", "distill_"))},
             },
         )
 

@@ -63,6 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
   train.divergence_spike_factor = 5.0  # spike: loss above this x its running median (0: off)
   train.divergence_window = 50  # steps in that running median
   train.divergence_max_grad_norm = 0.0  # stop when the (pre-clip) gradient norm exceeds this (0: no bound)
+  # Distillation (uptraining a converted model, docs/convert_hf.md): the loss becomes (1 - w) * LM loss +
+  # w * T^2 * KL(teacher || student) at temperature T. The teacher (same tokenizer) is never trained or saved.
+  train.teacher = ""  # a workdir or Hugging Face model dir ("": no distillation)
+  train.distill_weight = 0.5  # w in [0, 1]: the KL's share of the loss
+  train.distill_temperature = 1.0  # T > 0: softens both distributions (1: as predicted)
   train.peak_flops_per_device = 0.0  # MFU denominator; 0: bf16 table per device kind (TPU/GPU), measured on CPU
 
   config.checkpoint = ckpt = ml_collections.ConfigDict()

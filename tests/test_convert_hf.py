@@ -301,7 +301,14 @@ def cli_workdir(gqa_model, tmp_path_factory):
           f"--hf_dir={hf_dir}",
           f"--workdir={root / 'work'}",
           "--pattern=cla2",
+          "--kv_init=lsq",
+          "--calib_sequences=4",
           "--config.train.lr=1e-4",
+          "--config.train.seq_len=16",
+          "--config.data.source=text",
+          f"--config.data.text_glob={root / 'data' / '*.txt'}",
+          "--config.data.eval_fraction=0.25",
+          f"--config.data.data_dir={root / 'cache'}",
       ],
       cwd=root,
       env=env,
@@ -316,6 +323,10 @@ def cli_workdir(gqa_model, tmp_path_factory):
 def test_cli_reports_dropped_kv_and_references_tokenizer(cli_workdir):
   root, stdout = cli_workdir
   assert "dropped K/V projections of layers [1, 3]" in stdout
+  assert "group [0, 1] (lsq): K/V relative error per layer" in stdout
+  report = json.loads((root / "work" / convert_hf.REPORT_FILE).read_text())
+  assert report["kv_init"] == "lsq" and report["calibration_tokens"] == [4, 16]
+  assert [g["layers"] for g in report["kv_relative_errors"]] == [[0, 1], [2, 3]]
   config = json.loads((root / "work" / "config.json").read_text())
   assert config["model"]["pattern"] == "cla2" and config["train"]["lr"] == 1e-4
   assert config["data"]["tokenizer"] == str((root / "work" / "tokenizer.json").resolve())
@@ -434,3 +445,115 @@ def test_converted_workdir_continues_with_the_default_config(cli_workdir, tmp_pa
   config.model.d_model = saved.model.d_model * 2  # an explicit weight-changing override is refused
   with pytest.raises(trainer.TrainConfigError, match=r"different model config \(fields \['d_model'\]\)"):
     trainer.run(config, str(workdir), explicit_model_fields=["d_model"])
+
+
+# ----------------------------------------------------------------------------- K/V initialisation (issue 28)
+
+
+def _rms(x: np.ndarray) -> np.ndarray:
+  x = x.astype(np.float64)
+  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + EPS)
+
+
+@pytest.fixture(scope="module")
+def calibration(gqa_model):
+  """Calibration tokens and, from transformers itself, the residual stream entering each layer on them."""
+  tokens = _tokens(batch=3, length=20, seed=5)
+  with torch.no_grad():
+    hidden = gqa_model(torch.tensor(tokens, dtype=torch.long), output_hidden_states=True).hidden_states
+  return tokens, [h.double().numpy().reshape(-1, D_MODEL) for h in hidden[:LAYERS]]
+
+
+@pytest.mark.parametrize("kv_init", ["first", "mean", "lsq"])
+def test_kv_init_shapes_and_report_errors_match_an_independent_reference(
+    gqa_model, gqa_dir, tmp_path, calibration, kv_init
+):
+  tokens, inputs = calibration
+  report = convert_hf.convert(gqa_dir, tmp_path / "work", pattern="cla2", kv_init=kv_init, calib_tokens=tokens)
+  loaded = cla_jax.load_model(tmp_path / "work", dtype="float32")
+  kv = loaded.params["segment_0"]["kv"]
+  assert kv["key"].shape == kv["value"].shape == (2, D_MODEL, 2, HEAD_DIM)
+  assert kv["norm"]["scale"].shape == (2, D_MODEL)
+  assert report["kv_init"] == kv_init and report["calibration_tokens"] == [3, 20]
+
+  squared = 0.0  # sum over groups, layers, K and V of the absolute squared error (what lsq minimises)
+  for g, layers in enumerate([[0, 1], [2, 3]]):
+    gain = np.asarray(kv["norm"]["scale"][g], np.float64)
+    for which, proj in (("key", "k_proj"), ("value", "v_proj")):
+      shared = (_rms(inputs[layers[0]]) * gain) @ np.asarray(kv[which][g], np.float64).reshape(D_MODEL, -1)
+      for j, layer in enumerate(layers):
+        own_gain = _hf_weight(gqa_model, f"model.layers.{layer}.input_layernorm.weight")
+        own_proj = _hf_weight(gqa_model, f"model.layers.{layer}.self_attn.{proj}.weight")
+        original = (_rms(inputs[layer]) * own_gain) @ own_proj.T
+        error = np.linalg.norm(shared - original) / np.linalg.norm(original)
+        assert report["kv_relative_errors"][g][which][j] == pytest.approx(error, rel=1e-3, abs=1e-5), (g, which, j)
+        squared += np.sum((shared - original) ** 2)
+  test_kv_init_shapes_and_report_errors_match_an_independent_reference.squared[kv_init] = squared
+  if kv_init == "first":  # the group's first layer keeps its own K/V exactly
+    assert report["kv_relative_errors"][0]["key"][0] == 0 and report["kv_relative_errors"][1]["value"][0] == 0
+  if kv_init == "lsq":  # the fit minimises the summed squared error: no worse than the other two inits
+    others = test_kv_init_shapes_and_report_errors_match_an_independent_reference.squared
+    assert all(squared <= others[name] * (1 + 1e-6) for name in ("first", "mean") if name in others)
+
+
+test_kv_init_shapes_and_report_errors_match_an_independent_reference.squared = {}
+
+
+def test_kv_init_mean_is_the_hand_computed_mean(gqa_model, gqa_dir):
+  arch = convert_hf.parse_llama_config(convert_hf.read_hf_config(gqa_dir))
+  cfg = convert_hf.model_lib.ModelConfig.from_config(convert_hf.build_config(arch, "cla2").model)
+  with contextlib.ExitStack() as stack:
+    params, report = convert_hf.convert_params(convert_hf.SafetensorsReader(gqa_dir, stack), arch, cfg, kv_init="mean")
+  assert report["kv_init"] == "mean" and report["kv_relative_errors"] is None
+  kv = params["segment_0"]["kv"]
+  for g, layers in enumerate([[0, 1], [2, 3]]):
+    for which, proj in (("key", "k_proj"), ("value", "v_proj")):
+      # Each layer's map x -> (x * gain) @ W^T, i.e. gain[:, None] * W^T, averaged over the group's two layers.
+      folded = [
+          _hf_weight(gqa_model, f"model.layers.{i}.input_layernorm.weight")[:, None]
+          * _hf_weight(gqa_model, f"model.layers.{i}.self_attn.{proj}.weight").T
+          for i in layers
+      ]
+      expected = ((folded[0] + folded[1]) / 2).reshape(D_MODEL, 2, HEAD_DIM)
+      np.testing.assert_allclose(kv[which][g], expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(kv["norm"]["scale"][g], np.ones(D_MODEL, np.float32))
+
+
+def test_kv_init_with_pattern_none_keeps_the_function_and_singleton_groups_are_exact(
+    gqa_model, gqa_dir, tmp_path, calibration
+):
+  tokens, _ = calibration
+  report = convert_hf.convert(gqa_dir, tmp_path / "w", pattern="1,2,1", kv_init="mean", calib_tokens=tokens)
+  errors = report["kv_relative_errors"]
+  assert [g["layers"] for g in errors] == [[0], [1, 2], [3]]
+  assert errors[0]["key"] == [0.0] and errors[2]["value"] == [0.0]  # a one-layer group keeps its own K/V
+  assert min(errors[1]["key"]) > 0
+
+
+def test_bad_kv_init_inputs_are_one_line_errors(gqa_dir, tmp_path, calibration):
+  with pytest.raises(UserError, match="kv_init='bogus' is not one of"):
+    convert_hf.convert(gqa_dir, tmp_path / "a", pattern="cla2", kv_init="bogus")
+  with pytest.raises(UserError, match="calibration batch; set --calib_sequences"):
+    convert_hf.convert(gqa_dir, tmp_path / "b", pattern="cla2", kv_init="lsq")
+  with pytest.raises(UserError, match=r"calibration token ids span \[0, 500\]"):
+    convert_hf.convert(gqa_dir, tmp_path / "c", pattern="cla2", calib_tokens=np.array([[0, 500]]))
+  assert not any((tmp_path / name).exists() for name in "abc")
+  for flag in ("--kv_init=bogus", "--calib_sequences=-1"):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cla_jax.convert_hf",
+            f"--hf_dir={gqa_dir}",
+            f"--workdir={tmp_path / 'w'}",
+            "--pattern=cla2",
+            flag,
+        ],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: ") and flag.split("=")[0].lstrip("-") in result.stderr

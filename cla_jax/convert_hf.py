@@ -556,11 +556,11 @@ def convert(
   check_against_model(params, cfg)
 
   workdir.mkdir(parents=True, exist_ok=True)
-  tokenizer = hf_dir / "tokenizer.json"
-  if tokenizer.is_file():
+  tokenizer = checkpoint_tokenizer(hf_dir)
+  if tokenizer:
     # A copy keeps the workdir self-contained; the config points at the copy.
-    shutil.copyfile(tokenizer, workdir / "tokenizer.json")
-    config.data.tokenizer = str((workdir / "tokenizer.json").resolve())
+    shutil.copyfile(tokenizer, workdir / tokenizer.name)
+    config.data.tokenizer = str((workdir / tokenizer.name).resolve())
   config.lock()
   checkpoint.save_params_only(str(workdir), params, config, step=0)
 
@@ -575,6 +575,14 @@ def convert(
   )
   (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
   return report
+
+
+def checkpoint_tokenizer(hf_dir: pathlib.Path) -> pathlib.Path | None:
+  """The checkpoint's tokenizer file: tokenizer.json, else a sentencepiece tokenizer.model (cla_jax's exports)."""
+  for name in ("tokenizer.json", "tokenizer.model"):
+    if (hf_dir / name).is_file():
+      return hf_dir / name
+  return None
 
 
 def original_layer_inputs(
@@ -603,8 +611,8 @@ def calibration_tokens(hf_dir: str | pathlib.Path, config: ml_collections.Config
   from cla_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   config = ml_collections.ConfigDict(config.to_dict())
-  tokenizer_file = pathlib.Path(hf_dir) / "tokenizer.json"
-  if tokenizer_file.is_file() and config.data.tokenizer == "sentencepiece":
+  tokenizer_file = checkpoint_tokenizer(pathlib.Path(hf_dir))
+  if tokenizer_file and config.data.tokenizer == "sentencepiece":
     config.data.tokenizer = str(tokenizer_file.resolve())
   config.train.batch_size = sequences
   tokenizer = tokenizer_lib.get_tokenizer(config)
@@ -627,11 +635,11 @@ def describe_report(report: dict) -> Iterator[str]:
     if len(group["layers"]) > 1:
       errors = ", ".join(f"{k:.3f}/{v:.3f}" for k, v in zip(group["key"], group["value"]))
       yield f"group {group['layers']} ({report['kv_init']}): K/V relative error per layer {errors}"
-  if report["tokenizer"].endswith("tokenizer.json"):
+  if report["tokenizer"].endswith(("tokenizer.json", "tokenizer.model")):
     yield f"tokenizer: {report['tokenizer']}"
   else:
     yield (
-        f"warning: no tokenizer.json in the checkpoint, so data.tokenizer={report['tokenizer']!r}; the model "
+        f"warning: no tokenizer.json or tokenizer.model in the checkpoint, so data.tokenizer={report['tokenizer']!r}; the model "
         "only makes sense with its own tokenizer: pass --config.data.tokenizer=PATH (tokenizer.json or .model)."
     )
 

@@ -329,6 +329,11 @@ def test_tokenizers_export_and_encode_like_cla_jax(tmp_path, keep_ends_workdir):
     assert theirs.eos_token_id == ours.eos_id, name
     generation = json.loads((tmp_path / f"hf_{name}" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == ours.eos_id, name
+    # convert_hf takes the tokenizer back: the workdir's copy encodes like the original.
+    report = convert_hf.convert(tmp_path / f"hf_{name}", tmp_path / f"back_{name}")
+    back = tokenizer_lib.get_tokenizer(checkpoint.read_config(tmp_path / f"back_{name}"))
+    assert report["tokenizer"].startswith(str((tmp_path / f"back_{name}").resolve())), name
+    assert back.encode(test_text[0]) == ours.encode(test_text[0]), name
 
 
 def test_errors_are_one_clear_line(tmp_path, keep_ends_workdir):

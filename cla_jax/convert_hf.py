@@ -639,8 +639,8 @@ def describe_report(report: dict) -> Iterator[str]:
     yield f"tokenizer: {report['tokenizer']}"
   else:
     yield (
-        f"warning: no tokenizer.json or tokenizer.model in the checkpoint, so data.tokenizer={report['tokenizer']!r}; the model "
-        "only makes sense with its own tokenizer: pass --config.data.tokenizer=PATH (tokenizer.json or .model)."
+        "warning: no tokenizer.json or tokenizer.model in the checkpoint, so "
+        f"data.tokenizer={report['tokenizer']!r}; the model only makes sense with its own tokenizer: pass --config.data.tokenizer=PATH (tokenizer.json or .model)."
     )
 
 

@@ -640,7 +640,8 @@ def describe_report(report: dict) -> Iterator[str]:
   else:
     yield (
         "warning: no tokenizer.json or tokenizer.model in the checkpoint, so "
-        f"data.tokenizer={report['tokenizer']!r}; the model only makes sense with its own tokenizer: pass --config.data.tokenizer=PATH (tokenizer.json or .model)."
+        f"data.tokenizer={report['tokenizer']!r}; the model only makes sense with its own tokenizer: pass "
+        "--config.data.tokenizer=PATH (tokenizer.json or .model)."
     )
 
 

@@ -47,7 +47,15 @@ def read_prompts() -> list[str]:
     path = pathlib.Path(FLAGS.prompt_file).expanduser()
     if not path.is_file():
       raise cli.UserError(f"--prompt_file={FLAGS.prompt_file}: no such file.")
-    prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+      text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+      raise cli.UserError(
+          f"--prompt_file={FLAGS.prompt_file} is not UTF-8 text (byte {e.start}); save it as UTF-8, one prompt a line."
+      ) from None
+    except OSError as e:
+      raise cli.UserError(f"cannot read --prompt_file={FLAGS.prompt_file} ({e.strerror}).") from None
+    prompts += [line for line in text.splitlines() if line.strip()]
   if not prompts:
     raise cli.UserError("no prompt: give --prompt=TEXT or --prompt_file=FILE (one prompt a line).")
   return prompts

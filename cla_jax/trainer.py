@@ -284,7 +284,7 @@ class Trainer:
       return
     self.writer.message(
         f"mesh {sharding.describe(self.mesh)}; {self.flops_per_step / 1e9:.2f} GFLOP/step; "
-        f"peak {self.peak_flops / 1e12:.2f} TFLOP/s ({self.peak_source})"
+        f"peak {metrics_lib.format_peak(self.peak_flops)} ({self.peak_source})"
     )
     train_fn = train_step_lib.jit_train_step(
         self.model, self.tx, config.train.grad_accum_steps, self.mesh, self.param_shardings, self.opt_shardings

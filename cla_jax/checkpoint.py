@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import sys
 import time
+import traceback
 from typing import Any
 
 import flax.linen as nn
@@ -138,6 +140,53 @@ class KeepNewestAndVerified:
     return [newest is None or c.step in newest or c.step == self.verified for c in checkpoints]
 
 
+class _OrbaxErrorFilter(logging.Filter):
+  """Drops orbax's ERROR log records (each with a library traceback) about a failed save or restore.
+
+  Every such failure also reaches our code as an exception, which becomes one `error:` line (disk full)
+  or one `warning:` line (an unreadable checkpoint falling back to an older one); the log copy would
+  bury that line under tracebacks. orbax's warnings and info records pass.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
+    orbax = f"{os.sep}orbax{os.sep}"
+    # absl records come from orbax's own files; asyncio's 'Task exception was never retrieved' names the task.
+    return orbax not in record.pathname and orbax not in str(record.msg)
+
+
+def _is_closed_loop_callback(error: BaseException) -> bool:
+  """True for tensorstore's late completion callback of a write that orbax abandoned (its loop is closed)."""
+  frames = traceback.extract_tb(error.__traceback__)
+  return (
+      isinstance(error, RuntimeError)
+      and str(error) == "Event loop is closed"
+      and bool(frames)
+      and frames[0].name == "call_soon_threadsafe"
+  )
+
+
+def _quiet_excepthook(previous: Any) -> Any:
+  def hook(kind, error, tb):
+    if not _is_closed_loop_callback(error):
+      previous(kind, error, tb)
+
+  hook.cla_jax_quiet = True
+  return hook
+
+
+def _quiet_orbax_errors() -> None:
+  for name in ("absl", "asyncio"):  # orbax logs through absl; its abandoned write tasks through asyncio
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _OrbaxErrorFilter) for f in logger.filters):
+      logger.addFilter(_OrbaxErrorFilter())
+  # When a save fails half way, orbax closes its event loop while tensorstore still completes the other
+  # writes; each completion then prints this RuntimeError through sys.excepthook. Only those are dropped.
+  if not getattr(sys.excepthook, "cla_jax_quiet", False):
+    sys.excepthook = _quiet_excepthook(sys.excepthook)
+
+
 def make_manager(
     workdir: str | os.PathLike,
     keep: int | None = None,
@@ -146,6 +195,7 @@ def make_manager(
     policy: KeepNewestAndVerified | None = None,
 ) -> ocp.CheckpointManager:
   """An orbax CheckpointManager on DIR/checkpoints keeping the newest `keep` steps (None: all) or per `policy`."""
+  _quiet_orbax_errors()
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy or KeepNewestAndVerified(keep),
       save_interval_steps=1,

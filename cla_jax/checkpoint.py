@@ -156,7 +156,7 @@ class _OrbaxErrorFilter(logging.Filter):
     return orbax not in record.pathname and orbax not in str(record.msg)
 
 
-def _is_closed_loop_callback(error: BaseException) -> bool:
+def _is_closed_loop_callback(error: BaseException | None) -> bool:
   """True for tensorstore's late completion callback of a write that orbax abandoned (its loop is closed)."""
   frames = traceback.extract_tb(error.__traceback__)
   return (
@@ -167,13 +167,28 @@ def _is_closed_loop_callback(error: BaseException) -> bool:
   )
 
 
-def _quiet_excepthook(previous: Any) -> Any:
-  def hook(kind, error, tb):
-    if not _is_closed_loop_callback(error):
-      previous(kind, error, tb)
+def _is_abandoned_orbax_work(error: BaseException | None, obj: Any = None) -> bool:
+  """True for the noise of orbax work abandoned after a failed save or restore (reported by us instead)."""
+  code = getattr(obj, "cr_code", None)
+  return _is_closed_loop_callback(error) or (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename)
 
-  hook.cla_jax_quiet = True
-  return hook
+
+def _quiet_hooks() -> None:
+  """sys.excepthook / sys.unraisablehook that drop `_is_abandoned_orbax_work` and pass everything else on."""
+  if getattr(sys.unraisablehook, "cla_jax_quiet", False):
+    return
+  previous_except, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+  def excepthook(kind, error, tb):
+    if not _is_abandoned_orbax_work(error):
+      previous_except(kind, error, tb)
+
+  def unraisablehook(unraisable):
+    if not _is_abandoned_orbax_work(unraisable.exc_value, unraisable.object):
+      previous_unraisable(unraisable)
+
+  unraisablehook.cla_jax_quiet = True
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
 def _quiet_orbax_errors() -> None:
@@ -181,10 +196,10 @@ def _quiet_orbax_errors() -> None:
     logger = logging.getLogger(name)
     if not any(isinstance(f, _OrbaxErrorFilter) for f in logger.filters):
       logger.addFilter(_OrbaxErrorFilter())
-  # When a save fails half way, orbax closes its event loop while tensorstore still completes the other
-  # writes; each completion then prints this RuntimeError through sys.excepthook. Only those are dropped.
-  if not getattr(sys.excepthook, "cla_jax_quiet", False):
-    sys.excepthook = _quiet_excepthook(sys.excepthook)
+  # When a save or restore fails half way, orbax closes its event loop while tensorstore still completes
+  # the other reads/writes: each completion, and each abandoned coroutine, prints a traceback through these
+  # hooks (dozens, hundreds of lines). Only those are dropped.
+  _quiet_hooks()
 
 
 def make_manager(
@@ -376,7 +391,8 @@ def restore(
 
 
 def _first_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
+  # tensorstore appends a bound-method repr and a multi-line spec after this phrase: not for a one-line warning.
+  text = str(e).split(". See full TensorStore details")[0].strip().splitlines()
   return text[0][:200] if text else ""
 
 

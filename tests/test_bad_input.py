@@ -159,13 +159,11 @@ def test_sweep_files_that_cannot_give_runs(tmp_path, case):
 
 def test_a_good_sweep_file_still_loads(tmp_path):
   path = tmp_path / "ok.py"
-  path.write_text(
-      textwrap.dedent("""\
+  path.write_text(textwrap.dedent("""\
       from cla_jax.sweep import Run
       def get_runs():
         return (Run(row="A", config="configs/default.py", overrides={"train.lr": 1e-3}) for _ in range(1))
-      """)
-  )
+      """))
   (run,) = sweep.load_sweep(str(path), None)
   assert run.row == "A" and run.name
 

@@ -319,3 +319,73 @@ def test_bad_command_lines_exit_2_with_one_line_and_no_side_effects(tmp_path, tr
     if workdir:
       assert not (tmp_path / workdir).exists(), argv
   assert not (good / "eval").exists()
+
+
+def test_disk_filling_during_a_save_is_one_error_and_no_library_traceback(tmp_path, corpus, capfd, monkeypatch):
+  small = tmp_path / "small"
+  _mount("-t tmpfs", small, "-o", "size=3M", "tmpfs")  # room for one checkpoint of the tiny model, not two
+  try:
+    # The free-space check before each save passes (as when another writer fills the disk during the save).
+    monkeypatch.setattr(checkpoint, "_free_bytes", lambda directory: 2**40)
+    config = _config(corpus, steps=30)
+    config.checkpoint.update(every_steps=1, keep=100)
+    capfd.readouterr()
+    with pytest.raises(checkpoint.DiskFullError, match="disk full") as err:
+      trainer.run(config, str(small / "run"))
+    assert "\n" not in str(err.value) and "checkpoints [1] are intact" in str(err.value)
+    import gc  # pylint: disable=g-import-not-at-top
+
+    gc.collect()  # abandoned orbax coroutines report when collected
+    err_text = capfd.readouterr().err
+    assert "Traceback" not in err_text and "RESOURCE_EXHAUSTED" not in err_text, err_text[-3000:]
+    params, _, step = checkpoint.restore_params(small / "run")
+    assert step == 1 and all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+  finally:
+    _umount(small)
+
+
+def test_truncated_newest_checkpoint_falls_back_with_one_warning_line(tmp_path, trained, capfd):
+  import gc  # pylint: disable=g-import-not-at-top
+
+  _, source = trained
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  data_files = [
+      p for p in (workdir / "checkpoints" / "6" / "params").rglob("*") if p.is_file() and p.parent.name == "d"
+  ]
+  biggest = max(data_files, key=lambda p: p.stat().st_size)
+  biggest.write_bytes(biggest.read_bytes()[:100])  # a copy or a disk that stopped part way
+  capfd.readouterr()
+  params, _, step = checkpoint.restore_params(workdir)
+  gc.collect()
+  assert step == 5 and all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+  lines = capfd.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("warning: checkpoint step 6 ") and "unreadable" in lines[0], lines
+  assert "TensorStore details" not in lines[0]
+
+
+def test_verified_step_file_waits_for_its_checkpoint_to_commit(tmp_path):
+  """After kill -9 mid-save, verified_step.json must not name a step that is only an orbax temporary dir."""
+  import types  # pylint: disable=g-import-not-at-top
+
+  class Manager:
+    saving, steps = True, [4]
+
+    def is_saving_in_progress(self):
+      return self.saving
+
+    def all_steps(self):
+      return self.steps
+
+  fake = types.SimpleNamespace(
+      workdir=str(tmp_path), manager=Manager(), policy=checkpoint.KeepNewestAndVerified(keep=2), _verified_on_disk=None
+  )
+  fake._record_verified = types.MethodType(trainer.Trainer._record_verified, fake)  # pylint: disable=protected-access
+  trainer.Trainer._mark_verified(fake, 5)  # step 6 passed; checkpoint 5 is still being written
+  assert fake.policy.verified == 5 and checkpoint.read_verified_step(tmp_path) is None
+  fake.manager.saving = False  # committed? only once it is listed as a step
+  fake._record_verified()  # pylint: disable=protected-access
+  assert checkpoint.read_verified_step(tmp_path) is None
+  fake.manager.steps = [4, 5]
+  fake._record_verified()  # pylint: disable=protected-access
+  assert checkpoint.read_verified_step(tmp_path) == 5

@@ -15,9 +15,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import cla_jax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+import cla_jax  # noqa: E402
 from cla_jax import convert_hf  # noqa: E402
 from cla_jax.errors import UserError  # noqa: E402
 from tests import numpy_reference  # noqa: E402

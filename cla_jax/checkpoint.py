@@ -145,13 +145,15 @@ class _OrbaxErrorFilter(logging.Filter):
 
   Every such failure also reaches our code as an exception, which becomes one `error:` line (disk full)
   or one `warning:` line (an unreadable checkpoint falling back to an older one); the log copy would
-  bury that line under tracebacks. orbax's warnings and info records pass.
+  bury that line under tracebacks. orbax's other warnings and info records pass.
   """
 
   def filter(self, record: logging.LogRecord) -> bool:
+    orbax = f"{os.sep}orbax{os.sep}"
+    if orbax in record.pathname and str(record.msg).startswith("Given directory is read only"):
+      return False  # what every read-only restore (eval, generate, export) asked for: not worth a line
     if record.levelno < logging.ERROR:
       return True
-    orbax = f"{os.sep}orbax{os.sep}"
     # absl records come from orbax's own files; asyncio's 'Task exception was never retrieved' names the task.
     return orbax not in record.pathname and orbax not in str(record.msg)
 
@@ -213,7 +215,7 @@ def make_manager(
   _quiet_orbax_errors()
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy or KeepNewestAndVerified(keep),
-      save_interval_steps=1,
+      save_interval_steps=0 if read_only else 1,  # orbax warns when a read-only manager is asked to save
       create=not read_only,
       read_only=read_only,
       enable_async_checkpointing=async_save,

@@ -321,7 +321,7 @@ def test_bad_command_lines_exit_2_with_one_line_and_no_side_effects(tmp_path, tr
   assert not (good / "eval").exists()
 
 
-def _python_cli(code: str, *args: str) -> "subprocess.CompletedProcess":
+def _python_cli(code: str, *args: str):
   """Runs `code` (defining main(argv)) under cli.run in a fresh Python, as a command would: its real stderr."""
   import subprocess  # pylint: disable=g-import-not-at-top
 

@@ -274,6 +274,10 @@ def test_bad_command_lines_exit_2_with_one_line_and_no_side_effects(tmp_path, tr
   a_file.write_text("x")
   binary = tmp_path / "binary.txt"
   binary.write_bytes(bytes(range(256)) * 8)
+  bad_sweep = tmp_path / "bad_sweep.py"
+  bad_sweep.write_text("def get_runs(:\n  return []\n")
+  good_sweep = tmp_path / "good_sweep.py"
+  good_sweep.write_text("from cla_jax.sweep import Run\ndef get_runs():\n  return [Run('A', 'configs/default.py')]\n")
   read_only = tmp_path / "ro"
   mounted = _mount("-t tmpfs", read_only, "-o", "size=1M,ro", "tmpfs", skip=False)  # needs root
   ok = th.overrides(th.use_corpus(th.tiny_config(), corpus))
@@ -299,6 +303,26 @@ def test_bad_command_lines_exit_2_with_one_line_and_no_side_effects(tmp_path, tr
       ([*ev, "--config.model.x=3"], "--config.model.x: no such config field", None),
       ([*ev, f"--text_file={binary}"], "is not UTF-8 text", None),
       (["-m", "cla_jax.describe", "--config=configs/nope.py"], "configs/nope.py' not found", None),
+      # Issue 27: the newer commands, and config errors that used to leave files behind or read badly.
+      (["generate.py", f"--workdir={good}", f"--prompt_file={binary}"], "is not UTF-8 text", None),
+      (
+          [*train, f"--workdir={tmp_path / 'w6'}", *ok, "--config.train.seq_len=100000"],
+          "fewer than train.seq_len",
+          "w6",
+      ),
+      (
+          [*train, f"--workdir={tmp_path / 'w7'}", *ok, "--config.model.num_layerz=3"],
+          '(did you mean "num_layers"?)',
+          "w7",
+      ),
+      (["-m", "cla_jax.sweep", f"--sweep={bad_sweep}", f"--workdir={tmp_path / 'w8'}"], "line 1: invalid syntax", "w8"),
+      (["-m", "cla_jax.sweep", f"--sweep={good_sweep}", f"--workdir={a_file}"], "is a file, not a directory", None),
+      (["-m", "cla_jax.data.prepare", f"--output={a_file}", *ok], "--output=", None),
+      *(
+          [(["-m", "cla_jax.export_hf", f"--workdir={good}", f"--out={read_only}/hf"], "not writable", None)]
+          if mounted
+          else []
+      ),
   ]
 
   def run(argv):

@@ -124,7 +124,11 @@ class LoadedModel:
     return [self.tokenizer.decode([t for t in row if t != eos_id and t < known]) for row in new]
 
   def __call__(self, tokens: Any, positions: Any = None, segment_ids: Any = None) -> jax.Array:
-    """Logits [batch, length, vocab] float32 for int tokens [batch, length] (optional positions/segment ids)."""
+    """Logits [batch, length, vocab] float32 for int tokens [batch, length] (optional positions/segment ids).
+
+    Ids outside [0, vocab) and negative positions / segment ids are a UserError for numpy, list and concrete
+    jax inputs; under the caller's own jit they are tracers and pass unchecked (see `_value_range`).
+    """
     tokens = self._check_tokens(tokens, "tokens")
     if positions is not None:
       positions = self._check_tokens(positions, "positions", vocab_check=False, like=tokens)

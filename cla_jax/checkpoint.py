@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import sys
 import time
+import traceback
 from typing import Any
 
 import flax.linen as nn
@@ -138,6 +140,70 @@ class KeepNewestAndVerified:
     return [newest is None or c.step in newest or c.step == self.verified for c in checkpoints]
 
 
+class _OrbaxErrorFilter(logging.Filter):
+  """Drops orbax's ERROR log records (each with a library traceback) about a failed save or restore.
+
+  Every such failure also reaches our code as an exception, which becomes one `error:` line (disk full)
+  or one `warning:` line (an unreadable checkpoint falling back to an older one); the log copy would
+  bury that line under tracebacks. orbax's other warnings and info records pass.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    orbax = f"{os.sep}orbax{os.sep}"
+    if orbax in record.pathname and str(record.msg).startswith("Given directory is read only"):
+      return False  # what every read-only restore (eval, generate, export) asked for: not worth a line
+    if record.levelno < logging.ERROR:
+      return True
+    # absl records come from orbax's own files; asyncio's 'Task exception was never retrieved' names the task.
+    return orbax not in record.pathname and orbax not in str(record.msg)
+
+
+def _is_closed_loop_callback(error: BaseException | None) -> bool:
+  """True for tensorstore's late completion callback of a write that orbax abandoned (its loop is closed)."""
+  frames = traceback.extract_tb(error.__traceback__)
+  return (
+      isinstance(error, RuntimeError)
+      and str(error) == "Event loop is closed"
+      and bool(frames)
+      and frames[0].name == "call_soon_threadsafe"
+  )
+
+
+def _is_abandoned_orbax_work(error: BaseException | None, obj: Any = None) -> bool:
+  """True for the noise of orbax work abandoned after a failed save or restore (reported by us instead)."""
+  code = getattr(obj, "cr_code", None)
+  return _is_closed_loop_callback(error) or (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename)
+
+
+def _quiet_hooks() -> None:
+  """sys.excepthook / sys.unraisablehook that drop `_is_abandoned_orbax_work` and pass everything else on."""
+  if getattr(sys.unraisablehook, "cla_jax_quiet", False):
+    return
+  previous_except, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+  def excepthook(kind, error, tb):
+    if not _is_abandoned_orbax_work(error):
+      previous_except(kind, error, tb)
+
+  def unraisablehook(unraisable):
+    if not _is_abandoned_orbax_work(unraisable.exc_value, unraisable.object):
+      previous_unraisable(unraisable)
+
+  unraisablehook.cla_jax_quiet = True
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
+def _quiet_orbax_errors() -> None:
+  for name in ("absl", "asyncio"):  # orbax logs through absl; its abandoned write tasks through asyncio
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _OrbaxErrorFilter) for f in logger.filters):
+      logger.addFilter(_OrbaxErrorFilter())
+  # When a save or restore fails half way, orbax closes its event loop while tensorstore still completes
+  # the other reads/writes: each completion, and each abandoned coroutine, prints a traceback through these
+  # hooks (dozens, hundreds of lines). Only those are dropped.
+  _quiet_hooks()
+
+
 def make_manager(
     workdir: str | os.PathLike,
     keep: int | None = None,
@@ -146,9 +212,10 @@ def make_manager(
     policy: KeepNewestAndVerified | None = None,
 ) -> ocp.CheckpointManager:
   """An orbax CheckpointManager on DIR/checkpoints keeping the newest `keep` steps (None: all) or per `policy`."""
+  _quiet_orbax_errors()
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy or KeepNewestAndVerified(keep),
-      save_interval_steps=1,
+      save_interval_steps=0 if read_only else 1,  # orbax warns when a read-only manager is asked to save
       create=not read_only,
       read_only=read_only,
       enable_async_checkpointing=async_save,
@@ -326,7 +393,8 @@ def restore(
 
 
 def _first_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
+  # tensorstore appends a bound-method repr and a multi-line spec after this phrase: not for a one-line warning.
+  text = str(e).split(". See full TensorStore details")[0].strip().splitlines()
   return text[0][:200] if text else ""
 
 

@@ -27,12 +27,25 @@ def define_config_dict(name: str, default, help_string: str) -> None:
   try:
     config_flags.DEFINE_config_dict(name, default, help_string)
   except (AttributeError, KeyError) as e:
-    field = str(e).strip("'\"")
-    given = [a.split("=")[0] for a in sys.argv[1:] if a.startswith(f"--{name}.") and field in a.split("=")[0]]
-    sys.stderr.write(
-        f"error: {given[0] if given else field}: no such config field; see configs/default.py for the " f"fields.\n"
-    )
+    sys.stderr.write(f"error: {unknown_field_message(e)}\n")
     sys.exit(2)
+
+
+def unknown_field_message(error: BaseException) -> str:
+  """'--config.x.y: no such config field (did you mean "z"?); ...' from ml_collections' KeyError/AttributeError.
+
+  str() of a KeyError is the repr of its message: quotes escaped and the suggestion after a literal '\\n'.
+  """
+  text = str(error.args[0]) if error.args else str(error)
+  text = text.replace("\\n", "\n").replace("\\'", "'")  # config_flags re-wraps the repr of a KeyError
+  first, *rest = [line.strip() for line in text.splitlines() if line.strip()] or [""]
+  field = first.strip("'\"")
+  given = [
+      a.split("=")[0] for a in sys.argv[1:] if a.startswith("--") and field and a.split("=")[0].endswith(f".{field}")
+  ]
+  suggestion = re.search(r'Did you mean "([^"]+)"', " ".join(rest))
+  hint = f' (did you mean "{suggestion.group(1)}"?)' if suggestion else ""
+  return f"{given[0] if given else field}: no such config field{hint}; see configs/default.py for the fields."
 
 
 def _config_file_problem(error: BaseException) -> str:
@@ -69,7 +82,7 @@ def run(main: Callable[[list[str]], None]) -> None:
     try:
       remaining = flags.FLAGS([_with_shipped_config(arg) for arg in argv])
     except (AttributeError, KeyError) as e:
-      sys.stderr.write(f"error: unknown config field in an override: {e}; run with --helpfull to list flags.\n")
+      sys.stderr.write(f"error: {unknown_field_message(e)}\n")
       sys.exit(2)
     except (flags.Error, UserError) as e:
       # config_flags wraps errors raised inside get_config() with their traceback; keep the message.

@@ -271,7 +271,14 @@ class SafetensorsReader:
     """The tensor as float32 (bf16/fp16 checkpoints are upcast exactly)."""
     if name not in self._handles:
       raise ConvertError(f"tensor {name!r} is missing from the checkpoint; is this a LlamaForCausalLM export?")
-    self.dtypes.add(self._handles[name].get_slice(name).get_dtype())
+    dtype = self._handles[name].get_slice(name).get_dtype()  # safetensors' names: F32, BF16, F16, I32, U8, ...
+    if not dtype.startswith(("F", "BF")):
+      # Integer or bool weights are not a model's weights (a quantized or damaged file): never cast them silently.
+      raise ConvertError(
+          f"tensor {name!r} has dtype {dtype}, not a floating point type; convert a float (F32/BF16/F16) "
+          "checkpoint, not a quantized or damaged one."
+      )
+    self.dtypes.add(dtype)
     try:
       tensor = np.asarray(self._handles[name].get_tensor(name), dtype=np.float32)
     except Exception as e:  # pylint: disable=broad-except

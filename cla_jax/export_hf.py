@@ -32,7 +32,7 @@ import ml_dtypes
 import numpy as np
 from absl import flags
 
-from cla_jax import cli, patterns
+from cla_jax import cli, paths, patterns
 from cla_jax import model as model_lib
 from cla_jax.errors import UserError
 
@@ -257,6 +257,7 @@ def write_tokenizer(path: pathlib.Path, out: pathlib.Path) -> dict[str, int | No
 def _check_out(workdir: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
   if out.exists() and not out.is_dir():
     raise ExportError(f"--out={out} is a file; pass a new or empty directory.")
+  paths.check_output_dir(out, "--out")  # before the slow restore, not as EROFS from the first write
   if out.is_dir() and any(out.iterdir()) and not overwrite:
     raise ExportError(f"--out={out} exists and is not empty; pass a new directory or --overwrite to replace it.")
   resolved_out, resolved_work = out.resolve(), workdir.resolve()

@@ -36,18 +36,26 @@ def define_flags() -> None:
 FLAGS = flags.FLAGS
 
 
-def read_prompts() -> list[str]:
-  """--prompt, then each non-blank line of --prompt_file; UserError when there is none or one is empty."""
+def read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
+  """--prompt, then each non-blank line of --prompt_file; UserError when there is none or one is unreadable."""
   prompts = []
-  if FLAGS.prompt is not None:
-    if not FLAGS.prompt.strip():
+  if prompt is not None:
+    if not prompt.strip():
       raise cli.UserError("--prompt is empty; give some text to continue.")
-    prompts.append(FLAGS.prompt)
-  if FLAGS.prompt_file is not None:
-    path = pathlib.Path(FLAGS.prompt_file).expanduser()
+    prompts.append(prompt)
+  if prompt_file is not None:
+    path = pathlib.Path(prompt_file).expanduser()
     if not path.is_file():
-      raise cli.UserError(f"--prompt_file={FLAGS.prompt_file}: no such file.")
-    prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+      raise cli.UserError(f"--prompt_file={prompt_file}: no such file.")
+    try:
+      text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+      raise cli.UserError(
+          f"--prompt_file={prompt_file} is not UTF-8 text (byte {e.start}); save it as UTF-8, one prompt a line."
+      ) from None
+    except OSError as e:
+      raise cli.UserError(f"cannot read --prompt_file={prompt_file} ({e.strerror}).") from None
+    prompts += [line for line in text.splitlines() if line.strip()]
   if not prompts:
     raise cli.UserError("no prompt: give --prompt=TEXT or --prompt_file=FILE (one prompt a line).")
   return prompts
@@ -59,7 +67,7 @@ def main(argv: list[str]) -> None:
     raise cli.UserError(f"unexpected arguments {argv[1:]}; flags are written --name=value (quote the prompt).")
   if FLAGS.num_samples < 1:
     raise cli.UserError(f"--num_samples must be at least 1, got {FLAGS.num_samples}.")
-  prompts = read_prompts()
+  prompts = read_prompts(FLAGS.prompt, FLAGS.prompt_file)
   import cla_jax  # pylint: disable=g-import-not-at-top  (after flags: fast --help and flag errors)
   from cla_jax import decode  # pylint: disable=g-import-not-at-top
 

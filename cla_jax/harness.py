@@ -179,6 +179,11 @@ class CLAHarnessLM(TemplateLM):
       raise UserError(
           f"unknown model_args {', '.join(sorted(unknown))}; " f"cla_jax takes {', '.join(sorted(_MODEL_ARGS))}."
       )
+    if not arg_dict.get("workdir"):
+      raise UserError(
+          "model_args has no workdir; name the cla_jax workdir to evaluate, e.g. "
+          "--model_args workdir=runs/default,step=6."
+      )
     return cls(**arg_dict, **extra)
 
   # ---------------------------------------------------------------------------------------------------------
@@ -398,6 +403,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     cli_evaluate()
   except UserError as e:
     sys.stderr.write(f"error: {e}\n")
+    sys.exit(2)
+  except ValueError as e:
+    if not str(e).startswith("Tasks not found"):  # the harness's one bad-input ValueError; others are bugs
+      raise
+    sys.stderr.write(
+        f"error: {str(e).splitlines()[0].replace('Tasks not found', 'unknown task(s)')}; list the tasks with "
+        "`python -m cla_jax.harness ls tasks`.\n"
+    )
     sys.exit(2)
 
 

@@ -124,7 +124,11 @@ class LoadedModel:
     return [self.tokenizer.decode([t for t in row if t != eos_id and t < known]) for row in new]
 
   def __call__(self, tokens: Any, positions: Any = None, segment_ids: Any = None) -> jax.Array:
-    """Logits [batch, length, vocab] float32 for int tokens [batch, length] (optional positions/segment ids)."""
+    """Logits [batch, length, vocab] float32 for int tokens [batch, length] (optional positions/segment ids).
+
+    Ids outside [0, vocab) and negative positions / segment ids are a UserError for numpy, list and concrete
+    jax inputs; under the caller's own jit they are tracers and pass unchecked (see `_value_range`).
+    """
     tokens = self._check_tokens(tokens, "tokens")
     if positions is not None:
       positions = self._check_tokens(positions, "positions", vocab_check=False, like=tokens)
@@ -145,14 +149,15 @@ class LoadedModel:
       raise UserError(f"{name} must be integers (e.g. int32 token ids), got dtype {dtype}.")
     if like is not None and tuple(shape) != tuple(like.shape):
       raise UserError(f"{name} has shape {tuple(shape)} but tokens have {tuple(like.shape)}.")
-    if vocab_check and isinstance(x, np.ndarray) and x.size:
-      # Out-of-range ids would be clamped silently by the embedding gather; only checked on host arrays.
-      low, high = int(x.min()), int(x.max())
-      if low < 0 or high >= self.model_config.vocab_size:
-        raise UserError(f"{name} ids must lie in [0, {self.model_config.vocab_size}), got range [{low}, {high}].")
-    if not vocab_check and isinstance(x, np.ndarray) and x.size and int(x.min()) < 0:
-      # A negative RoPE position or segment id computes silently wrong logits (host arrays only, as above).
-      raise UserError(f"{name} must be >= 0, got a minimum of {int(x.min())}; positions count from 0.")
+    bounds = _value_range(x)
+    # Out-of-range ids would be clamped silently by the embedding gather, and a negative RoPE position or
+    # segment id computes silently wrong logits: refused here, where the values are concrete.
+    if vocab_check and bounds and (bounds[0] < 0 or bounds[1] >= self.model_config.vocab_size):
+      raise UserError(
+          f"{name} ids must lie in [0, {self.model_config.vocab_size}), got range [{bounds[0]}, {bounds[1]}]."
+      )
+    if not vocab_check and bounds and bounds[0] < 0:
+      raise UserError(f"{name} must be >= 0, got a minimum of {bounds[0]}; positions count from 0.")
     return jnp.asarray(x, jnp.int32)
 
   def __repr__(self) -> str:
@@ -161,6 +166,26 @@ class LoadedModel:
         f"LoadedModel(step={self.step}, layers={cfg.num_layers}, d_model={cfg.d_model}, "
         f"pattern={cfg.pattern!r}, vocab={cfg.vocab_size})"
     )
+
+
+def _value_range(x: Any) -> tuple[int, int] | None:
+  """(min, max) of a concrete non-empty numpy or jax array; None for a tracer (values unknown) or no elements.
+
+  Inside someone's own `jax.jit` the values are abstract and cannot be checked: there, out-of-range ids
+  are clamped by the gather and negative positions rotate backwards, as in any JAX model.
+  """
+  if isinstance(x, jax.core.Tracer) or not np.size(x):
+    return None
+  if isinstance(x, jax.Array):
+    low, high = jax.device_get(_min_max(x))  # one small reduction where the array lives, not a host copy
+  else:
+    low, high = np.min(x), np.max(x)
+  return int(low), int(high)
+
+
+@jax.jit
+def _min_max(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return jnp.min(x), jnp.max(x)
 
 
 def load_model(workdir: str | os.PathLike, step: int | None = None, dtype: str | None = None) -> LoadedModel:

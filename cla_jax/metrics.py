@@ -72,74 +72,147 @@ def device_peak_flops(device: jax.Device) -> float | None:
   return None
 
 
-# Per-machine record of the best CPU matmul FLOP/s ever measured (see measured_cpu_peak).
+# Per-machine record of the best plausible CPU matmul FLOP/s measured (see measured_cpu_peak).
 CPU_PEAK_CACHE = os.path.join("~", ".cache", "cla_jax", "cpu_peak.json")
+# No CPU core sustains a higher clock; used when the kernel does not report the maximum frequency.
+MAX_CPU_HZ = 6.0e9
+
+
+def _cpu_info() -> tuple[str, set[str]]:
+  """(CPU model name, feature flags) from /proc/cpuinfo; the platform's names where it cannot be read."""
+  model, features = platform.processor() or platform.machine(), set()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+          model = value.strip()
+        elif key.strip() in ("flags", "Features") and not features:
+          features = set(value.split())
+  except OSError:
+    pass
+  return model, features
+
+
+def _usable_cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _max_clock_hz() -> float:
+  """The highest clock the kernel reports for any core (cpufreq), else MAX_CPU_HZ."""
+  try:
+    with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq", encoding="utf-8") as f:
+      return float(f.read().strip()) * 1e3  # kHz
+  except (OSError, ValueError):
+    return MAX_CPU_HZ
+
+
+def fp32_lanes(features: set[str]) -> int:
+  """fp32 values per vector instruction from the CPU flags (AVX-512: 16, AVX/AVX2: 8); 16 when unknown."""
+  if "amx_tile" in features:
+    return 256  # AMX tiles: far beyond vectors; keep the bound generous rather than wrong
+  if "avx512f" in features:
+    return 16
+  if "avx" in features or "avx2" in features:
+    return 8
+  if "sse" in features or "asimd" in features or "neon" in features:
+    return 4
+  return 16
+
+
+def cpu_peak_bound() -> float:
+  """An upper bound on this host's fp32 FLOP/s: cores x max clock x SIMD lanes x 2 (FMA) x 2 FMA units.
+
+  No measurement can honestly exceed it; one that does timed a busy or throttled clock, not the CPU.
+  """
+  _, features = _cpu_info()
+  return _usable_cores() * _max_clock_hz() * fp32_lanes(features) * 2 * 2
 
 
 def _machine_key() -> str:
   """Host name, CPU model and usable cores: what the CPU peak depends on."""
-  model = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-  except OSError:
-    pass
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return f"{platform.node()} | {model} | {cores} cores"
+  return f"{platform.node()} | {_cpu_info()[0]} | {_usable_cores()} cores"
 
 
 def _read_peak_cache(path: str) -> dict[str, float]:
   try:
     with open(path, encoding="utf-8") as f:
       return {k: float(v) for k, v in json.load(f).items()}
-  except (OSError, ValueError, AttributeError):
+  except (OSError, ValueError, AttributeError, TypeError):
     return {}
 
 
-@functools.cache
-def measured_cpu_peak(size: int = 1024, min_trials: int = 10, min_seconds: float = 0.5) -> float:
-  """The CPU 'peak': best FLOP/s of a jitted fp32 [size x size] matmul on this machine, ever.
+def _write_peak_cache(path: str, cache: dict[str, float]) -> None:
+  try:  # a read-only or shared home only loses the cache, never the run
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(cache, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+  except OSError:
+    pass
 
-  One quick timing on a busy host comes out low, and a run that later finds the cores free then shows
-  an MFU above 100%. So: best of at least `min_trials` trials spread over `min_seconds`, and the best of
-  every measurement on this machine, kept in CPU_PEAK_CACHE; the peak only rises.
+
+def time_matmul(size: int = 1024, trials: int = 9) -> float:
+  """Median FLOP/s of `trials` timed runs of a jitted fp32 [size x size] matmul on the CPU (after a warm-up).
+
+  The median, not the best: one run that the timer or a neighbour's load made look fast is ignored.
   """
   x = jax.device_put(jnp.ones((size, size), jnp.float32), jax.devices("cpu")[0])
   matmul = jax.jit(lambda a: a @ a)
   matmul(x).block_until_ready()
-  best, trials, deadline = math.inf, 0, time.perf_counter() + min_seconds
-  while trials < min_trials or time.perf_counter() < deadline:
-    start = time.perf_counter()
-    matmul(x).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-    trials += 1
-  measured = 2.0 * size**3 / best
+  return 2.0 * size**3 / max(median_seconds(lambda: matmul(x).block_until_ready(), trials), 1e-9)
+
+
+def median_seconds(fn: Any, trials: int, clock: Any = time.perf_counter) -> float:
+  """Median wall time of `trials` calls of `fn`."""
+  times = []
+  for _ in range(trials):
+    start = clock()
+    fn()
+    times.append(clock() - start)
+  return float(np.median(times))
+
+
+@functools.cache
+def measured_cpu_peak(size: int = 1024, trials: int = 9) -> float:
+  """The CPU 'peak' for MFU: the best plausible median fp32 matmul FLOP/s measured on this machine; nan if none.
+
+  A quick timing on a busy host comes out low (an MFU above 100% would follow), so the best measurement
+  is kept in CPU_PEAK_CACHE. Only values at or below `cpu_peak_bound()` are believed: a larger one, new or
+  cached, is a timing fault, and caching it would make every later run's MFU absurdly small.
+  """
+  bound = cpu_peak_bound()
+  measured = time_matmul(size, trials)
   path, key = os.path.expanduser(CPU_PEAK_CACHE), f"{_machine_key()} | fp32 matmul {size}"
   cache = _read_peak_cache(path)
-  peak = max(measured, cache.get(key, 0.0))
-  if peak > cache.get(key, 0.0):
-    try:  # a read-only or shared home only loses the cache, never the run
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      tmp = f"{path}.{os.getpid()}.tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({**cache, key: peak}, f, indent=1, sort_keys=True)
-      os.replace(tmp, path)
-    except OSError:
-      pass
+  plausible = [v for v in (measured, cache.get(key, 0.0)) if 0 < v <= bound]
+  peak = max(plausible, default=math.nan)
+  if cache.get(key) != (peak if plausible else None):  # a new best, or an implausible entry to drop
+    kept = {k: v for k, v in cache.items() if k != key}
+    _write_peak_cache(path, {**kept, key: peak} if plausible else kept)
   return peak
 
 
 def total_peak_flops(devices: list[jax.Device], override_per_device: float = 0.0) -> tuple[float, str]:
-  """(peak FLOP/s of all `devices` together, where it came from)."""
+  """(peak FLOP/s of all `devices` together, where it came from); nan when unknown (MFU is then n/a)."""
   if override_per_device > 0:
     return override_per_device * len(devices), "config"
   if devices[0].platform == "cpu":
     # Fake CPU devices (--xla_force_host_platform_device_count) share the same cores: the host is one peak.
-    return measured_cpu_peak() * jax.process_count(), "best fp32 matmul measured on this machine"
+    peak = measured_cpu_peak()
+    if math.isnan(peak):
+      return math.nan, f"CPU matmul timing above this CPU's bound of {cpu_peak_bound() / 1e12:.2f} TFLOP/s"
+    return peak * jax.process_count(), "best fp32 matmul measured on this machine"
   per_device = device_peak_flops(devices[0])
   if per_device is None:
     return math.nan, f"unknown device kind {devices[0].device_kind!r}"
   return per_device * len(devices), f"{devices[0].device_kind} bf16 table"
+
+
+def format_peak(peak_flops: float) -> str:
+  """'12.34 TFLOP/s', or 'n/a' for an unknown peak."""
+  return f"{peak_flops / 1e12:.2f} TFLOP/s" if math.isfinite(peak_flops) and peak_flops > 0 else "n/a"
 
 
 def perplexity(mean_nll: float) -> float:
@@ -172,9 +245,9 @@ class MetricWriter:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-    if isinstance(record.get("mfu"), float) and record["mfu"] > 1.0:
-      # Beating the peak means the peak was too low (e.g. measured on a busy CPU): never log more than 100%.
-      record["mfu"] = 1.0
+    if isinstance(record.get("mfu"), float) and not 0 <= record["mfu"] <= 1.0:
+      # Beating the peak means the peak is wrong (e.g. timed on a busy CPU): unknown, not a clamped 100%.
+      record["mfu"] = math.nan
     self._jsonl.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
     self._jsonl.flush()
     for key, value in record.items():

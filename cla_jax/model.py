@@ -102,8 +102,10 @@ class ModelConfig:
     ):
       if getattr(self, name) not in allowed:
         raise ConfigError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}.")
-    if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
-      raise ConfigError("model.init_std, model.norm_eps and model.rope_theta must be positive.")
+    for name in ("init_std", "norm_eps", "rope_theta"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ConfigError(f"model.{name} must be a finite number > 0, got {value!r}.")
     try:
       patterns.group_sizes(self.pattern, self.num_layers)
     except patterns.PatternError as e:

@@ -25,11 +25,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import ml_collections
 
-from cla_jax import config_lib, sweep_report
+from cla_jax import config_lib, paths, sweep_report
 from cla_jax.errors import UserError
 from cla_jax.sweep_worker import RESULT_FILE, RUN_FILE
 
@@ -76,19 +77,54 @@ def set_field(config: ml_collections.ConfigDict, field: str, value: Any) -> None
     raise UserError(f"bad override {field}={value!r}: {e}; fields are written like 'train.lr'.") from None
 
 
+def _import_sweep_file(path: pathlib.Path) -> Any:
+  """The sweep file as a module; a file Python cannot run is one UserError naming the file and line."""
+  module_spec = importlib.util.spec_from_file_location(f"cla_sweep_{path.stem}", path)
+  if module_spec is None or module_spec.loader is None:
+    raise UserError(f"sweep file {path} is not a Python file; e.g. configs/sweeps/tiny_pareto.py.")
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise UserError(f"sweep file {path} line {e.lineno}: {e.msg}; fix the file and rerun.") from None
+  except Exception as e:  # pylint: disable=broad-except  (user code: any error is the file's, not ours)
+    raise UserError(f"sweep file {path} failed to load: {type(e).__name__}: {e}; fix the file and rerun.") from None
+  return module
+
+
+def _call_get_runs(path: pathlib.Path, get_runs: Any, seeds: int | None) -> list[Run]:
+  """`get_runs()` (or `get_runs(seeds=)`) checked to give a list of Run; its own errors become one line."""
+  try:
+    runs = get_runs() if seeds is None else get_runs(seeds=seeds)
+  except Exception as e:  # pylint: disable=broad-except  (user code)
+    raise UserError(f"get_runs() of sweep file {path} raised {type(e).__name__}: {e}; fix the file.") from None
+  if isinstance(runs, (str, bytes)) or not isinstance(runs, Iterable):
+    raise UserError(
+        f"get_runs() of sweep file {path} returned {type(runs).__name__} {runs!r:.60}; it must return a list of "
+        "cla_jax.sweep.Run."
+    )
+  runs = list(runs)
+  # By fields, not isinstance: under `python -m cla_jax.sweep` the file's Run is another module's class.
+  bad = [r for r in runs if not (dataclasses.is_dataclass(r) and hasattr(r, "name") and hasattr(r, "config"))]
+  if bad:
+    raise UserError(
+        f"get_runs() of sweep file {path} returned {type(bad[0]).__name__} {bad[0]!r:.60} among its runs; each "
+        "must be a cla_jax.sweep.Run."
+    )
+  return runs
+
+
 def load_sweep(spec: str, seeds: int | None) -> list[Run]:
   """The runs of a sweep file (`path`, relative paths also against the repo root)."""
   path = pathlib.Path(config_lib.resolve(spec))
   if not path.exists():
     raise UserError(f"sweep file {spec!r} not found; e.g. configs/sweeps/tiny_pareto.py.")
-  module_spec = importlib.util.spec_from_file_location(f"cla_sweep_{path.stem}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_runs"):
+  module = _import_sweep_file(path)
+  if not callable(getattr(module, "get_runs", None)):
     raise UserError(f"sweep file {path} has no get_runs() function returning a list of cla_jax.sweep.Run.")
   if seeds is not None and seeds < 1:
     raise UserError(f"--seeds must be a positive integer, got {seeds}.")
-  runs = module.get_runs() if seeds is None else module.get_runs(seeds=seeds)
+  runs = _call_get_runs(path, module.get_runs, seeds)
   runs = [dataclasses.replace(r, name=r.name or default_name(r)) for r in runs]
   names = [r.name for r in runs]
   duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -378,6 +414,7 @@ def main(argv: list[str]) -> None:
 
   f = flags.FLAGS
   check_parallel(f.parallel)
+  paths.check_output_dir(f.workdir, "--workdir")
   import jax  # pylint: disable=g-import-not-at-top
 
   jax.config.update("jax_platforms", "cpu")  # describe() here needs shapes only; the workers own the accelerators

@@ -162,6 +162,9 @@ class Trainer:
     sharding.check_model_fits(self.model_config, self.mesh)
     # Loaded (and checked against the student) before the workdir is touched; None without train.teacher.
     self.teacher = distill.load_teacher(config, self.mesh, self.model_config, self.tokenizer)
+    # The data is opened (and checked against train.seq_len) before the workdir is touched, so a config
+    # the data cannot serve leaves no workdir behind.
+    self.train_batches = batches_lib.TrainBatches(config, self.tokenizer, "train")
     _prepare_workdir(self.workdir)
     self.lock = workdir_lock.WorkdirLock(self.workdir).acquire()  # before anything in the workdir changes
     try:
@@ -192,6 +195,7 @@ class Trainer:
     self.writer = metrics_lib.MetricWriter(self.workdir, config.train.steps)
     self.health = health.HealthCheck(config.train, self.model_config.vocab_size)
     self.policy = checkpoint.KeepNewestAndVerified(keep=config.checkpoint.keep)
+    self._verified_on_disk = checkpoint.read_verified_step(self.workdir)
     self.manager = checkpoint.make_manager(self.workdir, async_save=config.checkpoint.async_save, policy=self.policy)
     if from_workdir:
       self.writer.message(f"continuing {self.workdir}: model fields {from_workdir} come from its config.json")
@@ -287,7 +291,7 @@ class Trainer:
       return
     self.writer.message(
         f"mesh {sharding.describe(self.mesh)}; {self.flops_per_step / 1e9:.2f} GFLOP/step; "
-        f"peak {self.peak_flops / 1e12:.2f} TFLOP/s ({self.peak_source})"
+        f"peak {metrics_lib.format_peak(self.peak_flops)} ({self.peak_source})"
     )
     train_fn = train_step_lib.jit_train_step(
         self.model,
@@ -298,7 +302,7 @@ class Trainer:
         self.opt_shardings,
         teacher=self.teacher,
     )
-    batches: Iterator[dict] = batches_lib.TrainBatches(config, self.tokenizer, "train").iterator(start)
+    batches: Iterator[dict] = self.train_batches.iterator(start)
     tokens_per_step = config.train.batch_size * config.train.seq_len
     pending = None  # (step, device metrics) of the last dispatched step, fetched one step late
     saved_steps = {start} & set(self.manager.all_steps())  # checkpoints the next step's health check vouches for
@@ -307,6 +311,7 @@ class Trainer:
     def finish(entry) -> None:
       """Fetches a step's metrics (blocks until it ran), stops on a non-finite loss, logs."""
       nonlocal last_time
+      self._record_verified()  # a verification that waited for its checkpoint's save to commit
       done, device_metrics = entry
       m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
       now = time.perf_counter()
@@ -363,9 +368,21 @@ class Trainer:
 
   def _mark_verified(self, step: int) -> None:
     """Protects checkpoint `step` from rotation (its next step passed the health check) and records it."""
-    if self.policy.verified != step:
-      self.policy.verified = step
+    self.policy.verified = step
+    self._record_verified()
+
+  def _record_verified(self) -> None:
+    """Writes verified_step.json for the verified step once no save is in flight.
+
+    An async save lives in an orbax temporary directory until it commits: naming its step before then
+    would leave, after a kill -9, a file pointing at a checkpoint that never existed.
+    """
+    step = self.policy.verified
+    if step is None or step == self._verified_on_disk or self.manager.is_saving_in_progress():
+      return
+    if step in self.manager.all_steps():
       checkpoint.write_verified_step(self.workdir, step)
+      self._verified_on_disk = step
 
   def _stop_diverged(self, problem: str, step: int, start: int) -> None:
     """Moves the checkpoints saved since the last verified one aside and raises DivergenceError."""
@@ -396,6 +413,7 @@ class Trainer:
             f"{self.manager.latest_step()}."
         ) from None
       raise
+    self._record_verified()
     self.manager.close()
     self.writer.close()
 

@@ -15,6 +15,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
 import cla_jax  # noqa: E402
 from cla_jax import convert_hf  # noqa: E402
 from cla_jax.errors import UserError  # noqa: E402
@@ -267,6 +270,17 @@ def test_load_model_rejects_bad_tokens(gqa_dir, tmp_path):
   with pytest.raises(UserError, match="positions must be >= 0"):
     loaded([[1, 2, 3]], positions=[[-1, 0, 1]])
   assert loaded([[1, 2, 3]]).shape == (1, 3, VOCAB)
+  # The same checks on jax arrays (concrete values: one small reduction on the device).
+  with pytest.raises(UserError, match=r"\[0, 128\), got range \[0, 128\]"):
+    loaded(jnp.array([[0, 5, VOCAB]], jnp.int32))
+  with pytest.raises(UserError, match=r"got range \[-1, 5\]"):
+    loaded(jnp.array([[-1, 5]], jnp.int32))
+  with pytest.raises(UserError, match="positions must be >= 0, got a minimum of -2"):
+    loaded(jnp.array([[1, 2, 3]]), positions=jnp.array([[-2, 0, 1]]))
+  good = jnp.array([[1, 2, 3]], jnp.int32)
+  np.testing.assert_array_equal(np.asarray(loaded(good)), np.asarray(loaded(np.asarray(good))))
+  # Under the caller's own jit the values are unknown: not checked (documented in LoadedModel.__call__).
+  assert jax.jit(loaded)(good).shape == (1, 3, VOCAB)
   with pytest.raises(UserError, match="no checkpoint for step 7"):
     cla_jax.load_model(tmp_path / "work", step=7)
 
@@ -377,6 +391,21 @@ def test_continued_training_from_converted_workdir(cli_workdir):
   kv_before = np.asarray(before["segment_0"]["kv"]["key"])
   kv_after = np.asarray(after["segment_0"]["kv"]["key"])
   assert np.abs(kv_after - kv_before).max() < 0.1
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8, np.bool_])
+def test_a_norm_tensor_that_is_not_floating_point_is_refused(gqa_dir, tmp_path, dtype):
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+
+  damaged = tmp_path / "int_norm"
+  shutil.copytree(gqa_dir, damaged)
+  (weights,) = damaged.glob("*.safetensors")
+  tensors = load_file(str(weights))
+  tensors["model.norm.weight"] = np.ones_like(tensors["model.norm.weight"], dtype=dtype)
+  save_file(tensors, str(weights), metadata={"format": "pt"})
+  with pytest.raises(convert_hf.ConvertError, match=r"'model.norm.weight' has dtype (I32|U8|BOOL), not a floating"):
+    convert_hf.convert(damaged, tmp_path / "work")
+  assert not (tmp_path / "work").exists()
 
 
 def test_truncated_safetensors_is_one_line_and_nan_weights_are_refused(gqa_dir, tmp_path):

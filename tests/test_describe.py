@@ -144,7 +144,10 @@ def test_cli_default_config_works_from_any_directory(tmp_path):
         (["--config=configs/paper_1b.py:H128-MQA-CLA9"], "unknown 1B paper row 'H128-MQA-CLA9'; valid rows: H128-MHA"),
         (["--config=configs/default.py", "--config.model.num_kv_heads=3"], "not divisible by model.num_kv_heads=3"),
         (["--config=configs/default.py", "--config.model.pattern=2,1"], "covers 3 layers"),
-        (["--config=configs/default.py", "--config.model.num_layer=3"], "unknown config field"),
+        (
+            ["--config=configs/default.py", "--config.model.num_layer=3"],
+            'num_layer: no such config field (did you mean "num_layers"?)',
+        ),
         (["--config=configs/nope.py"], "config file 'configs/nope.py' not found"),
     ],
 )

@@ -274,6 +274,10 @@ def test_bad_command_lines_exit_2_with_one_line_and_no_side_effects(tmp_path, tr
   a_file.write_text("x")
   binary = tmp_path / "binary.txt"
   binary.write_bytes(bytes(range(256)) * 8)
+  bad_sweep = tmp_path / "bad_sweep.py"
+  bad_sweep.write_text("def get_runs(:\n  return []\n")
+  good_sweep = tmp_path / "good_sweep.py"
+  good_sweep.write_text("from cla_jax.sweep import Run\ndef get_runs():\n  return [Run('A', 'configs/default.py')]\n")
   read_only = tmp_path / "ro"
   mounted = _mount("-t tmpfs", read_only, "-o", "size=1M,ro", "tmpfs", skip=False)  # needs root
   ok = th.overrides(th.use_corpus(th.tiny_config(), corpus))
@@ -299,6 +303,26 @@ def test_bad_command_lines_exit_2_with_one_line_and_no_side_effects(tmp_path, tr
       ([*ev, "--config.model.x=3"], "--config.model.x: no such config field", None),
       ([*ev, f"--text_file={binary}"], "is not UTF-8 text", None),
       (["-m", "cla_jax.describe", "--config=configs/nope.py"], "configs/nope.py' not found", None),
+      # Issue 27: the newer commands, and config errors that used to leave files behind or read badly.
+      (["generate.py", f"--workdir={good}", f"--prompt_file={binary}"], "is not UTF-8 text", None),
+      (
+          [*train, f"--workdir={tmp_path / 'w6'}", *ok, "--config.train.seq_len=100000"],
+          "fewer than train.seq_len",
+          "w6",
+      ),
+      (
+          [*train, f"--workdir={tmp_path / 'w7'}", *ok, "--config.model.num_layerz=3"],
+          '(did you mean "num_layers"?)',
+          "w7",
+      ),
+      (["-m", "cla_jax.sweep", f"--sweep={bad_sweep}", f"--workdir={tmp_path / 'w8'}"], "line 1: invalid syntax", "w8"),
+      (["-m", "cla_jax.sweep", f"--sweep={good_sweep}", f"--workdir={a_file}"], "is a file, not a directory", None),
+      (["-m", "cla_jax.data.prepare", f"--output={a_file}", *ok], "--output=", None),
+      *(
+          [(["-m", "cla_jax.export_hf", f"--workdir={good}", f"--out={read_only}/hf"], "not writable", None)]
+          if mounted
+          else []
+      ),
   ]
 
   def run(argv):
@@ -319,3 +343,91 @@ def test_bad_command_lines_exit_2_with_one_line_and_no_side_effects(tmp_path, tr
     if workdir:
       assert not (tmp_path / workdir).exists(), argv
   assert not (good / "eval").exists()
+
+
+def _python_cli(code: str, *args: str):
+  """Runs `code` (defining main(argv)) under cli.run in a fresh Python, as a command would: its real stderr."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  program = f"import sys\nfrom cla_jax import cli\n{code}\ncli.run(main)\n"
+  return subprocess.run(
+      [th.sys.executable, "-c", program, *args],
+      cwd=th.REPO_ROOT,
+      env=th.env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+
+
+def test_disk_filling_during_a_save_is_one_error_and_no_library_traceback(tmp_path, corpus):
+  small = tmp_path / "small"
+  _mount("-t tmpfs", small, "-o", "size=3M", "tmpfs")  # room for one checkpoint of the tiny model, not two
+  try:
+    config = _config(corpus, steps=30)
+    config.checkpoint.update(every_steps=1, keep=100)
+    # The free-space check before each save passes (as when another writer fills the disk during the save),
+    # so orbax itself runs out of space half way through writing step 2.
+    code = f"""
+from cla_jax import checkpoint, config_lib, trainer
+checkpoint._free_bytes = lambda directory: 2**40
+def main(argv):
+  trainer.run(config_lib.from_json({config_lib.to_json(config)!r}), sys.argv[1])
+"""
+    result = _python_cli(code, str(small / "run"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()  # no orbax log, asyncio task or callback traceback before it
+    assert line.startswith("error: disk full") and "checkpoints [1] are intact" in line, line
+    params, _, step = checkpoint.restore_params(small / "run")
+    assert step == 1 and all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+  finally:
+    _umount(small)
+
+
+def test_truncated_newest_checkpoint_falls_back_with_one_warning_line(tmp_path, trained):
+  _, source = trained
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  data_files = [
+      p for p in (workdir / "checkpoints" / "6" / "params").rglob("*") if p.is_file() and p.parent.name == "d"
+  ]
+  biggest = max(data_files, key=lambda p: p.stat().st_size)
+  biggest.write_bytes(biggest.read_bytes()[:100])  # a copy or a disk that stopped part way
+  code = """
+from cla_jax import checkpoint
+def main(argv):
+  params, _, step = checkpoint.restore_params(sys.argv[1])
+  print(step)
+"""
+  result = _python_cli(code, str(workdir))
+  assert result.returncode == 0 and result.stdout.split() == ["5"], result.stderr[-3000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("warning: checkpoint step 6 ") and "unreadable" in lines[0], lines
+  assert "TensorStore details" not in lines[0]
+
+
+def test_verified_step_file_waits_for_its_checkpoint_to_commit(tmp_path):
+  """After kill -9 mid-save, verified_step.json must not name a step that is only an orbax temporary dir."""
+  import types  # pylint: disable=g-import-not-at-top
+
+  class Manager:
+    saving, steps = True, [4]
+
+    def is_saving_in_progress(self):
+      return self.saving
+
+    def all_steps(self):
+      return self.steps
+
+  fake = types.SimpleNamespace(
+      workdir=str(tmp_path), manager=Manager(), policy=checkpoint.KeepNewestAndVerified(keep=2), _verified_on_disk=None
+  )
+  fake._record_verified = types.MethodType(trainer.Trainer._record_verified, fake)  # pylint: disable=protected-access
+  trainer.Trainer._mark_verified(fake, 5)  # step 6 passed; checkpoint 5 is still being written
+  assert fake.policy.verified == 5 and checkpoint.read_verified_step(tmp_path) is None
+  fake.manager.saving = False  # committed? only once it is listed as a step
+  fake._record_verified()  # pylint: disable=protected-access
+  assert checkpoint.read_verified_step(tmp_path) is None
+  fake.manager.steps = [4, 5]
+  fake._record_verified()  # pylint: disable=protected-access
+  assert checkpoint.read_verified_step(tmp_path) == 5

@@ -443,6 +443,8 @@ def prepare(
     raise UserError(f"--num_workers={num_workers} must be at least 1.")
   if config.data.get("prepared_dir", ""):
     raise UserError("data.prepared_dir names a prepared dataset to read; to prepare, pass --output=DIR instead.")
+  if output:
+    paths.check_output_dir(output, "--output")  # before the download and the tokenizer, not as FileExistsError
   _fetch(config)
   tokenizer = tokenizer_lib.get_tokenizer(config)
   tokenizer_lib.set_vocab_size(config, tokenizer)

@@ -184,11 +184,14 @@ class TextSource(Source):
     if self._ids is None:
       all_ids = []
       for f in self._files:
+        # Every file is decoded here, whichever split it falls in: a bad file in the validation split
+        # would otherwise pass unseen whenever evaluation is off.
+        text = _read_utf8(f)
         if f.endswith(".txt"):
           all_ids.append((f, 0))
           continue
-        with open(f, "rb") as lines:  # only non-blank lines are documents; parsed when read
-          all_ids += [(f, lineno) for lineno, line in enumerate(lines, 1) if line.strip()]
+        # Only non-blank lines are documents; parsed when read.
+        all_ids += [(f, lineno) for lineno, line in enumerate(text.split("\n"), 1) if line.strip()]
       names = [self._rel[f] + (f":{lineno}" if lineno else "") for f, lineno in all_ids]
       held = splits.held_out(names, self._eval_fraction)
       self._ids = {

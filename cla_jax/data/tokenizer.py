@@ -159,9 +159,10 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, max_chars: int = 
     )
   writer = io.BytesIO()
   byte_fallback = vocab_size >= _BYTE_FALLBACK_MIN_VOCAB
+  failures: list[BaseException] = []
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=itertools.chain([first], sentences),
+        sentence_iterator=_stop_on_error(itertools.chain([first], sentences), failures),
         model_writer=writer,
         vocab_size=vocab_size,
         model_type="unigram",
@@ -184,6 +185,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, max_chars: int = 
         minloglevel=2,
     )
   except RuntimeError as e:
+    if failures:
+      raise failures[0] from None  # our own error (an unreadable file), not sentencepiece's wrapper around it
     message = str(e).strip()
     if "vocab" in message.lower():  # e.g. "Vocabulary size is too high": the corpus has fewer pieces
       raise UserError(
@@ -191,7 +194,21 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, max_chars: int = 
           f"{vocab_size}: try a smaller model.vocab_size or more data."
       ) from None
     raise UserError(f"sentencepiece training failed ({message}).") from None
+  if failures:
+    raise failures[0]
   return writer.getvalue()
+
+
+def _stop_on_error(sentences: Iterator[str], failures: list[BaseException]) -> Iterator[str]:
+  """`sentences`, ending early on an error, which goes to `failures` for the caller to raise as it was.
+
+  sentencepiece turns an exception from its iterator into a RuntimeError holding the whole traceback
+  as text; the message that names the bad file would then be only its buried last line.
+  """
+  try:
+    yield from sentences
+  except Exception as e:  # pylint: disable=broad-except  (re-raised by train_sentencepiece)
+    failures.append(e)
 
 
 def cache_dir_of(config: ml_collections.ConfigDict) -> pathlib.Path:

@@ -184,7 +184,9 @@ def _mount(kind: str, target: pathlib.Path, *options: str, skip: bool = True) ->
 def _umount(target: pathlib.Path) -> None:
   import subprocess  # pylint: disable=g-import-not-at-top
 
-  subprocess.run(["umount", str(target)], check=False)
+  if subprocess.run(["umount", str(target)], check=False, capture_output=True).returncode:
+    # Busy (a library still holds a file open): detach it now, so no mount outlives the test session.
+    subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)
 
 
 def test_disk_full_is_one_line_and_keeps_earlier_checkpoints(tmp_path, corpus):

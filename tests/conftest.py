@@ -26,3 +26,13 @@ def tiny_config():
   from tests import train_helpers  # pylint: disable=g-import-not-at-top
 
   return train_helpers.tiny_config()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """A small text corpus and a cache dir for it (train_helpers.use_corpus), with jax's compilation cache on."""
+  from tests import train_helpers  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path_factory.mktemp("corpus")
+  train_helpers.enable_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache")
+  return train_helpers.write_corpus(root / "text"), str(root / "cache")

@@ -26,12 +26,6 @@ def _one_line(error: pytest.ExceptionInfo, *words: str) -> str:
   return message
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  root = tmp_path_factory.mktemp("corpus")
-  return th.write_corpus(root / "text"), str(root / "cache")
-
-
 # ----------------------------------------------------------------------------- files of a text corpus
 
 BAD_FILES = {

@@ -1,7 +1,6 @@
 """Distillation from a frozen teacher: the KL term against numpy, the teacher never trained nor saved,
 exact resume after kill -9 with a teacher attached, and bad teachers / settings as one-line errors."""
 
-import signal
 import subprocess
 
 import jax
@@ -16,22 +15,9 @@ from tests import train_helpers as th
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  root = tmp_path_factory.mktemp("corpus")
-  th.enable_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache")
-  return th.write_corpus(root / "text"), str(root / "cache")
-
-
-def _config(corpus, **train):
-  config = th.use_corpus(th.tiny_config(), corpus)
-  config.train.update(log_every=1, **train)
-  return config
-
-
-@pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory, corpus):
   """A 10-step pattern=none run: the teacher of the cla2 students below."""
-  config = _config(corpus, steps=10)
+  config = th.config_on(corpus, steps=10)
   config.model.pattern = "none"
   workdir = tmp_path_factory.mktemp("teacher") / "run"
   trainer.run(config, str(workdir))
@@ -100,7 +86,7 @@ def test_objective_matches_numpy_and_is_zero_with_zero_gradient_for_an_identical
 
 def test_teacher_is_never_updated_nor_saved(tmp_path, corpus, teacher_dir):
   teacher_before, _, _ = checkpoint.restore_params(teacher_dir)
-  config = _config(corpus, steps=6, teacher=str(teacher_dir), distill_weight=0.5, distill_temperature=2.0)
+  config = th.config_on(corpus, steps=6, teacher=str(teacher_dir), distill_weight=0.5, distill_temperature=2.0)
   config.checkpoint.update(every_steps=3)
   workdir = tmp_path / "student"
   trainer.run(config, str(workdir))
@@ -127,23 +113,14 @@ def test_teacher_is_never_updated_nor_saved(tmp_path, corpus, teacher_dir):
 
 
 def test_killed_run_with_a_teacher_resumes_with_identical_losses(tmp_path, corpus, teacher_dir):
-  config = _config(corpus, steps=24, teacher=str(teacher_dir))
+  config = th.config_on(corpus, steps=24, teacher=str(teacher_dir))
   config.checkpoint.update(every_steps=4)
   reference = tmp_path / "reference"
   trainer.run(config, str(reference))
   expected = th.losses(reference)
 
   workdir = tmp_path / "run"
-  proc = th.start(config, workdir)
-  try:
-    th.wait_for(lambda: (workdir / "checkpoints" / "8").exists() or proc.poll() is not None)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == -signal.SIGKILL, open(f"{workdir}.log").read()
-  killed_at = checkpoint.latest_step(workdir)
+  killed_at = th.kill_after_checkpoint(config, workdir, 8)
   assert 8 <= killed_at < 24
   result = th.run(config, workdir)
   assert result.returncode == 0, result.stderr
@@ -176,7 +153,7 @@ def _word_tokenizer(path):
     ],
 )
 def test_bad_teachers_and_settings_are_one_line_errors(tmp_path, corpus, teacher_dir, change, message):
-  config = _config(corpus, steps=2, teacher=str(teacher_dir))
+  config = th.config_on(corpus, steps=2, teacher=str(teacher_dir))
   ((field, value),) = change.items()
   if value == "MISSING":
     value = str(tmp_path / "nowhere")
@@ -194,7 +171,7 @@ def test_bad_teachers_and_settings_are_one_line_errors(tmp_path, corpus, teacher
 
 
 def test_missing_teacher_from_the_command_line_is_one_error_line(tmp_path, corpus):
-  config = _config(corpus, steps=2, teacher=str(tmp_path / "nowhere"))
+  config = th.config_on(corpus, steps=2, teacher=str(tmp_path / "nowhere"))
   result = subprocess.run(
       th.train_cmd(config, tmp_path / "w"), cwd=th.REPO_ROOT, env=th.env(), capture_output=True, text=True, timeout=240
   )

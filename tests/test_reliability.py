@@ -14,22 +14,9 @@ from tests import train_helpers as th
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  root = tmp_path_factory.mktemp("corpus")
-  th.enable_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache")
-  return th.write_corpus(root / "text"), str(root / "cache")
-
-
-def _config(corpus, **train):
-  config = th.use_corpus(th.tiny_config(), corpus)
-  config.train.update(log_every=1, **train)
-  return config
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, corpus):
   """A healthy 6-step run saving every step and keeping 3 (steps 4, 5, 6 on disk)."""
-  config = _config(corpus, steps=6)
+  config = th.config_on(corpus, steps=6)
   config.checkpoint.update(every_steps=1, keep=3)
   workdir = tmp_path_factory.mktemp("trained") / "run"
   trainer.run(config, str(workdir))
@@ -78,7 +65,7 @@ def test_divergence_keeps_and_names_a_really_good_checkpoint(tmp_path, trained, 
 
 
 def test_dead_model_from_init_is_stopped(tmp_path, corpus):
-  config = _config(corpus, steps=4)
+  config = th.config_on(corpus, steps=4)
   config.model.init_std = 1e6
   with pytest.raises(health.DivergenceError, match="model is dead|is nan|is inf|above train.divergence") as err:
     trainer.run(config, str(tmp_path))
@@ -145,7 +132,7 @@ def test_fingerprint_is_independent_of_sharding_and_sees_one_changed_element():
 
 
 def test_second_trainer_on_a_live_workdir_refuses_and_a_dead_lock_does_not_block(tmp_path, corpus):
-  config = _config(corpus, steps=5000)
+  config = th.config_on(corpus, steps=5000)
   config.checkpoint.update(every_steps=2)
   workdir = tmp_path / "run"
   first = th.start(config, workdir)
@@ -153,7 +140,7 @@ def test_second_trainer_on_a_live_workdir_refuses_and_a_dead_lock_does_not_block
     th.wait_for(lambda: (workdir / "checkpoints" / "2").exists() or first.poll() is not None)
     assert first.poll() is None, open(f"{workdir}.log").read()
     config_before = (workdir / "config.json").read_text()
-    other = _config(corpus, steps=7, lr=1e-4)
+    other = th.config_on(corpus, steps=7, lr=1e-4)
     second = th.run(other, workdir)
     assert second.returncode == 2, second.stderr
     assert second.stderr.strip().splitlines() == [second.stderr.strip()]
@@ -193,7 +180,7 @@ def test_disk_full_is_one_line_and_keeps_earlier_checkpoints(tmp_path, corpus):
   small = tmp_path / "small"
   _mount("-t tmpfs", small, "-o", "size=3M", "tmpfs")  # room for one checkpoint of the tiny model, not two
   try:
-    config = _config(corpus, steps=30)
+    config = th.config_on(corpus, steps=30)
     config.checkpoint.update(every_steps=1, keep=100)
     result = th.run(config, small / "run")
     assert result.returncode == 2, result.stderr
@@ -366,7 +353,7 @@ def test_disk_filling_during_a_save_is_one_error_and_no_library_traceback(tmp_pa
   small = tmp_path / "small"
   _mount("-t tmpfs", small, "-o", "size=3M", "tmpfs")  # room for one checkpoint of the tiny model, not two
   try:
-    config = _config(corpus, steps=30)
+    config = th.config_on(corpus, steps=30)
     config.checkpoint.update(every_steps=1, keep=100)
     # The free-space check before each save passes (as when another writer fills the disk during the save),
     # so orbax itself runs out of space half way through writing step 2.

@@ -12,13 +12,6 @@ from cla_jax import checkpoint, config_lib, metrics, trainer
 from tests import train_helpers as th
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  root = tmp_path_factory.mktemp("corpus")
-  th.enable_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache")
-  return th.write_corpus(root / "text"), str(root / "cache")
-
-
 def _tiny(tiny_config, corpus, **train):
   config = th.use_corpus(tiny_config, corpus)
   config.train.update(log_every=1, **train)
@@ -64,16 +57,7 @@ def reference(tmp_path_factory, corpus):
 def test_killed_process_resumes_with_identical_losses(tmp_path, reference):
   config, expected = reference
   workdir = tmp_path / "run"
-  proc = th.start(config, workdir)
-  try:
-    th.wait_for(lambda: (workdir / "checkpoints" / "10").exists() or proc.poll() is not None)
-    proc.send_signal(signal.SIGKILL)  # a hard kill: no handler runs, no final checkpoint
-    proc.wait(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == -signal.SIGKILL, open(f"{workdir}.log").read()
-  killed_at = checkpoint.latest_step(workdir)
+  killed_at = th.kill_after_checkpoint(config, workdir, 10)  # a hard kill: no handler, no final checkpoint
   assert 10 <= killed_at < 40
   result = th.run(config, workdir)
   assert result.returncode == 0, result.stderr

@@ -62,6 +62,13 @@ def use_corpus(config, corpus: tuple[str, str], num_devices: int = 1, mesh=(1, 1
   return config
 
 
+def config_on(corpus: tuple[str, str], **train):
+  """tiny_config on `corpus`, logging every step, with `train` fields set."""
+  config = use_corpus(tiny_config(), corpus)
+  config.train.update(log_every=1, **train)
+  return config
+
+
 def overrides(config) -> list[str]:
   """`--config.a.b=v` flags that reproduce `config` from configs/default.py (for the fields tests change)."""
   flags = []
@@ -130,6 +137,24 @@ def wait_for(predicate, timeout: float = 240, interval: float = 0.02) -> None:
     if time.time() > deadline:
       raise AssertionError("timed out waiting for the training process")
     time.sleep(interval)
+
+
+def kill_after_checkpoint(config, workdir, step: int) -> int:
+  """Starts a run, SIGKILLs it once checkpoint `step` exists (no handler runs), returns the newest step left."""
+  import signal  # pylint: disable=g-import-not-at-top
+
+  from cla_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  proc = start(config, workdir)
+  try:
+    wait_for(lambda: (pathlib.Path(workdir) / "checkpoints" / str(step)).exists() or proc.poll() is not None)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == -signal.SIGKILL, open(f"{workdir}.log").read()
+  return checkpoint.latest_step(workdir)
 
 
 def losses(workdir) -> dict[int, float]:

@@ -99,10 +99,8 @@ class RowBench:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=placement)
       return jax.device_put(jnp.full(shape, fill, dtype), placement)
 
-    cache = [
-        tuple(make(s.shape, s.dtype, self.decoder.cache_sharding) for s in seg)
-        for seg in decode.cache_shapes(self.cfg, batch, context)
-    ]
+    shapes = decode.cache_shapes(self.cfg, batch, context, self.decoder.kv_cache_dtype)
+    cache = jax.tree.map(lambda s, p: make(s.shape, s.dtype, p), shapes, self.decoder.cache_sharding)
     return make((batch,), jnp.int32, rows), make((batch,), jnp.int32, rows, context - self.steps), cache
 
   def _loop(self, first, lengths, cache):

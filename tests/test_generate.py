@@ -41,12 +41,8 @@ def _greedy_by_full_forward(cfg, params, prompt, new, forward=None):
   return seq[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("attention", list(ATTENTION))
-@pytest.mark.parametrize("pattern, layers", PATTERN_LAYERS)
-def test_teacher_forced_prefill_and_decode_equal_full_forward(pattern, layers, attention):
-  heads, kv_heads = ATTENTION[attention]
-  cfg = small_config(pattern=pattern, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads)
-  params = random_params(cfg)
+def _teacher_forced(cfg, params, kv_cache_dtype="auto"):
+  """(full forward logits, cached logits) of ragged prompts then teacher-forced steps, at the same tokens."""
   rng = np.random.default_rng(1)
   batch, total, lengths = 3, 9, np.array([2, 5, 1], np.int32)  # prompts of different lengths in one batch
   tokens = rng.integers(0, cfg.vocab_size, (batch, total)).astype(np.int32)
@@ -54,12 +50,11 @@ def test_teacher_forced_prefill_and_decode_equal_full_forward(pattern, layers, a
   # Right padding with junk after each row's prompt: the cache must never let it be seen.
   prompts = np.where(np.arange(total)[None] < lengths[:, None], tokens, cfg.vocab_size - 1)[:, : lengths.max()]
   rows = np.arange(batch)
-
   steps = total - lengths.max()
 
   @jax.jit
   def run(params, prompts, tokens):
-    cache = decode.init_cache(cfg, batch, total + 2)
+    cache = decode.init_cache(cfg, batch, total + 2, kv_cache_dtype)
     _, first, cache = decode.prefill(
         params, prompts, lengths, cache, jax.random.key(0), cfg=cfg, sampling=decode.Sampling()
     )
@@ -72,9 +67,28 @@ def test_teacher_forced_prefill_and_decode_equal_full_forward(pattern, layers, a
     return first, jax.lax.scan(step, cache, np.arange(steps))[1]
 
   first, stepped = run(params, prompts, tokens)
-  np.testing.assert_allclose(first, full[rows, lengths - 1], atol=1e-5, rtol=1e-5)
-  for i in range(steps):
-    np.testing.assert_allclose(stepped[i], full[rows, lengths + i], atol=1e-5, rtol=1e-5)
+  expected = [full[rows, lengths - 1]] + [full[rows, lengths + i] for i in range(steps)]
+  return np.stack(expected), np.concatenate([np.asarray(first)[None], np.asarray(stepped)])
+
+
+@pytest.mark.parametrize("attention", list(ATTENTION))
+@pytest.mark.parametrize("pattern, layers", PATTERN_LAYERS)
+def test_teacher_forced_prefill_and_decode_equal_full_forward(pattern, layers, attention):
+  heads, kv_heads = ATTENTION[attention]
+  cfg = small_config(pattern=pattern, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads)
+  expected, got = _teacher_forced(cfg, random_params(cfg))
+  np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("block", [2, 4, 5])
+def test_cache_read_in_blocks_equals_full_forward(block, scan_layers, monkeypatch):
+  # An 11-slot cache read 2, 4 or 5 slots at a time: several blocks, a last block moved back to end at the
+  # cache's end (overlapping slots counted once), and blocks past a row's position that see nothing.
+  monkeypatch.setattr(model_lib, "DECODE_BLOCK", block)
+  cfg = small_config(pattern="keep_ends", num_layers=5, num_heads=4, num_kv_heads=2, scan_layers=scan_layers)
+  expected, got = _teacher_forced(cfg, random_params(cfg))
+  np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_generate_equals_recomputing_the_full_forward():
@@ -132,7 +146,7 @@ def test_eight_devices_generate_the_same_tokens_as_one():
   kwargs = dict(max_new_tokens=6, temperature=0.9, top_k=20, top_p=0.9, seed=4)
   one = decode.generate(params, cfg, prompts, **kwargs)
   eight = decode.generate(params, cfg, prompts, mesh=mesh8, **kwargs)
-  assert decode.cached_decoder(cfg, mesh8, decode.Sampling(0.9, 20, 0.9)).cache_sharding.spec[3] == "tensor"
+  assert decode.cached_decoder(cfg, mesh8, decode.Sampling(0.9, 20, 0.9)).cache_sharding[0][0].spec[3] == "tensor"
   assert one == eight
 
 

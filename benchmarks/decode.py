@@ -24,6 +24,7 @@ import dataclasses
 import json
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +33,11 @@ from absl import flags
 from cla_jax import cli, config_lib, decode, describe, export_hf, sharding
 from cla_jax import model as model_lib
 
-_ROWS = flags.DEFINE_list("rows", ["H128-MQA", "H128-MQA-CLA2", "H64-MQA", "H128-GQA4"], "Paper rows (Table 1).")
+_ROWS = flags.DEFINE_list(
+    "rows",
+    ["H128-MQA", "H128-MQA-CLA2", "H64-MQA", "H128-GQA4", "H128-MQA-int8", "H128-MQA-CLA2-int8"],
+    "Paper rows (Table 1); a `-int8` suffix stores the row's KV cache in int8 (kv_cache_dtype=int8).",
+)
 _SCALE = flags.DEFINE_enum("scale", "tiny", ["tiny", "paper"], "tiny: shrunk rows for a CPU; paper: the 1B rows.")
 _CONTEXT = flags.DEFINE_integer("context", None, "Cache length in tokens (default: tiny 1024, paper 4096).")
 _MEMORY = flags.DEFINE_float(
@@ -42,6 +47,15 @@ _BATCH = flags.DEFINE_integer("batch", 8, "The common batch for cache bytes, pre
 _PROMPT = flags.DEFINE_integer("prompt_len", None, "Prompt tokens per row (default: context / 2).")
 _STEPS = flags.DEFINE_integer("decode_steps", 16, "Tokens per timed decode loop.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repeats (the fastest counts: the machine is shared).")
+_MEMORY_ONLY = flags.DEFINE_bool(
+    "memory_only", False, "Only the largest batches (compiled, params abstract): no timing, no weights allocated."
+)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology",
+    None,
+    "Compile for this TPU slice (e.g. v5e-8; needs libtpu) instead of the local device: bf16 params sharded "
+    "over the slice, batch split over its chips, budget = HBM per chip; implies --memory_only.",
+)
 _HF = flags.DEFINE_bool(
     "hf", None, "Also time transformers' generate (static cache) on the H128-MQA size " "(default: on at tiny scale)."
 )
@@ -49,9 +63,21 @@ _HF = flags.DEFINE_bool(
 TINY_WIDTH_DIVISOR, TINY_LAYERS, TINY_VOCAB = 8, 4, 2048
 
 
-def row_config(name: str, scale: str) -> model_lib.ModelConfig:
+INT8_SUFFIX = "-int8"
+
+
+def split_row(name: str) -> tuple[str, str]:
+  """(paper row, kv_cache_dtype) of a benchmark row name: `H128-MQA-CLA2-int8` -> (H128-MQA-CLA2, int8)."""
+  if name.endswith(INT8_SUFFIX):
+    return name[: -len(INT8_SUFFIX)], "int8"
+  return name, "auto"
+
+
+def row_config(name: str, scale: str, dtype: str | None = None) -> model_lib.ModelConfig:
   """The paper row's ModelConfig, or its tiny version (same heads, KV heads, head-size ratio, pattern)."""
-  cfg = config_lib.model_config(config_lib.load(f"configs/paper_1b.py:{name}"))
+  cfg = config_lib.model_config(config_lib.load(f"configs/paper_1b.py:{split_row(name)[0]}"))
+  if dtype is not None:
+    cfg = dataclasses.replace(cfg, dtype=dtype)
   if scale == "tiny":
     div = TINY_WIDTH_DIVISOR
     cfg = dataclasses.replace(
@@ -66,6 +92,13 @@ def row_config(name: str, scale: str) -> model_lib.ModelConfig:
   return cfg
 
 
+def kv_bytes_per_token(cfg: model_lib.ModelConfig, kv_cache_dtype: str) -> int:
+  """16-bit K/V bytes per token as the paper counts them; for int8, the allocated bytes with the scales."""
+  if kv_cache_dtype == "int8":
+    return decode.cache_bytes_per_token(cfg, "int8")
+  return describe.describe(cfg)["kv_bytes_per_token"]
+
+
 def _best_time(fn, repeats: int) -> float:
   """Seconds of the fastest of `repeats` calls (after one untimed warm-up call)."""
   jax.block_until_ready(fn())
@@ -78,16 +111,35 @@ def _best_time(fn, repeats: int) -> float:
 
 
 class RowBench:
-  """One row's decoder on one device, with random params and a zero cache (contents do not change timing)."""
+  """One row's decoder on a mesh, with random params (or abstract ones) and a zero cache.
 
-  def __init__(self, cfg: model_lib.ModelConfig, steps: int):
-    self.cfg, self.steps = cfg, steps
-    self.decoder = decode.Decoder(cfg, decode.single_device_mesh(), decode.Sampling())
-    with jax.set_mesh(self.decoder.mesh):
-      self.params = jax.jit(
-          lambda: model_lib.init_params(cfg, jax.random.key(0)), out_shardings=self.decoder.param_shardings
-      )()
+  The cache's contents do not change timing. With `abstract_params` only compiled memory is measured:
+  the params are ShapeDtypeStructs in `param_dtype` with the decoder's shardings, nothing is allocated.
+  """
+
+  def __init__(
+      self,
+      cfg: model_lib.ModelConfig,
+      steps: int,
+      kv_cache_dtype: str = "auto",
+      mesh: jax.sharding.Mesh | None = None,
+      abstract_params: bool = False,
+      param_dtype: object = jnp.float32,
+  ):
+    self.cfg, self.steps, self.kv_cache_dtype = cfg, steps, kv_cache_dtype
+    self.decoder = decode.Decoder(cfg, mesh or decode.single_device_mesh(), decode.Sampling(), kv_cache_dtype)
+    if abstract_params:
+      shapes = nn.meta.unbox(model_lib.abstract_params(cfg))
+      self.params = jax.tree.map(
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, param_dtype, sharding=s), shapes, self.decoder.param_shardings
+      )
+    else:
+      with jax.set_mesh(self.decoder.mesh):
+        self.params = jax.jit(
+            lambda: model_lib.init_params(cfg, jax.random.key(0)), out_shardings=self.decoder.param_shardings
+        )()
     self.rng = jax.random.key(0)
+    self.batch_multiple = self.decoder.batch_multiple()
 
   def _loop_args(self, batch: int, context: int, abstract: bool):
     """(first token, lengths, cache) for a loop whose rows start `steps` slots before the cache's end."""
@@ -99,31 +151,50 @@ class RowBench:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=placement)
       return jax.device_put(jnp.full(shape, fill, dtype), placement)
 
-    shapes = decode.cache_shapes(self.cfg, batch, context, self.decoder.kv_cache_dtype)
+    shapes = decode.cache_shapes(self.cfg, batch, context, self.kv_cache_dtype)
     cache = jax.tree.map(lambda s, p: make(s.shape, s.dtype, p), shapes, self.decoder.cache_sharding)
     return make((batch,), jnp.int32, rows), make((batch,), jnp.int32, rows, context - self.steps), cache
 
   def _loop(self, first, lengths, cache):
     return self.decoder.loop(self.params, first, lengths, cache, self.rng, jnp.int32(-1), max_new_tokens=self.steps)
 
+  @staticmethod
+  def _bytes(compiled) -> int:
+    """Bytes a compiled program needs per device: arguments + outputs - donated aliases + temporaries."""
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+
   def decode_memory(self, batch: int, context: int) -> int:
-    """Bytes the compiled decode loop needs at `batch`: arguments + outputs - donated aliases + temporaries."""
+    """Bytes per device of the compiled decode loop at `batch`."""
     with jax.set_mesh(self.decoder.mesh):
       first, lengths, cache = self._loop_args(batch, context, abstract=True)
       compiled = self.decoder.loop.lower(
           self.params, first, lengths, cache, self.rng, jnp.int32(-1), max_new_tokens=self.steps
       ).compile()
-    m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+    return self._bytes(compiled)
 
-  def max_batch(self, budget: float, context: int) -> int:
-    """The largest batch whose compiled decode loop fits `budget` bytes (0 if not even batch 1)."""
+  def prefill_memory(self, batch: int, context: int, prompt_len: int) -> int:
+    """Bytes per device of the compiled prefill of `batch` prompts of `prompt_len` tokens."""
+    rows = sharding.batch_sharding(self.decoder.mesh, 1)
+    tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=sharding.batch_sharding(self.decoder.mesh))
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
+    with jax.set_mesh(self.decoder.mesh):
+      compiled = self.decoder.prefill.lower(self.params, tokens, lengths, self.rng, max_length=context).compile()
+    return self._bytes(compiled)
+
+  def max_batch(self, budget: float, context: int, memory=None) -> int:
+    """The largest batch (a multiple of the mesh's batch ways) whose compiled program fits `budget` bytes.
+
+    `memory(batch)` gives a program's bytes (default: the decode loop at `context`); 0 if not even one fits.
+    """
+    unit = self.batch_multiple
+    memory = memory or (lambda b: self.decode_memory(b, context))
     memo = {}
 
-    def fits(b):
-      if b not in memo:
-        memo[b] = self.decode_memory(b, context)
-      return memo[b] <= budget
+    def fits(k):  # k units of `unit` rows
+      if k not in memo:
+        memo[k] = memory(k * unit)
+      return memo[k] <= budget
 
     if not fits(1):
       return 0
@@ -131,8 +202,8 @@ class RowBench:
     fits(2)
     # A sequence costs at least its own cache: a floor on the slope when the two sizes measure alike (XLA
     # CPU can report equal memory for batch 1 and 2 with a bf16 cache), which would make the guess explode.
-    per_sequence = max(memo[2] - memo[1], self.cache_bytes(1, context), 1)
-    guess = max(1, int((budget - memo[1]) // per_sequence) + 1)
+    per_unit = max(memo[2] - memo[1], self.cache_bytes(unit, context) // self.decoder.mesh.size, 1)
+    guess = max(1, int((budget - memo[1]) // per_unit) + 1)
     low, high = (guess, None) if fits(guess) else (1, guess)
     if high is None:
       high = guess + 1
@@ -141,11 +212,11 @@ class RowBench:
     while high - low > 1:
       mid = (low + high) // 2
       low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
+    return low * unit
 
   def cache_bytes(self, batch: int, context: int) -> int:
-    """nbytes of an allocated cache of `batch` x `context`."""
-    return sum(a.nbytes for a in jax.tree.leaves(decode.init_cache(self.cfg, batch, context)))
+    """Bytes of a cache of `batch` x `context` (all devices together)."""
+    return batch * context * decode.cache_bytes_per_token(self.cfg, self.kv_cache_dtype)
 
   def prefill_seconds(self, batch: int, prompt_len: int, context: int) -> float:
     """The prefill program: `batch` prompts of `prompt_len` tokens into a `context`-slot cache."""
@@ -226,12 +297,28 @@ def side_by_side(cfg: model_lib.ModelConfig, batch: int, prompt_len: int, steps:
   return tokens / best["ours"], tokens / (best["hf_full"] - best["hf_prefill"])
 
 
+def target() -> tuple[jax.sharding.Mesh | None, float | None, str, str | None]:
+  """(mesh, budget per device, device name, dtype override): the local device, or --topology's slice.
+
+  On a TPU slice the params are sharded over every chip (fsdp) and so is the batch; the compute dtype is
+  bf16 there (`auto` would resolve for this host's CPU backend, not for the target).
+  """
+  if _TOPOLOGY.value is None:
+    return None, None, jax.devices()[0].device_kind, None
+  from cla_jax import topology  # pylint: disable=g-import-not-at-top  (loads libtpu)
+
+  slice_ = topology.parse(_TOPOLOGY.value)
+  devices = np.asarray(topology.compile_only_devices(slice_)).reshape(1, slice_.chips, 1)
+  mesh = jax.sharding.Mesh(devices, sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  name = f"{slice_.name} ({devices.flat[0].device_kind}, compile-only)"
+  return mesh, float(slice_.hbm_per_chip_bytes), name, "bfloat16"
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments {argv[1:]}.")
   scale = _SCALE.value
   context = _CONTEXT.value or (1024 if scale == "tiny" else 4096)
-  budget = _MEMORY.value or (64 * 2**20 if scale == "tiny" else 40e9)
   prompt_len = _PROMPT.value or context // 2
   batch, steps = _BATCH.value, _STEPS.value
   for name, value, low in (("context", context, 2), ("batch", batch, 1), ("decode_steps", steps, 2)):
@@ -239,52 +326,69 @@ def main(argv: list[str]) -> None:
       raise cli.UserError(f"--{name} must be at least {low}, got {value}.")
   if not 0 < prompt_len <= context - steps:
     raise cli.UserError(f"--prompt_len={prompt_len} must lie in [1, context - decode_steps = {context - steps}].")
+  for name in _ROWS.value:
+    config_lib.load(f"configs/paper_1b.py:{split_row(name)[0]}")  # an unknown row fails before any compile
+  mesh, hbm, device, dtype = target()
+  budget = _MEMORY.value or hbm or (64 * 2**20 if scale == "tiny" else 40e9)
   if budget <= 0:
     raise cli.UserError(f"--memory_bytes must be positive, got {budget}.")
+  memory_only = _MEMORY_ONLY.value or mesh is not None
 
   rows = []
   for name in _ROWS.value:
-    cfg = row_config(name, scale)
-    bench = RowBench(cfg, steps)
+    kv_cache_dtype = split_row(name)[1]
+    cfg = row_config(name, scale, dtype)
+    bench = RowBench(cfg, steps, kv_cache_dtype, mesh, abstract_params=memory_only, param_dtype=cfg.compute_dtype)
     row = {
         "name": name,
-        "kv_bytes_per_token": describe.describe(cfg)["kv_bytes_per_token"],
+        "kv_bytes_per_token": kv_bytes_per_token(cfg, kv_cache_dtype),
         "cache_bytes": bench.cache_bytes(batch, context),
         "max_batch": bench.max_batch(budget, context),
-        "prefill_ms": 1e3 * bench.prefill_seconds(batch, prompt_len, context),
-        "decode_tokens_per_s": bench.decode_tokens_per_s(batch, context),
     }
-    row["decode_tokens_per_s_at_max_batch"] = (
-        bench.decode_tokens_per_s(row["max_batch"], context) if row["max_batch"] else 0.0
-    )
+    if memory_only:
+      prefill = lambda b, bench=bench: bench.prefill_memory(b, context, prompt_len)  # noqa: E731
+      row["prefill_max_batch"] = bench.max_batch(budget, context, memory=prefill)
+    else:
+      row["prefill_ms"] = 1e3 * bench.prefill_seconds(batch, prompt_len, context)
+      row["decode_tokens_per_s"] = bench.decode_tokens_per_s(batch, context)
+      row["decode_tokens_per_s_at_max_batch"] = (
+          bench.decode_tokens_per_s(row["max_batch"], context) if row["max_batch"] else 0.0
+      )
     rows.append(row)
     print(f"  {name}: done", flush=True)
 
-  device = jax.devices()[0]
-  cfg0 = row_config(_ROWS.value[0], scale)
+  cfg0 = row_config(_ROWS.value[0], scale, dtype)
   print(
       f"\nscale={scale} ({cfg0.num_layers} layers, d_model {cfg0.d_model}, vocab {cfg0.vocab_size}), "
-      f"context {context}, prompt {prompt_len}, budget {budget / 2**20:.0f} MiB, batch {batch}, "
-      f"{steps} decode steps, {device.device_kind} ({jnp.dtype(cfg0.compute_dtype).name} cache)"
+      f"context {context}, prompt {prompt_len}, budget {budget / 2**20:.0f} MiB per device, batch {batch}, "
+      f"{steps} decode steps, {device} ({jnp.dtype(cfg0.compute_dtype).name} compute and params)"
   )
   base = rows[0]
-  header = (
-      f"{'row':<16}{'KV B/token':>11}{'cache MiB':>10}{'max batch':>10}{'x':>6}{'prefill ms':>11}"
-      f"{'step ms':>9}{'tok/s @' + str(batch):>11}{'tok/s @max':>11}{'x':>6}"
-  )
-  print(header)
-  for r in rows:
-    step_ms = 1e3 * batch / max(r["decode_tokens_per_s"], 1e-9)
-    print(
-        f"{r['name']:<16}{r['kv_bytes_per_token']:>11,}{r['cache_bytes'] / 2**20:>10.2f}{r['max_batch']:>10}"
-        f"{r['max_batch'] / max(base['max_batch'], 1):>6.2f}{r['prefill_ms']:>11.1f}{step_ms:>9.2f}"
-        f"{r['decode_tokens_per_s']:>11,.0f}{r['decode_tokens_per_s_at_max_batch']:>11,.0f}"
-        f"{r['decode_tokens_per_s_at_max_batch'] / max(base['decode_tokens_per_s_at_max_batch'], 1e-9):>6.2f}"
+  if memory_only:
+    print(f"{'row':<20}{'KV B/token':>11}{'max batch':>10}{'x':>6}{'prefill max batch':>18}")
+    for r in rows:
+      print(
+          f"{r['name']:<20}{r['kv_bytes_per_token']:>11,}{r['max_batch']:>10}"
+          f"{r['max_batch'] / max(base['max_batch'], 1):>6.2f}{r['prefill_max_batch']:>18}"
+      )
+  else:
+    header = (
+        f"{'row':<20}{'KV B/token':>11}{'cache MiB':>10}{'max batch':>10}{'x':>6}{'prefill ms':>11}"
+        f"{'step ms':>9}{'tok/s @' + str(batch):>11}{'tok/s @max':>11}{'x':>6}"
     )
-  print(f"(x: relative to {base['name']})")
+    print(header)
+    for r in rows:
+      step_ms = 1e3 * batch / max(r["decode_tokens_per_s"], 1e-9)
+      print(
+          f"{r['name']:<20}{r['kv_bytes_per_token']:>11,}{r['cache_bytes'] / 2**20:>10.2f}{r['max_batch']:>10}"
+          f"{r['max_batch'] / max(base['max_batch'], 1):>6.2f}{r['prefill_ms']:>11.1f}{step_ms:>9.2f}"
+          f"{r['decode_tokens_per_s']:>11,.0f}{r['decode_tokens_per_s_at_max_batch']:>11,.0f}"
+          f"{r['decode_tokens_per_s_at_max_batch'] / max(base['decode_tokens_per_s_at_max_batch'], 1e-9):>6.2f}"
+      )
+  print(f"(x: relative to {base['name']}; max batch: compiled memory analysis, per device)")
 
-  result = {"context": context, "memory_bytes": int(budget), "rows": rows}
-  if _HF.value if _HF.value is not None else scale == "tiny":
+  result = {"context": context, "memory_bytes": int(budget), "device": device, "rows": rows}
+  if not memory_only and (_HF.value if _HF.value is not None else scale == "tiny"):
     # Side by side on the same MQA size: batch, prompt and cache length (prompt + steps) the same for both.
     mqa = row_config("H128-MQA", scale)
     hf_prompt = min(prompt_len, 128)

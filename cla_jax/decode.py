@@ -215,6 +215,28 @@ def decode_loop(
   return out, cache
 
 
+def teacher_forced_logits(
+    params: Any, tokens: jax.Array, *, cfg: ModelConfig, prefill_len: int, kv_cache_dtype: str = "auto"
+) -> jax.Array:
+  """Logits [b, t, v] of whole sequences [b, t] through the cache, as generation computes them.
+
+  The first `prefill_len` tokens go in as one prefill, each later one as a decode step fed the true token
+  (teacher forcing): every position's keys and values are written to the cache (quantised for int8) and
+  read back from it, so the scores measure what the cache dtype does to the model.
+  """
+  b, t = tokens.shape
+  cache = init_cache(cfg, b, t, kv_cache_dtype)
+  positions = jnp.broadcast_to(jnp.arange(prefill_len, dtype=jnp.int32), (b, prefill_len))
+  first, cache = _apply(params, cfg, tokens[:, :prefill_len], positions, cache)
+
+  def step(cache, i):
+    logits, cache = decode_step(params, tokens[:, i], jnp.full((b,), i, jnp.int32), cache, cfg=cfg)
+    return cache, logits
+
+  _, rest = jax.lax.scan(step, cache, jnp.arange(prefill_len, t))  # [t - prefill_len, b, v]
+  return jnp.concatenate([first, rest.transpose(1, 0, 2)], axis=1)
+
+
 class Decoder:
   """The jitted prefill and decode loop of one model on one mesh; the cache is donated between them.
 

@@ -322,7 +322,7 @@ class DecoderLayer(nn.Module):
 # A segment's decode cache: (key, value), each [num_groups, b, max_length, k, h] in the cache dtype, and for
 # an int8 cache also (key_scale, value_scale), each [num_groups, b, max_length, k] (see kv_quant).
 KVCache = tuple[Array, ...]
-DECODE_BLOCK = 256  # cache slots per step of cached_attention's loop: its temporaries are [b, t, n, block]
+DECODE_BLOCK = 64  # cache slots per step of cached_attention: its temporaries are [b, t, n, block] scores and K/V
 
 
 def write_cache(cache: KVCache, key: Array, value: Array, positions: Array, group: Array | int) -> KVCache:

@@ -159,19 +159,33 @@ class RowBench:
     return self.decoder.loop(self.params, first, lengths, cache, self.rng, jnp.int32(-1), max_new_tokens=self.steps)
 
   @staticmethod
-  def _bytes(compiled) -> int:
-    """Bytes a compiled program needs per device: arguments + outputs - donated aliases + temporaries."""
+  def _bytes(lowered) -> int:
+    """Bytes a lowered program needs per device once compiled: arguments + outputs - aliases + temporaries.
+
+    A TPU compile refuses a program that cannot fit its HBM: that counts as too big (2**62 bytes).
+    """
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" in str(e):
+        return 2**62
+      raise
     m = compiled.memory_analysis()
     return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
 
+  def _scalars(self):
+    """Abstract (rng, eos_id), replicated on the mesh: compile-only devices cannot hold concrete ones."""
+    everywhere = jax.sharding.NamedSharding(self.decoder.mesh, jax.sharding.PartitionSpec())
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=everywhere)
+    return rng, jax.ShapeDtypeStruct((), jnp.int32, sharding=everywhere)
+
   def decode_memory(self, batch: int, context: int) -> int:
     """Bytes per device of the compiled decode loop at `batch`."""
+    rng, eos_id = self._scalars()
     with jax.set_mesh(self.decoder.mesh):
       first, lengths, cache = self._loop_args(batch, context, abstract=True)
-      compiled = self.decoder.loop.lower(
-          self.params, first, lengths, cache, self.rng, jnp.int32(-1), max_new_tokens=self.steps
-      ).compile()
-    return self._bytes(compiled)
+      lowered = self.decoder.loop.lower(self.params, first, lengths, cache, rng, eos_id, max_new_tokens=self.steps)
+    return self._bytes(lowered)
 
   def prefill_memory(self, batch: int, context: int, prompt_len: int) -> int:
     """Bytes per device of the compiled prefill of `batch` prompts of `prompt_len` tokens."""
@@ -179,7 +193,9 @@ class RowBench:
     tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=sharding.batch_sharding(self.decoder.mesh))
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
     with jax.set_mesh(self.decoder.mesh):
-      compiled = self.decoder.prefill.lower(self.params, tokens, lengths, self.rng, max_length=context).compile()
+      compiled = self.decoder.prefill.lower(
+          self.params, tokens, lengths, self._scalars()[0], max_length=context
+      ).compile()
     return self._bytes(compiled)
 
   def max_batch(self, budget: float, context: int, memory=None) -> int:
@@ -204,11 +220,18 @@ class RowBench:
     # CPU can report equal memory for batch 1 and 2 with a bf16 cache), which would make the guess explode.
     per_unit = max(memo[2] - memo[1], self.cache_bytes(unit, context) // self.decoder.mesh.size, 1)
     guess = max(1, int((budget - memo[1]) // per_unit) + 1)
-    low, high = (guess, None) if fits(guess) else (1, guess)
-    if high is None:
-      high = guess + 1
-      while fits(high):
-        low, high = high, high * 2
+    # Gallop from the guess (it is nearly exact, and each compile of a 1B program takes a while), then bisect.
+    step = 1
+    if fits(guess):
+      low = guess
+      while fits(low + step):
+        low, step = low + step, step * 2
+      high = low + step
+    else:
+      high = guess
+      while high - step >= 1 and not fits(high - step):
+        high, step = high - step, step * 2
+      low = max(high - step, 1)
     while high - low > 1:
       mid = (low + high) // 2
       low, high = (mid, high) if fits(mid) else (low, mid)

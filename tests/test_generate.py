@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import flax.linen
 import jax
 import numpy as np
 import pytest
@@ -123,6 +124,35 @@ def test_teacher_forced_perplexity_through_the_cache():
   np.testing.assert_allclose(cached["auto"], reference, rtol=1e-6)
   # int8: perplexity within 0.5% of the unquantised cache's (the bound the README's measurement meets).
   assert abs(np.exp(cached["int8"] - cached["auto"]) - 1) < 5e-3
+
+
+def _decode_loop_bytes(cfg, batch, length):
+  """Bytes of the compiled decode loop (arguments + outputs - aliases + temporaries) on one device."""
+  decoder = decode.Decoder(cfg, decode.single_device_mesh())
+  abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+  params = jax.tree.map(abstract, flax.linen.meta.unbox(model_lib.abstract_params(cfg)))
+  rows = jax.ShapeDtypeStruct((batch,), np.int32)
+  cache = jax.tree.map(abstract, decode.cache_shapes(cfg, batch, length))
+  with jax.set_mesh(decoder.mesh):
+    lowered = decoder.loop.lower(params, rows, rows, cache, jax.random.key(0), np.int32(-1), max_new_tokens=4)
+  m = lowered.compile().memory_analysis()
+  return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+
+def test_decode_step_memory_is_the_cache_and_params_not_a_copy_of_a_group():
+  # The README's tiny H128 rows: what one more sequence costs is its cache and a few blocks of scores,
+  # not a copy of its group's [max_length, k, h] (as large as an MQA layer's cache), and a two-layer CLA
+  # group's weights are not all held at once.
+  widths = dict(num_layers=4, d_model=256, num_heads=16, num_kv_heads=1, head_dim=16, mlp_dim=684)
+  length, per_sequence, fixed = 1024, {}, {}
+  for pattern in ("none", "cla2"):
+    cfg = ModelConfig(**widths, pattern=pattern, vocab_size=2048, dtype="float32")
+    one, two = _decode_loop_bytes(cfg, 1, length), _decode_loop_bytes(cfg, 2, length)
+    cache = decode.cache_bytes_per_token(cfg) * length
+    per_sequence[pattern] = (two - one) / cache
+    fixed[pattern] = one - cache
+  assert per_sequence["cla2"] < 1.1 and per_sequence["none"] < 1.05, per_sequence
+  assert fixed["cla2"] <= fixed["none"], fixed
 
 
 def test_greedy_generate_equals_recomputing_the_full_forward():
@@ -362,6 +392,28 @@ def test_load_model_on_a_mesh_restores_shards_and_decodes_int8(workdir):
   ids = [[5, 9, 11, 3], [7]]
   assert model.generate(ids, max_new_tokens=5) == replicated.generate(ids, max_new_tokens=5, kv_cache_dtype="int8")
   assert model._sharded_params is model.params  # decoding uses the restored shards as they are
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--topology=v9-8"], "unknown TPU topology 'v9-8'"),
+        (["--rows=H128-MQA-int4"], "unknown 1B paper row 'H128-MQA-int4'"),
+    ],
+)
+def test_decode_benchmark_one_line_errors(flags, message):
+  import train_helpers  # pylint: disable=g-import-not-at-top
+
+  out = subprocess.run(
+      [sys.executable, "benchmarks/decode.py", "--memory_only", *flags],
+      cwd=REPO,
+      env=train_helpers.env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+  assert message in out.stderr
 
 
 def test_cli_bad_workdir(tmp_path):

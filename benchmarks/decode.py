@@ -1,14 +1,21 @@
 """What CLA buys at inference: KV-cache bytes, the largest batch that fits a memory budget, decode speed.
 
   python benchmarks/decode.py --scale=tiny                     # CPU, minutes; + transformers side by side
-  python benchmarks/decode.py --scale=paper --context=4096 --memory_bytes=60e9 --batch=16   # 1B rows, GPU/TPU
+  python benchmarks/decode.py --scale=paper --context=4096 --memory_bytes=60e9 --memory_only   # 1B rows, CPU
+  python benchmarks/decode.py --topology=v5e-8 --scale=paper   # 1B rows compiled for a TPU slice (libtpu)
 
-For each paper row (default H128-MQA, H128-MQA-CLA2, H64-MQA, H128-GQA4), on one device: KV bytes per
-token (`describe`, 16-bit) and the cache bytes actually allocated at `--batch` x `--context` (the arrays'
-nbytes, compute dtype); the largest batch whose decode program fits `--memory_bytes`, found from the
-compiled program's memory analysis (params + cache + temporaries); the prefill time of `--batch` prompts
-of `--prompt_len` tokens; decode tokens/s at `--batch` and at the row's own largest batch (the
+For each paper row (default H128-MQA, H128-MQA-CLA2, H64-MQA, H128-GQA4 and the MQA rows with an int8
+cache: a row name ending in `-int8` sets kv_cache_dtype=int8), on one device: KV bytes per token
+(`describe`, 16-bit; for int8 rows the allocated bytes, scales included) and the cache bytes at `--batch`
+x `--context`; the largest batch whose decode program fits `--memory_bytes`, found from the compiled
+program's memory analysis (params + cache + temporaries); the prefill time of `--batch` prompts of
+`--prompt_len` tokens; decode tokens/s at `--batch` and at the row's own largest batch (the
 `lax.while_loop` of `--decode_steps` tokens, cache donated, attending over a `--context`-slot cache).
+
+`--memory_only` keeps the largest batch only (params abstract: nothing allocated, nothing timed) and adds
+the prefill program's bytes at `--batch`. `--topology=v5e-8` compiles the prefill and the decode loop for
+that TPU slice instead (compile-only devices, `cla_jax.topology`): bf16 params sharded over every chip, the
+batch split over the chips, the budget each chip's HBM; the figures are per chip.
 
 `--scale=tiny` keeps each row's heads, KV heads, head-size ratio and sharing pattern and divides width by 8
 (d_model 256, H128 -> head_dim 16) and depth to 4 layers, with a 2048-token vocabulary. With `--hf` (the
@@ -176,7 +183,7 @@ class RowBench:
   def _scalars(self):
     """Abstract (rng, eos_id), replicated on the mesh: compile-only devices cannot hold concrete ones."""
     everywhere = jax.sharding.NamedSharding(self.decoder.mesh, jax.sharding.PartitionSpec())
-    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=everywhere)
+    rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=everywhere)
     return rng, jax.ShapeDtypeStruct((), jnp.int32, sharding=everywhere)
 
   def decode_memory(self, batch: int, context: int) -> int:
@@ -198,13 +205,10 @@ class RowBench:
       ).compile()
     return self._bytes(compiled)
 
-  def max_batch(self, budget: float, context: int, memory=None) -> int:
-    """The largest batch (a multiple of the mesh's batch ways) whose compiled program fits `budget` bytes.
-
-    `memory(batch)` gives a program's bytes (default: the decode loop at `context`); 0 if not even one fits.
-    """
+  def max_batch(self, budget: float, context: int) -> int:
+    """The largest batch (a multiple of the mesh's batch ways) whose compiled decode loop fits `budget` bytes."""
     unit = self.batch_multiple
-    memory = memory or (lambda b: self.decode_memory(b, context))
+    memory = lambda b: self.decode_memory(b, context)  # noqa: E731
     memo = {}
 
     def fits(k):  # k units of `unit` rows
@@ -369,8 +373,8 @@ def main(argv: list[str]) -> None:
         "max_batch": bench.max_batch(budget, context),
     }
     if memory_only:
-      prefill = lambda b, bench=bench: bench.prefill_memory(b, context, prompt_len)  # noqa: E731
-      row["prefill_max_batch"] = bench.max_batch(budget, context, memory=prefill)
+      # One compile: a 1B prefill is a long compile, and serving prefills a few prompts at a time anyway.
+      row["prefill_bytes_at_batch"] = bench.prefill_memory(batch, context, prompt_len)
     else:
       row["prefill_ms"] = 1e3 * bench.prefill_seconds(batch, prompt_len, context)
       row["decode_tokens_per_s"] = bench.decode_tokens_per_s(batch, context)
@@ -378,7 +382,7 @@ def main(argv: list[str]) -> None:
           bench.decode_tokens_per_s(row["max_batch"], context) if row["max_batch"] else 0.0
       )
     rows.append(row)
-    print(f"  {name}: done", flush=True)
+    print(f"  {name}: max batch {row['max_batch']}", flush=True)
 
   cfg0 = row_config(_ROWS.value[0], scale, dtype)
   print(
@@ -388,11 +392,11 @@ def main(argv: list[str]) -> None:
   )
   base = rows[0]
   if memory_only:
-    print(f"{'row':<20}{'KV B/token':>11}{'max batch':>10}{'x':>6}{'prefill max batch':>18}")
+    print(f"{'row':<20}{'KV B/token':>11}{'max batch':>10}{'x':>6}{f'prefill @{batch} GiB':>17}")
     for r in rows:
       print(
           f"{r['name']:<20}{r['kv_bytes_per_token']:>11,}{r['max_batch']:>10}"
-          f"{r['max_batch'] / max(base['max_batch'], 1):>6.2f}{r['prefill_max_batch']:>18}"
+          f"{r['max_batch'] / max(base['max_batch'], 1):>6.2f}{r['prefill_bytes_at_batch'] / 2**30:>17.2f}"
       )
   else:
     header = (

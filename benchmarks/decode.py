@@ -199,11 +199,10 @@ class RowBench:
     rows = sharding.batch_sharding(self.decoder.mesh, 1)
     tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=sharding.batch_sharding(self.decoder.mesh))
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
+    rng = self._scalars()[0]
     with jax.set_mesh(self.decoder.mesh):
-      compiled = self.decoder.prefill.lower(
-          self.params, tokens, lengths, self._scalars()[0], max_length=context
-      ).compile()
-    return self._bytes(compiled)
+      lowered = self.decoder.prefill.lower(self.params, tokens, lengths, rng, max_length=context)
+    return self._bytes(lowered)
 
   def max_batch(self, budget: float, context: int) -> int:
     """The largest batch (a multiple of the mesh's batch ways) whose compiled decode loop fits `budget` bytes."""

@@ -27,8 +27,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cla_jax import kv_quant, sharding
 from cla_jax import model as model_lib
-from cla_jax import sharding
 from cla_jax.errors import UserError
 from cla_jax.model import ModelConfig
 
@@ -58,32 +58,49 @@ class Sampling:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def cache_shapes(cfg: ModelConfig, batch: int, max_length: int, dtype: Any = None) -> Cache:
-  """ShapeDtypeStructs of the cache: per segment (key, value), each [num_groups, b, max_length, k, h]."""
-  dtype = cfg.compute_dtype if dtype is None else dtype
-  return [
-      tuple(
-          jax.ShapeDtypeStruct((num_groups, batch, max_length, cfg.num_kv_heads, cfg.head_dim), dtype) for _ in range(2)
-      )
-      for _, num_groups in cfg.segments
-  ]
+def cache_shapes(cfg: ModelConfig, batch: int, max_length: int, kv_cache_dtype: str = "auto") -> Cache:
+  """ShapeDtypeStructs of the cache: per segment (key, value), each [num_groups, b, max_length, k, h], in the
+  compute dtype (`auto`) or int8 followed by (key_scale, value_scale), each [num_groups, b, max_length, k]."""
+  kv_cache_dtype = kv_quant.check_kv_cache_dtype(kv_cache_dtype)
+  out = []
+  for _, num_groups in cfg.segments:
+    shape = (num_groups, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
+    if kv_cache_dtype == "int8":
+      scales = jax.ShapeDtypeStruct(shape[:-1], kv_quant.SCALE_DTYPE)
+      out.append((jax.ShapeDtypeStruct(shape, jnp.int8),) * 2 + (scales,) * 2)
+    else:
+      out.append((jax.ShapeDtypeStruct(shape, cfg.compute_dtype),) * 2)
+  return out
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype: Any = None) -> Cache:
-  """A zero cache (compute dtype unless `dtype` is given)."""
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(cfg, batch, max_length, dtype))
+def init_cache(cfg: ModelConfig, batch: int, max_length: int, kv_cache_dtype: str = "auto") -> Cache:
+  """A zero cache (see cache_shapes)."""
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(cfg, batch, max_length, kv_cache_dtype))
 
 
-def cache_spec(cfg: ModelConfig, mesh: Mesh) -> P:
-  """Batch over (data, fsdp); K/V heads over tensor when they divide (MQA's one head cannot)."""
+def cache_spec(cfg: ModelConfig, mesh: Mesh, ndim: int = 5) -> P:
+  """Batch over (data, fsdp); K/V heads over tensor when they divide (MQA's one head cannot).
+
+  ndim 5 for keys and values [g, b, s, k, h], 4 for their int8 scales [g, b, s, k].
+  """
   tensor = mesh.shape["tensor"]
   heads = "tensor" if tensor > 1 and cfg.num_kv_heads % tensor == 0 else None
-  return P(None, sharding.BATCH_AXES, None, heads, None)
+  return P(*(None, sharding.BATCH_AXES, None, heads, None)[:ndim])
+
+
+def cache_shardings(cfg: ModelConfig, mesh: Mesh, cache: Cache) -> Cache:
+  """A NamedSharding for every array of a cache (or of its shapes)."""
+  return jax.tree.map(lambda c: NamedSharding(mesh, cache_spec(cfg, mesh, c.ndim)), cache)
 
 
 def _constrain_cache(cache: Cache, cfg: ModelConfig, mesh: Mesh) -> Cache:
-  spec = NamedSharding(mesh, cache_spec(cfg, mesh))
-  return jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, spec), cache)
+  return jax.tree.map(jax.lax.with_sharding_constraint, cache, cache_shardings(cfg, mesh, cache))
+
+
+def cache_bytes_per_token(cfg: ModelConfig, kv_cache_dtype: str = "auto") -> int:
+  """Bytes one token of one sequence occupies in the cache as allocated (scales included)."""
+  shapes = cache_shapes(cfg, 1, 1, kv_cache_dtype)
+  return sum(int(np.prod(s.shape)) * jnp.dtype(s.dtype).itemsize for s in jax.tree.leaves(shapes))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,18 +215,45 @@ def decode_loop(
   return out, cache
 
 
-class Decoder:
-  """The jitted prefill and decode loop of one model on one mesh; the cache is donated between them."""
+def teacher_forced_logits(
+    params: Any, tokens: jax.Array, *, cfg: ModelConfig, prefill_len: int, kv_cache_dtype: str = "auto"
+) -> jax.Array:
+  """Logits [b, t, v] of whole sequences [b, t] through the cache, as generation computes them.
 
-  def __init__(self, cfg: ModelConfig, mesh: Mesh, sampling: Sampling = Sampling()):
+  The first `prefill_len` tokens go in as one prefill, each later one as a decode step fed the true token
+  (teacher forcing): every position's keys and values are written to the cache (quantised for int8) and
+  read back from it, so the scores measure what the cache dtype does to the model.
+  """
+  b, t = tokens.shape
+  cache = init_cache(cfg, b, t, kv_cache_dtype)
+  positions = jnp.broadcast_to(jnp.arange(prefill_len, dtype=jnp.int32), (b, prefill_len))
+  first, cache = _apply(params, cfg, tokens[:, :prefill_len], positions, cache)
+
+  def step(cache, i):
+    logits, cache = decode_step(params, tokens[:, i], jnp.full((b,), i, jnp.int32), cache, cfg=cfg)
+    return cache, logits
+
+  _, rest = jax.lax.scan(step, cache, jnp.arange(prefill_len, t))  # [t - prefill_len, b, v]
+  return jnp.concatenate([first, rest.transpose(1, 0, 2)], axis=1)
+
+
+class Decoder:
+  """The jitted prefill and decode loop of one model on one mesh; the cache is donated between them.
+
+  `kv_cache_dtype`: `auto` keeps K/V in the compute dtype; `int8` stores them quantised (kv_quant).
+  """
+
+  def __init__(self, cfg: ModelConfig, mesh: Mesh, sampling: Sampling = Sampling(), kv_cache_dtype: str = "auto"):
     sampling.validate()
+    self.kv_cache_dtype = kv_quant.check_kv_cache_dtype(kv_cache_dtype)
     self.cfg, self.mesh, self.sampling = cfg, mesh, sampling
     self.param_shardings = sharding.logical_shardings(model_lib.abstract_params(cfg), mesh)
-    self.cache_sharding = NamedSharding(mesh, cache_spec(cfg, mesh))
+    self.cache_sharding = cache_shardings(cfg, mesh, cache_shapes(cfg, 1, 1, self.kv_cache_dtype))
     rows = sharding.batch_sharding(mesh, 1)
 
     def prefill_fn(params, tokens, lengths, rng, max_length):
-      cache = _constrain_cache(init_cache(cfg, tokens.shape[0], max_length), cfg, mesh)
+      cache = init_cache(cfg, tokens.shape[0], max_length, self.kv_cache_dtype)
+      cache = _constrain_cache(cache, cfg, mesh)
       token, logits, cache = prefill(params, tokens, lengths, cache, rng, cfg=cfg, sampling=sampling)
       return token, logits, _constrain_cache(cache, cfg, mesh)
 
@@ -278,9 +322,9 @@ class Decoder:
 
 
 @functools.lru_cache(maxsize=32)
-def cached_decoder(cfg: ModelConfig, mesh: Mesh, sampling: Sampling) -> Decoder:
-  """One Decoder (and so one set of compiled programs) per model, mesh and sampling setting."""
-  return Decoder(cfg, mesh, sampling)
+def cached_decoder(cfg: ModelConfig, mesh: Mesh, sampling: Sampling, kv_cache_dtype: str = "auto") -> Decoder:
+  """One Decoder (and so one set of compiled programs) per model, mesh, sampling setting and cache dtype."""
+  return Decoder(cfg, mesh, sampling, kv_cache_dtype)
 
 
 @functools.lru_cache(maxsize=1)
@@ -367,19 +411,22 @@ def generate(
     max_length: int | None = None,
     mesh: Mesh | None = None,
     decoder: Decoder | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> list[list[int]]:
   """New token ids for each prompt (a list of int lists), ending at eos_id (kept) or after max_new_tokens.
 
   `params` is the model's param tree (scanned layout, any placement); `mesh` the (data, fsdp, tensor)
   mesh to decode on (default: one device), `max_length` a cap on prompt + new tokens (default: none).
-  Pass a `decoder` to reuse its compiled programs across calls.
+  `kv_cache_dtype` is `auto` (the compute dtype) or `int8` (quantised per token and KV head). Pass a
+  `decoder` to reuse its compiled programs across calls.
   """
+  kv_cache_dtype = kv_quant.check_kv_cache_dtype(kv_cache_dtype)
   prompts = check_prompts(prompts, cfg.vocab_size)
   needed = check_length(prompts, max_new_tokens, max_length)
   sampling = Sampling(temperature, top_k, top_p)
   sampling.validate()
-  if decoder is None or decoder.sampling != sampling:
-    decoder = cached_decoder(cfg, mesh or single_device_mesh(), sampling)
+  if decoder is None or decoder.sampling != sampling or decoder.kv_cache_dtype != kv_cache_dtype:
+    decoder = cached_decoder(cfg, mesh or single_device_mesh(), sampling, kv_cache_dtype)
   tokens, lengths = pad_prompts(prompts, decoder.batch_multiple())
   cache_length = max(needed, tokens.shape[1])
   new = decoder(

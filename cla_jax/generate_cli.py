@@ -30,6 +30,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same text.")
   flags.DEFINE_integer("num_samples", 1, "Continuations per prompt.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable one).")
+  flags.DEFINE_string(
+      "kv_cache_dtype", "auto", "KV cache storage: auto (the compute dtype) or int8 (quantised per token and head)."
+  )
   flags.DEFINE_bool("jsonl", False, "Print one JSON line per continuation: prompt, sample, continuation.")
 
 
@@ -69,11 +72,12 @@ def main(argv: list[str]) -> None:
     raise cli.UserError(f"--num_samples must be at least 1, got {FLAGS.num_samples}.")
   prompts = read_prompts(FLAGS.prompt, FLAGS.prompt_file)
   import cla_jax  # pylint: disable=g-import-not-at-top  (after flags: fast --help and flag errors)
-  from cla_jax import decode  # pylint: disable=g-import-not-at-top
+  from cla_jax import decode, kv_quant  # pylint: disable=g-import-not-at-top
 
   decode.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p).validate()  # before the slow restore
+  kv_quant.check_kv_cache_dtype(FLAGS.kv_cache_dtype)
   logging.set_verbosity(logging.ERROR)  # orbax logs warnings on every read-only restore
-  model = cla_jax.load_model(FLAGS.workdir, step=FLAGS.step)
+  model = cla_jax.load_model(FLAGS.workdir, step=FLAGS.step, kv_cache_dtype=FLAGS.kv_cache_dtype)
   batch = [p for p in prompts for _ in range(FLAGS.num_samples)]
   texts = model.generate(
       batch,

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cla_jax import checkpoint, config_lib, sharding
+from cla_jax import checkpoint, config_lib, kv_quant, sharding
 from cla_jax import model as model_lib
 from cla_jax.errors import UserError
 
@@ -19,13 +19,21 @@ class LoadedModel:
   """A CLA model restored from a workdir: call it on int tokens [batch, length] for f32 logits.
 
   Attributes: `config` (the workdir's resolved ml_collections config), `params` (the unboxed fp32
-  param tree, replicated on the local devices), `step` (checkpoint step), `model_config`
-  (`ModelConfig`) and `module` (the Flax `Transformer`, for `module.apply({"params": params}, ...)`).
+  param tree, replicated on the local devices, or sharded on `mesh` when one was given), `step`
+  (checkpoint step), `model_config` (`ModelConfig`), `module` (the Flax `Transformer`, for
+  `module.apply({"params": params}, ...)`) and `kv_cache_dtype` (`generate`'s default cache dtype).
   """
 
   def __init__(
-      self, config: ml_collections.ConfigDict, params: Any, step: int, workdir: str | os.PathLike | None = None
+      self,
+      config: ml_collections.ConfigDict,
+      params: Any,
+      step: int,
+      workdir: str | os.PathLike | None = None,
+      mesh: jax.sharding.Mesh | None = None,
+      kv_cache_dtype: str = "auto",
   ):
+    self.kv_cache_dtype = kv_quant.check_kv_cache_dtype(kv_cache_dtype)
     self.config = config
     self.params = params
     self.step = step
@@ -35,8 +43,9 @@ class LoadedModel:
     self._apply = jax.jit(lambda p, t, pos, seg: self.module.apply({"params": p}, t, pos, seg))
     self._tokenizer = None
     self._decoders: dict[Any, Any] = {}  # compiled prefill/decode programs, per sampling setting
-    self._decode_mesh = None
-    self._sharded_params = None
+    self._decode_mesh = mesh
+    # Params restored onto the decode mesh are already placed as the decoder wants them.
+    self._sharded_params = params if mesh is not None else None
 
   def _mesh(self) -> jax.sharding.Mesh:
     if self._decode_mesh is None:
@@ -68,6 +77,7 @@ class LoadedModel:
       top_p: float = 1.0,
       seed: int = 0,
       max_length: int | None = None,
+      kv_cache_dtype: str | None = None,
   ) -> list[str] | list[list[int]]:
     """Continues each prompt with the KV cache: strings in, strings out; token ids in, new token ids out.
 
@@ -76,9 +86,12 @@ class LoadedModel:
     Generation stops at the tokenizer's EOS (kept at the end of an id list, dropped from text) or after
     `max_new_tokens`. `temperature=0` is greedy; otherwise softmax(logits / temperature) restricted to
     the `top_k` most likely tokens (0: all) and the `top_p` nucleus, drawn reproducibly from `seed`.
-    `max_length` caps prompt + new tokens (default: train.seq_len).
+    `max_length` caps prompt + new tokens (default: train.seq_len); `kv_cache_dtype` is `auto` (the
+    compute dtype) or `int8` (default: the one given to load_model).
     """
     from cla_jax import decode  # pylint: disable=g-import-not-at-top
+
+    kv_cache_dtype = self.kv_cache_dtype if kv_cache_dtype is None else kv_quant.check_kv_cache_dtype(kv_cache_dtype)
 
     is_text = isinstance(prompts, str) or (
         isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts)
@@ -99,9 +112,10 @@ class LoadedModel:
         eos_id = self.tokenizer.eos_id
     sampling = decode.Sampling(temperature, top_k, top_p)
     sampling.validate()
-    if sampling not in self._decoders:
-      self._decoders[sampling] = decode.Decoder(self.model_config, self._mesh(), sampling)
-    decoder = self._decoders[sampling]
+    key = (sampling, kv_cache_dtype)
+    if key not in self._decoders:
+      self._decoders[key] = decode.Decoder(self.model_config, self._mesh(), sampling, kv_cache_dtype)
+    decoder = self._decoders[key]
     if self._sharded_params is None:
       self._sharded_params = decoder.shard_params(self.params)  # as trained: the rule table on the mesh
     new = decode.generate(
@@ -116,6 +130,7 @@ class LoadedModel:
         eos_id=eos_id,
         max_length=self.max_length if max_length is None else max_length,
         decoder=decoder,
+        kv_cache_dtype=kv_cache_dtype,
     )
     if not is_text:
       return new
@@ -188,14 +203,27 @@ def _min_max(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.min(x), jnp.max(x)
 
 
-def load_model(workdir: str | os.PathLike, step: int | None = None, dtype: str | None = None) -> LoadedModel:
-  """Restores a workdir's newest (or `step`'s) params; `dtype` overrides `config.model.dtype` (e.g. 'float32')."""
-  params, config, restored_step = checkpoint.restore_params(workdir, step=step)
+def load_model(
+    workdir: str | os.PathLike,
+    step: int | None = None,
+    dtype: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    kv_cache_dtype: str = "auto",
+) -> LoadedModel:
+  """Restores a workdir's newest (or `step`'s) params; `dtype` overrides `config.model.dtype` (e.g. 'float32').
+
+  With `mesh` (a (data, fsdp, tensor) mesh, e.g. `sharding.make_mesh`), each param is read straight into
+  its shards on that mesh by the training rule table, and generation decodes on it: no device ever holds
+  a whole copy. Without, params are replicated on every local device. `kv_cache_dtype` (`auto` or `int8`)
+  is `generate`'s default cache dtype.
+  """
+  kv_cache_dtype = kv_quant.check_kv_cache_dtype(kv_cache_dtype)
+  params, config, restored_step = checkpoint.restore_params(workdir, step=step, mesh=mesh)
   if dtype is not None:
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.dtype = dtype
     config.lock()
-  return LoadedModel(config, params, restored_step, workdir=workdir)
+  return LoadedModel(config, params, restored_step, workdir=workdir, mesh=mesh, kv_cache_dtype=kv_cache_dtype)
 
 
 def decode_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:

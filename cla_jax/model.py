@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from cla_jax import patterns
+from cla_jax import kv_quant, patterns
 from cla_jax.errors import UserError
 
 Array = jax.Array
@@ -231,16 +231,8 @@ class KVBlock(nn.Module):
     return nn.with_logical_constraint(key, kv_axes), nn.with_logical_constraint(value, kv_axes)
 
 
-def attention(
-    query: Array, key: Array, value: Array, segment_ids: Array | None, impl: str, cache_mask: Array | None = None
-) -> Array:
-  """Causal attention of query [b,t,n,h] over shared key/value [b,s,k,h]; GQA without repeating K/V.
-
-  `cache_mask` [b, 1, t, s] replaces the causal mask when keys come from a decode cache, where query i
-  sits at its row's own position rather than at index i.
-  """
-  if cache_mask is not None:
-    return jax.nn.dot_product_attention(query, key, value, mask=cache_mask, implementation="xla")
+def attention(query: Array, key: Array, value: Array, segment_ids: Array | None, impl: str) -> Array:
+  """Causal attention of query [b,t,n,h] over shared key/value [b,s,k,h]; GQA without repeating K/V."""
   if impl == "folded":
     return folded_attention(query, key, value, segment_ids)
   mask = None
@@ -299,8 +291,9 @@ class DecoderLayer(nn.Module):
       value: Array,
       rope: Rope,
       segment_ids: Array | None,
-      cache_mask: Array | None = None,
+      cached: tuple[KVCache, Array | int, Array] | None = None,
   ) -> Array:
+    """`cached` = (segment cache, group index, positions [b, t]): attend to that group's cache slots instead."""
     cfg, dtype = self.cfg, self.cfg.compute_dtype
     init = nn.initializers.normal(cfg.init_std)
     w_query = _param(self, "query", (cfg.d_model, cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), init)
@@ -312,7 +305,10 @@ class DecoderLayer(nn.Module):
     h = Norm(cfg, name="attn_norm")(x)
     query = dense(h, w_query.astype(dtype))  # [b, t, n, h]
     query = checkpoint_name(apply_rope(query, rope), "query")
-    attended = attention(query, key, value, segment_ids, cfg.resolved_attention_impl, cache_mask)  # [b, t, n, h]
+    if cached is None:
+      attended = attention(query, key, value, segment_ids, cfg.resolved_attention_impl)  # [b, t, n, h]
+    else:
+      attended = cached_attention(query, *cached)  # [b, t, n, h]
     x = checkpoint_name(x + dense(attended, w_out.astype(dtype), contract=2), "attn_residual")  # [b, t, d]
 
     h = Norm(cfg, name="mlp_norm")(x)
@@ -325,28 +321,88 @@ class DecoderLayer(nn.Module):
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
 
-KVCache = tuple[Array, Array]  # (key, value), each [..., b, max_length, k, h]
+# A segment's decode cache: (key, value), each [num_groups, b, max_length, k, h] in the cache dtype, and for
+# an int8 cache also (key_scale, value_scale), each [num_groups, b, max_length, k] (see kv_quant).
+KVCache = tuple[Array, ...]
+DECODE_BLOCK = 64  # cache slots per step of cached_attention: its temporaries are [b, t, n, block] scores and K/V
 
 
-def write_cache(cache: KVCache, key: Array, value: Array, positions: Array, group: Array | None = None) -> KVCache:
-  """Writes new keys/values [b, t, k, h] at each row's own positions [b, t] into a cache [b, s, k, h], or
-  into slice `group` of a segment's stacked cache [num_groups, b, s, k, h] (updated in place when carried)."""
+def write_cache(cache: KVCache, key: Array, value: Array, positions: Array, group: Array | int) -> KVCache:
+  """Writes new keys/values [b, t, k, h] at each row's own positions [b, t] into slice `group` of a segment's
+  cache (quantised first when the cache is int8); a carried cache is updated in place."""
   rows = jnp.arange(key.shape[0])[:, None]
-  index = (rows, positions) if group is None else (group, rows, positions)
+  index = (group, rows, positions)
+  new = (key, value)
+  if len(cache) == 4:
+    (key_q, key_scale), (value_q, value_scale) = kv_quant.quantize(key), kv_quant.quantize(value)
+    new = (key_q, value_q, key_scale, value_scale)
   # Slots past the cache's end are dropped; decode.py refuses requests that would need them.
-  return tuple(c.at[index].set(new.astype(c.dtype), mode="drop") for c, new in ((cache[0], key), (cache[1], value)))
+  return tuple(c.at[index].set(n.astype(c.dtype), mode="drop") for c, n in zip(cache, new))
 
 
-def cache_mask(positions: Array, max_length: int) -> Array:
-  """[b, 1, t, s]: query at position p sees cache slots 0..p of its own row (slots past p are stale)."""
-  return (jnp.arange(max_length)[None, None, :] <= positions[:, :, None])[:, None]
+def cached_attention(query: Array, cache: KVCache, group: Array | int, positions: Array) -> Array:
+  """Attention of query [b, t, n, h] at positions [b, t] over slots 0..position of group `group`'s cache.
+
+  Reads the cache where it lies, DECODE_BLOCK slots at a time with a running softmax (as flash attention
+  does), and only up to the furthest position in the batch: a step's temporaries are a block's scores and
+  K/V, never a copy of the group's [b, max_length, k, h] (which would cost as much per sequence as an MQA
+  layer's cache). int8 blocks are scaled inside the products: scores by the key scales, probabilities by
+  the value scales.
+  """
+  b, t, n, h = query.shape
+  length, k = cache[0].shape[2], cache[0].shape[3]
+  g = n // k
+  block = min(DECODE_BLOCK, length)
+  scaled = len(cache) == 4
+  dtype = query.dtype
+  q = (query.astype(jnp.float32) * h**-0.5).astype(dtype).reshape(b, t, k, g, h)
+  num_blocks = -(-(jnp.max(positions) + 1) // block)  # blocks holding any visible slot
+
+  def read(c, start):
+    # [b, block, k(, h)] of group `group`: a dynamic slice of the carried cache, no bigger than a block.
+    sizes = (1, b, block, *c.shape[3:])
+    return jax.lax.dynamic_slice(c, (group, 0, start) + (0,) * (c.ndim - 3), sizes)[0]
+
+  def body(i, state):
+    best, total, acc = state  # [b, t, k, g], [b, t, k, g], [b, t, k, g, h] (fp32)
+    # The last block is moved back to end at the cache's end (a length need not divide by the block);
+    # slots it shares with the previous block are masked out, so each slot counts once.
+    start = jnp.minimum(i * block, length - block)
+    slots = start + jnp.arange(block)
+    visible = (slots[None, None, :] >= i * block) & (slots[None, None, :] <= positions[:, :, None])  # [b, t, s]
+    keys, values = read(cache[0], start), read(cache[1], start)
+    scores = jnp.einsum("btkgh,bskh->btkgs", q, keys.astype(dtype), preferred_element_type=jnp.float32)
+    if scaled:
+      scores = scores * read(cache[2], start).astype(jnp.float32).transpose(0, 2, 1)[:, None, :, None, :]
+    scores = jnp.where(visible[:, :, None, None, :], scores, -jnp.inf)
+    new_best = jnp.maximum(best, scores.max(axis=-1))
+    # Rows whose slots are all masked so far keep best = -inf; subtracting 0 keeps exp() at 0, not NaN.
+    shift = jnp.where(jnp.isfinite(new_best), new_best, 0.0)
+    probs = jnp.exp(scores - shift[..., None])
+    correction = jnp.exp(jnp.where(jnp.isfinite(best), best - shift, -jnp.inf))
+    total = total * correction + probs.sum(axis=-1)
+    if scaled:
+      probs = probs * read(cache[3], start).astype(jnp.float32).transpose(0, 2, 1)[:, None, :, None, :]
+    update = jnp.einsum(
+        "btkgs,bskh->btkgh", probs.astype(dtype), values.astype(dtype), preferred_element_type=jnp.float32
+    )
+    return new_best, total, acc * correction[..., None] + update
+
+  state = (
+      jnp.full((b, t, k, g), -jnp.inf, jnp.float32),
+      jnp.zeros((b, t, k, g), jnp.float32),
+      jnp.zeros((b, t, k, g, h), jnp.float32),
+  )
+  _, total, acc = jax.lax.fori_loop(0, num_blocks, body, state)
+  return (acc / total[..., None]).reshape(b, t, n, h).astype(query.dtype)
 
 
 class LayerGroup(nn.Module):
   """A CLA group: one KV block computed from the group's input, then `group_size` consumer layers.
 
-  With `cache` (decoding), the KV block writes the new positions into the group's one cache and every
-  layer of the group attends to that cache; the updated cache is returned beside x.
+  With `cache` (decoding: a segment's cache and the index `group` of this group's slice in it), the KV
+  block writes the new positions into the group's one cache and every layer of the group attends to that
+  slice where it lies; the updated cache is returned beside x.
   """
 
   cfg: ModelConfig
@@ -360,16 +416,15 @@ class LayerGroup(nn.Module):
       rope: Rope,
       segment_ids: Array | None,
       cache: KVCache | None = None,
-      group: Array | None = None,
+      group: Array | int = 0,
   ) -> Array | tuple[Array, KVCache]:
     key, value = KVBlock(self.cfg, name="kv")(x, rope)
-    mask = None
+    cached = None
     if cache is not None:
       cache = write_cache(cache, key, value, positions, group)
-      key, value = cache if group is None else (cache[0][group], cache[1][group])
-      mask = cache_mask(positions, key.shape[1])
+      cached = (cache, group, positions)
     for i in range(self.group_size):
-      x = DecoderLayer(self.cfg, name=f"layer_{i}")(x, key, value, rope, segment_ids, mask)
+      x = DecoderLayer(self.cfg, name=f"layer_{i}")(x, key, value, rope, segment_ids, cached)
     return x if cache is None else (x, cache)
 
 
@@ -380,23 +435,46 @@ class _ScannedGroup(LayerGroup):
     return super().__call__(x, positions, rope, segment_ids), None
 
 
-class _ScannedDecodeGroup(LayerGroup):
-  """Decoding: the segment's whole cache rides in the carry and group g updates its slice g in place.
+def _slice_after(stacked: Any, group: Array, x: Array) -> Any:
+  """Slice `group` of stacked params, computed only once `x` exists.
 
-  (Scanning the cache in and out as per-group slices would make XLA build a second, stacked copy.)
+  XLA schedules the slices of a loop body's stacked params all at its start, so a decode step would hold a
+  whole group's weights as temporaries: twice an MQA group's for CLA2. Making the index depend on x (it
+  is min(g, g + isnan(x)) = g) delays each layer's slice until that layer runs.
+  """
+  probe = x.reshape(-1)[0]
+  late = jnp.minimum(group, group + (probe != probe).astype(group.dtype))
+  return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, late, keepdims=False), stacked)
+
+
+def decode_segment(
+    cfg: ModelConfig, group_size: int, params: Any, x: Array, positions: Array, rope: Rope, cache: KVCache
+) -> tuple[Array, KVCache]:
+  """A scanned segment's groups in decoding: the same modules on their stacked params [num_groups, ...].
+
+  A loop over the group index g: the segment's whole cache rides in the carry and group g writes and
+  reads its slice g in place; each layer slices its own params just before it runs.
   """
 
-  def __call__(self, carry, positions, rope, segment_ids, group):  # pytype: disable=signature-mismatch
+  def body(g, carry):
     x, cache = carry
-    return super().__call__(x, positions, rope, segment_ids, cache, group), None
+    key, value = KVBlock(cfg).apply({"params": _slice_after(params["kv"], g, x)}, x, rope)
+    cache = write_cache(cache, key, value, positions, g)
+    for i in range(group_size):
+      layer_params = _slice_after(params[f"layer_{i}"], g, x)
+      x = DecoderLayer(cfg).apply({"params": layer_params}, x, None, None, rope, None, (cache, g, positions))
+    return x, cache
+
+  return jax.lax.fori_loop(0, cache[0].shape[0], body, (x, tuple(cache)))
 
 
 class Transformer(nn.Module):
   """CLA decoder: tokens [b, t] int32 -> logits [b, t, vocab] float32.
 
-  Decoding passes `cache`, one (key, value) pair per segment, each [num_groups, b, max_length, k, h]
-  (`decode.init_cache`), and gets `(logits, updated cache)` back; `logit_indices` [b, m] keeps only the
-  logits at those indices along t (a prefill needs each row's last prompt token only).
+  Decoding passes `cache`, one KVCache per segment ((key, value), each [num_groups, b, max_length, k, h],
+  plus their scales for an int8 cache: `decode.init_cache`), and gets `(logits, updated cache)` back;
+  `logit_indices` [b, m] keeps only the logits at those indices along t (a prefill needs each row's last
+  prompt token only).
   """
 
   cfg: ModelConfig
@@ -429,19 +507,9 @@ class Transformer(nn.Module):
     new_cache = []
     for s, (group_size, num_groups) in enumerate(cfg.segments):
       if cfg.scan_layers and cache is not None:
-        # The same scan over the same params; the segment's cache [num_groups, ...] is carried, and the
-        # scanned input is the group index g whose slice the group writes and reads.
-        scanned = nn.scan(
-            _ScannedDecodeGroup,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
-            length=num_groups,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        (x, segment_cache), _ = scanned(cfg, group_size, name=f"segment_{s}")(
-            (x, tuple(cache[s])), positions, rope, segment_ids, jnp.arange(num_groups)
-        )
+        # The params the training scan stacked, [num_groups, ...]; decode_segment loops over the groups.
+        stacked = self.variables["params"][f"segment_{s}"]
+        x, segment_cache = decode_segment(cfg, group_size, stacked, x, positions, rope, cache[s])
         new_cache.append(segment_cache)
       elif cfg.scan_layers:
         group_cls = _ScannedGroup
@@ -458,16 +526,15 @@ class Transformer(nn.Module):
         x, _ = scanned(cfg, group_size, name=f"segment_{s}")(x, positions, rope, segment_ids)
       else:
         group_cls = nn.remat(LayerGroup, policy=policy) if remat else LayerGroup
-        group_caches = []
+        segment_cache = None if cache is None else tuple(cache[s])
         for g in range(num_groups):
           group = group_cls(cfg, group_size, name=group_name(s, g))
           if cache is None:
             x = group(x, positions, rope, segment_ids)
           else:
-            x, group_cache = group(x, positions, rope, segment_ids, (cache[s][0][g], cache[s][1][g]))
-            group_caches.append(group_cache)
+            x, segment_cache = group(x, positions, rope, segment_ids, segment_cache, g)
         if cache is not None:
-          new_cache.append(tuple(jnp.stack(c) for c in zip(*group_caches)))
+          new_cache.append(segment_cache)
 
     if logit_indices is not None:
       x = jnp.take_along_axis(x, logit_indices[:, :, None], axis=1)  # [b, m, d]

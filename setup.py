@@ -47,7 +47,17 @@ setup(
     extras_require={
         # torch only for the Hugging Face parity tests; 2.13.0 is the CPU build.
         # lm_eval for tests/test_harness.py (the `eval` extra below); ruff and pyink: scripts/lint.sh.
-        "test": ["pytest", "pytest-xdist", "transformers>=4.45", "torch==2.13.0", "lm_eval==0.4.13", "ruff", "pyink"],
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "transformers>=4.45",
+            "torch==2.13.0",
+            "lm_eval==0.4.13",
+            "ruff",
+            "pyink",
+            # libtpu: compile-only TPU devices for `python -m cla_jax.aot` and its tests on a CPU-only machine.
+            "jax[tpu]==0.10.2",
+        ],
         # LM-Eval-Harness: python -m cla_jax.harness (docs/eval.md).
         "eval": ["lm_eval==0.4.13"],
         "gpu": ["jax[cuda12]>=0.10.2"],

@@ -38,7 +38,7 @@ REMAT_POLICIES = {
 REMATS = ("auto", *REMAT_POLICIES)
 NORMS = ("rmsnorm", "layernorm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "folded")
 
 
 class ConfigError(UserError):
@@ -64,9 +64,13 @@ class ModelConfig:
   rope_theta: float = 10000.0
   tie_embeddings: bool = False
   init_std: float = 0.01275  # N(0, std) for every linear layer and the embedding (paper)
-  remat: str = "auto"  # auto (save_qkv_ffn if scanned on CPU, else none) | none | full | save_dots | save_qkv_ffn
+  remat: str = (
+      "auto"  # auto (save_qkv_ffn on TPU and scanned on CPU, else none) | none | full | save_dots | save_qkv_ffn
+  )
   scan_layers: bool = True  # nn.scan over layer groups (False: unrolled, for debugging)
-  attention_impl: str = "auto"  # auto (cuDNN on GPU when it applies, folded_attention on CPU, else xla) | xla | cudnn
+  attention_impl: str = (
+      "auto"  # auto (cudnn on GPU when it applies, splash on TPU, folded on CPU) | xla | cudnn | splash | folded
+  )
 
   @classmethod
   def from_config(cls, model_config: Any) -> ModelConfig:
@@ -119,35 +123,61 @@ class ModelConfig:
 
   @property
   def compute_dtype(self) -> jnp.dtype:
-    if self.dtype == "auto":
-      # bf16 on accelerators; fp32 on CPU, where bf16 matmuls are emulated and slow.
-      return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return jnp.dtype(self.dtype)
+    return self.dtype_for(jax.default_backend())
 
   @property
   def resolved_attention_impl(self) -> str:
-    """What `auto` means on this backend: cudnn, folded (CPU) or xla (`jax.nn.dot_product_attention`'s XLA path)."""
+    """What `auto` means on this backend (see `attention_for`)."""
+    return self.attention_for(jax.default_backend())
+
+  @property
+  def resolved_remat(self) -> str:
+    """What `auto` means on this backend (see `remat_for`)."""
+    return self.remat_for(jax.default_backend())
+
+  def dtype_for(self, platform: str) -> jnp.dtype:
+    """The compute dtype on `platform` (cpu | gpu | cuda | rocm | tpu): `auto` is bf16 except on CPU."""
+    if self.dtype == "auto":
+      # bf16 on accelerators; fp32 on CPU, where bf16 matmuls are emulated and slow.
+      return jnp.float32 if platform == "cpu" else jnp.bfloat16
+    return jnp.dtype(self.dtype)
+
+  def attention_for(self, platform: str) -> str:
+    """What `auto` means on `platform`: cudnn (GPU, when it applies), splash (TPU), folded (CPU), else xla."""
     if self.attention_impl != "auto":
       return self.attention_impl
+    gpu = platform in ("gpu", "cuda", "rocm")
     cudnn_ok = (
-        jax.default_backend() == "gpu"
-        and self.compute_dtype in (jnp.bfloat16, jnp.float16)
+        gpu
+        and self.dtype_for(platform) in (jnp.bfloat16, jnp.float16)
         and self.head_dim % 8 == 0
         and self.head_dim <= 128
     )
     if cudnn_ok:
       return "cudnn"
-    return "folded" if jax.default_backend() == "cpu" else "xla"
+    if platform == "tpu":
+      return "splash"
+    return "folded" if platform == "cpu" else "xla"
 
-  @property
-  def resolved_remat(self) -> str:
-    """What `auto` means here: save_qkv_ffn for a scanned stack on CPU, else none (every residual kept)."""
+  def remat_for(self, platform: str) -> str:
+    """What `auto` means on `platform`: save_qkv_ffn for a scanned stack on CPU and on TPU, else none."""
     if self.remat != "auto":
       return self.remat
     # XLA:CPU stacks each scanned group's residuals into [groups, ...] buffers (zero-filled, written and read
     # back through dynamic slices: about a fifth of the step with remat=none). Keeping only the costly matmul
-    # outputs and recomputing the rest is faster there; accelerators keep every residual, as before.
-    return "save_qkv_ffn" if self.scan_layers and jax.default_backend() == "cpu" else "none"
+    # outputs and recomputing the rest is faster there. On TPU the same policy is what lets the paper's batch
+    # fit (docs/training.md, "Will it fit?"): the splash kernel saves no probabilities, and recomputing the
+    # norms and the SwiGLU product costs a few percent. GPUs keep every residual, as before.
+    if platform == "tpu" or (self.scan_layers and platform == "cpu"):
+      return "save_qkv_ffn"
+    return "none"
+
+  def for_platform(self, platform: str) -> ModelConfig:
+    """This config with every `auto` resolved for `platform` (compile for a target other than this host)."""
+    dtype = jnp.dtype(self.dtype_for(platform)).name
+    return dataclasses.replace(
+        self, dtype=dtype, attention_impl=self.attention_for(platform), remat=self.remat_for(platform)
+    )
 
 
 def _param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str], init) -> Array:
@@ -241,6 +271,12 @@ def attention(
     return jax.nn.dot_product_attention(query, key, value, mask=cache_mask, implementation="xla")
   if impl == "folded":
     return folded_attention(query, key, value, segment_ids)
+  if impl == "splash":
+    from cla_jax import splash  # pylint: disable=g-import-not-at-top  (Pallas TPU ops: only when asked for)
+
+    if splash.supported(query.shape[1], key.shape[1]):
+      return splash.splash_attention(query, key, value, segment_ids)
+    impl = "xla"
   mask = None
   if segment_ids is not None:
     # Packed examples: a token attends only within its own document.

@@ -88,13 +88,14 @@ def parse(hlo: str) -> tuple[dict[str, list[Instruction]], str]:
 
 def _operand_names(rest: str) -> list[str]:
   """The %names inside an instruction's operand list."""
-  depth, end = 1, 0
-  for end, ch in enumerate(rest):
+  depth, close = 1, len(rest)
+  for index, ch in enumerate(rest):
     depth += ch == "("
     depth -= ch == ")"
     if depth == 0:
+      close = index
       break
-  return re.findall(r"%([\w.\-]+)", rest[:end])
+  return re.findall(r"%([\w.\-]+)", rest[:close])
 
 
 def _dot_flops(inst: Instruction, shapes: dict[str, tuple[int, ...]]) -> float:

@@ -426,7 +426,8 @@ class _ScannedDecodeGroup(LayerGroup):
 
 
 class Transformer(nn.Module):
-  """CLA decoder: tokens [b, t] int32 -> logits [b, t, vocab] float32.
+  """CLA decoder: tokens [b, t] int32 -> logits [b, t, vocab] float32 (or, `features_only`, the final-norm
+  output [b, t, d] that the head would multiply).
 
   Decoding passes `cache`, one (key, value) pair per segment, each [num_groups, b, max_length, k, h]
   (`decode.init_cache`), and gets `(logits, updated cache)` back; `logit_indices` [b, m] keeps only the
@@ -443,6 +444,7 @@ class Transformer(nn.Module):
       segment_ids: Array | None = None,
       cache: Sequence[KVCache] | None = None,
       logit_indices: Array | None = None,
+      features_only: bool = False,
   ) -> Array | tuple[Array, list[KVCache]]:
     cfg, dtype = self.cfg, self.cfg.compute_dtype
     init = nn.initializers.normal(cfg.init_std)
@@ -506,6 +508,8 @@ class Transformer(nn.Module):
     if logit_indices is not None:
       x = jnp.take_along_axis(x, logit_indices[:, :, None], axis=1)  # [b, m, d]
     x = Norm(cfg, name="final_norm")(x)
+    if features_only:  # the loss applies the head itself, in chunks (train_step.loss_fn)
+      return x
     if cfg.tie_embeddings:
       head = embedding.T  # [d, v]
     else:

@@ -53,7 +53,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
         (["--topology=v5e-3"], "unknown TPU topology 'v5e-3'"),
         (["--topology=v5e-16", "--num_slices=0"], "num_slices"),
         (["--topology=v5e:2x2", "--config.mesh.tensor=3"], "mesh"),
-        (["--topology=v5e:2x2", "--config.train.batch_size=6"], "train.batch_size=6"),
+        (["--topology=v5e:2x2", "--config.train.batch_size=6"], "cannot be split over mesh"),
     ],
 )
 def test_bad_input_is_one_error_line(args, message):

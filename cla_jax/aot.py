@@ -215,6 +215,41 @@ def check(
   return result
 
 
+# Remat policies from the least recomputation to the most (on TPU with splash attention; `none` keeps every
+# residual). `remat=auto` resolves by a fixed rule (model.ModelConfig.remat_for); this order is what
+# `cheapest_remat` walks when asked which policy a given config and slice can afford.
+REMAT_ORDER = ("none", "save_dots", "save_qkv_ffn", "full")
+
+
+def cheapest_remat(
+    config: ml_collections.ConfigDict, topology_name: str, num_slices: int = 1, start: str = "none"
+) -> dict[str, Any]:
+  """The first policy of REMAT_ORDER, from `start` on, whose train step fits: {"remat": name or None, "tried"}."""
+  tried = []
+  for remat in REMAT_ORDER[REMAT_ORDER.index(start) :]:
+    trial = ml_collections.ConfigDict(config.to_dict())
+    trial.model.remat = remat
+    report = check(trial, topology_name, num_slices, eval_step=False)
+    tried.append({"remat": remat, "fits": bool(report["fits"]), "total_bytes": report.get("total_bytes")})
+    if report["fits"]:
+      return {"remat": remat, "tried": tried, "recompute_ratio": report.get("recompute_ratio")}
+  return {"remat": None, "tried": tried}
+
+
+def advice(result: dict[str, Any], search: dict[str, Any] | None) -> str | None:
+  """One line telling the user what to set, from a remat search; None when there is nothing to say."""
+  if search is None:
+    return None
+  if search["remat"] is None:
+    return (
+        "no remat policy fits this batch: raise --config.train.grad_accum_steps (the per-chip micro-batch is "
+        "what must fit), or use more chips"
+    )
+  if search["remat"] == result["remat"]:
+    return f"remat={search['remat']} is the cheapest policy that fits"
+  return f"set --config.model.remat={search['remat']} (the cheapest policy that fits; ratio {search['recompute_ratio']:.3f})"
+
+
 def max_batch(config: ml_collections.ConfigDict, topology_name: str, num_slices: int = 1) -> dict[str, Any]:
   """The largest per-chip batch (micro-batch, i.e. batch / grad_accum_steps) that fits: bisection over compiles."""
   target = topology.parse(topology_name, num_slices)
@@ -313,6 +348,12 @@ def define_flags() -> None:
   flags.DEFINE_string("topology", None, "TPU slice: v5e-16, v5e-256, v5p-64, v5p-128, v4-32, v6e-8, or v5e:4x4.")
   flags.DEFINE_integer("num_slices", 1, "Slices joined by DCN (multi-slice; mesh.data spans them).")
   flags.DEFINE_bool("max_batch", False, "Also search the largest per-chip batch that fits (several compiles).")
+  flags.DEFINE_bool(
+      "remat_search",
+      False,
+      "Also compile each remat policy, least recomputation first, and name the cheapest that fits "
+      "(done anyway when the config's own policy does not fit).",
+  )
   flags.mark_flags_as_required(["topology"])
 
 
@@ -323,12 +364,23 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   topology.parse(f.topology, f.num_slices)  # bad names fail before anything compiles
   result = check(f.config, f.topology, f.num_slices)
+  search = None
+  if f.remat_search:
+    search = cheapest_remat(f.config, f.topology, f.num_slices)
+  elif not result["fits"] and result["remat"] != REMAT_ORDER[-1]:
+    # Only policies that recompute more than this one can fit where it does not.
+    search = cheapest_remat(f.config, f.topology, f.num_slices, REMAT_ORDER[REMAT_ORDER.index(result["remat"]) + 1])
+  if search is not None:
+    result["remat_search"] = search["tried"]
+    result["advice"] = advice(result, search)
   if f.max_batch:
     found = max_batch(f.config, f.topology, f.num_slices)
     result["max_batch_per_chip"] = found["max_batch_per_chip"]
   print(table(result))
   if "max_batch_per_chip" in result:
     print(f"largest batch that fits: {result['max_batch_per_chip']} sequences per chip")
+  if result.get("advice"):
+    print(result["advice"])
   sys.stdout.flush()
   print(json.dumps(jax.tree.map(_json_safe, result), sort_keys=True))
 

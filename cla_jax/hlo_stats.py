@@ -153,8 +153,9 @@ def _dot_flops(inst: Instruction, shapes: dict[str, tuple[int, ...]]) -> float:
 
 
 # Matmuls per kernel call, each over the visited (query block, key block) pairs: forward QK^T and PV; dq
-# recomputes QK^T, then dP = dO V^T and dQ = dS K; dkv recomputes QK^T and dP, then dV = P^T dO and dK = dS^T Q.
-_SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+# recomputes QK^T, then dP = dO V^T and dQ = dS K; dkv recomputes QK^T and dP, then dV = P^T dO and dK = dS^T Q,
+# and, fused (no separate dq kernel), also dQ = dS K.
+_SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4, "fused": 5}
 
 
 def _splash_flops(inst: Instruction) -> float:
@@ -170,6 +171,9 @@ def _splash_flops(inst: Instruction) -> float:
   t, s = q[-2], k[-2]
   block = next((b for b in (512, 256, 128) if s % b == 0), s)
   n = s // block
+  # The fused backward's extra result: dq unreduced over the n key blocks ([..., n, heads, t, h]).
+  if kind == "dkv" and any(len(dims) == len(q) + 1 and math.prod(dims) == n * math.prod(q) for _, dims in inst.arrays):
+    kind = "fused"
   causal = (n + 1) / (2 * n) if t == s else 1.0  # block pairs on or below the diagonal
   return _SPLASH_MATMULS[kind] * 2.0 * math.prod(q) * s * causal
 

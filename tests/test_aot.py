@@ -71,3 +71,21 @@ def test_json_line_is_last(tmp_path):
   for field in ("topology", "chips", "batch_per_chip", "remat", "attention", "hbm_per_chip_bytes", "temp_bytes"):
     assert field in report
   assert report["fits"] is True and "total" in result.stdout
+
+
+def test_remat_search_walks_from_least_recomputation_and_stops_at_the_first_fit(monkeypatch):
+  fitting = {"save_qkv_ffn", "full"}  # a stand-in for the compiler: what fits at this batch
+  compiled = []
+
+  def fake_check(config, topology_name, num_slices=1, eval_step=True):
+    compiled.append(config.model.remat)
+    return {"fits": config.model.remat in fitting, "total_bytes": 1, "recompute_ratio": 1.1}
+
+  monkeypatch.setattr(aot, "check", fake_check)
+  config = config_lib.load("configs/default.py")
+  found = aot.cheapest_remat(config, "v5e:2x2")
+  assert found["remat"] == "save_qkv_ffn" and compiled == ["none", "save_dots", "save_qkv_ffn"]
+  assert aot.advice({"remat": "save_qkv_ffn"}, found) == "remat=save_qkv_ffn is the cheapest policy that fits"
+  assert "set --config.model.remat=save_qkv_ffn" in aot.advice({"remat": "none"}, found)
+  fitting.clear()
+  assert "grad_accum_steps" in aot.advice({"remat": "none"}, aot.cheapest_remat(config, "v5e:2x2", start="full"))

@@ -25,10 +25,10 @@ from cla_jax.errors import UserError
 
 Array = jax.Array
 
-# Residuals the "save_qkv_ffn" policy keeps (named with checkpoint_name in the layers below); the rest of a
-# layer's forward (norms, RoPE of the query, attention probabilities and output, the SwiGLU product) is recomputed
-# in the backward pass.
-SAVED_QKV_FFN = ("query", "key", "value", "attn_residual", "gate", "up")
+# Residuals the "save_qkv_ffn" policy keeps (named with checkpoint_name in the layers below, and the outputs of
+# a CLA group's inner layers); the rest of a layer's forward (norms, RoPE of the query, attention probabilities
+# and output, the SwiGLU product) is recomputed in the backward pass.
+SAVED_QKV_FFN = ("query", "key", "value", "attn_residual", "gate", "up", "group_inner")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -385,9 +385,6 @@ class LayerGroup(nn.Module):
 
   cfg: ModelConfig
   group_size: int
-  # Checkpoint the KV block and each layer separately (with the model's remat policy) instead of the caller
-  # checkpointing the whole group; see `Transformer`'s use.
-  remat_members: bool = False
 
   @nn.compact
   def __call__(
@@ -399,21 +396,19 @@ class LayerGroup(nn.Module):
       cache: KVCache | None = None,
       group: Array | None = None,
   ) -> Array | tuple[Array, KVCache]:
-    kv_cls, layer_cls = KVBlock, DecoderLayer
-    if self.remat_members:
-      policy = REMAT_POLICIES[self.cfg.resolved_remat]
-      # Inside a scan the loop already keeps XLA from merging the recomputation into the forward pass.
-      cse = not self.cfg.scan_layers
-      kv_cls = nn.remat(KVBlock, policy=policy, prevent_cse=cse)
-      layer_cls = nn.remat(DecoderLayer, policy=policy, prevent_cse=cse)
-    key, value = kv_cls(self.cfg, name="kv")(x, rope)
+    key, value = KVBlock(self.cfg, name="kv")(x, rope)
     mask = None
     if cache is not None:
       cache = write_cache(cache, key, value, positions, group)
       key, value = cache if group is None else (cache[0][group], cache[1][group])
       mask = cache_mask(positions, key.shape[1])
     for i in range(self.group_size):
-      x = layer_cls(self.cfg, name=f"layer_{i}")(x, key, value, rope, segment_ids, mask)
+      x = DecoderLayer(self.cfg, name=f"layer_{i}")(x, key, value, rope, segment_ids, mask)
+      if i < self.group_size - 1:
+        # A CLA group is checkpointed whole. Saving the inner layers' outputs lets its backward start each
+        # layer from its own input instead of recomputing the previous layer's down projection (a matmul,
+        # which a group of one never pays: its input is the scan's carry).
+        x = checkpoint_name(x, "group_inner")
     return x if cache is None else (x, cache)
 
 
@@ -474,12 +469,6 @@ class Transformer(nn.Module):
     remat = policy is not None and cache is None
     new_cache = []
     for s, (group_size, num_groups) in enumerate(cfg.segments):
-      # A CLA group (two or more layers) is checkpointed layer by layer, its K/V saved once as the layers'
-      # shared input: checkpointed whole, the group's backward would recompute every layer's forward before
-      # differentiating the last, holding all of their working sets at once and needing more memory than
-      # the same layers without CLA.
-      members = remat and group_size > 1
-      whole = remat and not members
       if cfg.scan_layers and cache is not None:
         # The same scan over the same params; the segment's cache [num_groups, ...] is carried, and the
         # scanned input is the group index g whose slice the group writes and reads.
@@ -497,7 +486,7 @@ class Transformer(nn.Module):
         new_cache.append(segment_cache)
       elif cfg.scan_layers:
         group_cls = _ScannedGroup
-        if whole:
+        if remat:
           group_cls = nn.remat(group_cls, policy=policy, prevent_cse=False)
         scanned = nn.scan(
             group_cls,
@@ -507,12 +496,12 @@ class Transformer(nn.Module):
             length=num_groups,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = scanned(cfg, group_size, members, name=f"segment_{s}")(x, positions, rope, segment_ids)
+        x, _ = scanned(cfg, group_size, name=f"segment_{s}")(x, positions, rope, segment_ids)
       else:
-        group_cls = nn.remat(LayerGroup, policy=policy) if whole else LayerGroup
+        group_cls = nn.remat(LayerGroup, policy=policy) if remat else LayerGroup
         group_caches = []
         for g in range(num_groups):
-          group = group_cls(cfg, group_size, members, name=group_name(s, g))
+          group = group_cls(cfg, group_size, name=group_name(s, g))
           if cache is None:
             x = group(x, positions, rope, segment_ids)
           else:

@@ -247,7 +247,8 @@ def advice(result: dict[str, Any], search: dict[str, Any] | None) -> str | None:
     )
   if search["remat"] == result["remat"]:
     return f"remat={search['remat']} is the cheapest policy that fits"
-  return f"set --config.model.remat={search['remat']} (the cheapest policy that fits; ratio {search['recompute_ratio']:.3f})"
+  ratio = search["recompute_ratio"]
+  return f"set --config.model.remat={search['remat']} (the cheapest policy that fits; recompute ratio {ratio:.3f})"
 
 
 def max_batch(config: ml_collections.ConfigDict, topology_name: str, num_slices: int = 1) -> dict[str, Any]:

@@ -37,9 +37,7 @@ def _local(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.
   bq, bkv = block_size(t), block_size(s)
   # The fused backward computes dq inside the dkv kernel: one recomputation of the scores and dP instead of
   # one per kernel (5 matmuls per visited block pair instead of 3 + 4), for a [s / bkv]-fold partial dq.
-  sizes = kernel_lib.BlockSizes(
-      block_q=bq, block_kv=bkv, block_q_dkv=bq, block_kv_dkv=bkv, use_fused_bwd_kernel=True
-  )
+  sizes = kernel_lib.BlockSizes(block_q=bq, block_kv=bkv, block_q_dkv=bq, block_kv_dkv=bkv, use_fused_bwd_kernel=True)
   causal = mask_lib.MultiHeadMask([mask_lib.CausalMask((t, s)) for _ in range(g)])
   # One MQA kernel per KV head: its g query heads all read that head's keys and values (no K/V repeat).
   kernel = kernel_lib.make_splash_mqa_single_device(mask=causal, block_sizes=sizes, interpret=interpret)
@@ -56,7 +54,7 @@ def _local(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.
 
 
 def splash_attention(
-    query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array | None, interpret: bool = False
+  query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array | None, interpret: bool = False
 ) -> jax.Array:
   """Causal (and, given segment_ids [b, t], per-document) attention of query [b,t,n,h] over key/value [b,s,k,h]."""
   local = functools.partial(_local, interpret=interpret)

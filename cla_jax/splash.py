@@ -54,7 +54,7 @@ def _local(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.
 
 
 def splash_attention(
-  query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array | None, interpret: bool = False
+    query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array | None, interpret: bool = False
 ) -> jax.Array:
   """Causal (and, given segment_ids [b, t], per-document) attention of query [b,t,n,h] over key/value [b,s,k,h]."""
   local = functools.partial(_local, interpret=interpret)

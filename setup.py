@@ -21,6 +21,7 @@ setup(
             "cla-convert-hf=cla_jax.convert_hf:run",
             "cla-generate=cla_jax.generate_cli:run",
             "cla-export-hf=cla_jax.export_hf:run",
+            "cla-aot=cla_jax.aot:run",
         ],
     },
     # The transformers modeling files that cla_jax.export_hf copies into every CLA export.

@@ -19,6 +19,7 @@ def _quiet_libtpu_without_tpu() -> None:
     except OSError:
       continue
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chip to guard: compile-only processes may overlap
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")  # any valid name; compile-only slices name their own
 

@@ -25,10 +25,10 @@ from cla_jax.errors import UserError
 
 Array = jax.Array
 
-# Residuals the "save_qkv_ffn" policy keeps (named with checkpoint_name in the layers below); the rest of a
-# layer's forward (norms, RoPE of the query, attention probabilities and output, the SwiGLU product) is recomputed
-# in the backward pass.
-SAVED_QKV_FFN = ("query", "key", "value", "attn_residual", "gate", "up")
+# Residuals the "save_qkv_ffn" policy keeps (named with checkpoint_name in the layers below, and the outputs of
+# a CLA group's inner layers); the rest of a layer's forward (norms, RoPE of the query, attention probabilities
+# and output, the SwiGLU product) is recomputed in the backward pass.
+SAVED_QKV_FFN = ("query", "key", "value", "attn_residual", "gate", "up", "group_inner")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -38,7 +38,7 @@ REMAT_POLICIES = {
 REMATS = ("auto", *REMAT_POLICIES)
 NORMS = ("rmsnorm", "layernorm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "folded")
 
 
 class ConfigError(UserError):
@@ -64,9 +64,13 @@ class ModelConfig:
   rope_theta: float = 10000.0
   tie_embeddings: bool = False
   init_std: float = 0.01275  # N(0, std) for every linear layer and the embedding (paper)
-  remat: str = "auto"  # auto (save_qkv_ffn if scanned on CPU, else none) | none | full | save_dots | save_qkv_ffn
+  remat: str = (
+      "auto"  # auto (save_qkv_ffn on TPU and scanned on CPU, else none) | none | full | save_dots | save_qkv_ffn
+  )
   scan_layers: bool = True  # nn.scan over layer groups (False: unrolled, for debugging)
-  attention_impl: str = "auto"  # auto (cuDNN on GPU when it applies, folded_attention on CPU, else xla) | xla | cudnn
+  attention_impl: str = (
+      "auto"  # auto (cudnn on GPU when it applies, splash on TPU, folded on CPU) | xla | cudnn | splash | folded
+  )
 
   @classmethod
   def from_config(cls, model_config: Any) -> ModelConfig:
@@ -121,35 +125,61 @@ class ModelConfig:
 
   @property
   def compute_dtype(self) -> jnp.dtype:
-    if self.dtype == "auto":
-      # bf16 on accelerators; fp32 on CPU, where bf16 matmuls are emulated and slow.
-      return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return jnp.dtype(self.dtype)
+    return self.dtype_for(jax.default_backend())
 
   @property
   def resolved_attention_impl(self) -> str:
-    """What `auto` means on this backend: cudnn, folded (CPU) or xla (`jax.nn.dot_product_attention`'s XLA path)."""
+    """What `auto` means on this backend (see `attention_for`)."""
+    return self.attention_for(jax.default_backend())
+
+  @property
+  def resolved_remat(self) -> str:
+    """What `auto` means on this backend (see `remat_for`)."""
+    return self.remat_for(jax.default_backend())
+
+  def dtype_for(self, platform: str) -> jnp.dtype:
+    """The compute dtype on `platform` (cpu | gpu | cuda | rocm | tpu): `auto` is bf16 except on CPU."""
+    if self.dtype == "auto":
+      # bf16 on accelerators; fp32 on CPU, where bf16 matmuls are emulated and slow.
+      return jnp.float32 if platform == "cpu" else jnp.bfloat16
+    return jnp.dtype(self.dtype)
+
+  def attention_for(self, platform: str) -> str:
+    """What `auto` means on `platform`: cudnn (GPU, when it applies), splash (TPU), folded (CPU), else xla."""
     if self.attention_impl != "auto":
       return self.attention_impl
+    gpu = platform in ("gpu", "cuda", "rocm")
     cudnn_ok = (
-        jax.default_backend() == "gpu"
-        and self.compute_dtype in (jnp.bfloat16, jnp.float16)
+        gpu
+        and self.dtype_for(platform) in (jnp.bfloat16, jnp.float16)
         and self.head_dim % 8 == 0
         and self.head_dim <= 128
     )
     if cudnn_ok:
       return "cudnn"
-    return "folded" if jax.default_backend() == "cpu" else "xla"
+    if platform == "tpu":
+      return "splash"
+    return "folded" if platform == "cpu" else "xla"
 
-  @property
-  def resolved_remat(self) -> str:
-    """What `auto` means here: save_qkv_ffn for a scanned stack on CPU, else none (every residual kept)."""
+  def remat_for(self, platform: str) -> str:
+    """What `auto` means on `platform`: save_qkv_ffn for a scanned stack on CPU and on TPU, else none."""
     if self.remat != "auto":
       return self.remat
     # XLA:CPU stacks each scanned group's residuals into [groups, ...] buffers (zero-filled, written and read
     # back through dynamic slices: about a fifth of the step with remat=none). Keeping only the costly matmul
-    # outputs and recomputing the rest is faster there; accelerators keep every residual, as before.
-    return "save_qkv_ffn" if self.scan_layers and jax.default_backend() == "cpu" else "none"
+    # outputs and recomputing the rest is faster there. On TPU the same policy is what lets the paper's batch
+    # fit (docs/training.md, "Will it fit?"): the splash kernel saves no probabilities, and recomputing the
+    # norms and the SwiGLU product costs a few percent. GPUs keep every residual, as before.
+    if platform == "tpu" or (self.scan_layers and platform == "cpu"):
+      return "save_qkv_ffn"
+    return "none"
+
+  def for_platform(self, platform: str) -> ModelConfig:
+    """This config with every `auto` resolved for `platform` (compile for a target other than this host)."""
+    dtype = jnp.dtype(self.dtype_for(platform)).name
+    return dataclasses.replace(
+        self, dtype=dtype, attention_impl=self.attention_for(platform), remat=self.remat_for(platform)
+    )
 
 
 def _param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str], init) -> Array:
@@ -235,6 +265,12 @@ def attention(query: Array, key: Array, value: Array, segment_ids: Array | None,
   """Causal attention of query [b,t,n,h] over shared key/value [b,s,k,h]; GQA without repeating K/V."""
   if impl == "folded":
     return folded_attention(query, key, value, segment_ids)
+  if impl == "splash":
+    from cla_jax import splash  # pylint: disable=g-import-not-at-top  (Pallas TPU ops: only when asked for)
+
+    if splash.supported(query.shape[1], key.shape[1]):
+      return splash.splash_attention(query, key, value, segment_ids)
+    impl = "xla"
   mask = None
   if segment_ids is not None:
     # Packed examples: a token attends only within its own document.
@@ -425,6 +461,11 @@ class LayerGroup(nn.Module):
       cached = (cache, group, positions)
     for i in range(self.group_size):
       x = DecoderLayer(self.cfg, name=f"layer_{i}")(x, key, value, rope, segment_ids, cached)
+      if i < self.group_size - 1:
+        # A CLA group is checkpointed whole. Saving the inner layers' outputs lets its backward start each
+        # layer from its own input instead of recomputing the previous layer's down projection (a matmul,
+        # which a group of one never pays: its input is the scan's carry).
+        x = checkpoint_name(x, "group_inner")
     return x if cache is None else (x, cache)
 
 
@@ -469,7 +510,8 @@ def decode_segment(
 
 
 class Transformer(nn.Module):
-  """CLA decoder: tokens [b, t] int32 -> logits [b, t, vocab] float32.
+  """CLA decoder: tokens [b, t] int32 -> logits [b, t, vocab] float32 (or, `features_only`, the final-norm
+  output [b, t, d] that the head would multiply).
 
   Decoding passes `cache`, one KVCache per segment ((key, value), each [num_groups, b, max_length, k, h],
   plus their scales for an int8 cache: `decode.init_cache`), and gets `(logits, updated cache)` back;
@@ -487,6 +529,7 @@ class Transformer(nn.Module):
       segment_ids: Array | None = None,
       cache: Sequence[KVCache] | None = None,
       logit_indices: Array | None = None,
+      features_only: bool = False,
   ) -> Array | tuple[Array, list[KVCache]]:
     cfg, dtype = self.cfg, self.cfg.compute_dtype
     init = nn.initializers.normal(cfg.init_std)
@@ -539,6 +582,8 @@ class Transformer(nn.Module):
     if logit_indices is not None:
       x = jnp.take_along_axis(x, logit_indices[:, :, None], axis=1)  # [b, m, d]
     x = Norm(cfg, name="final_norm")(x)
+    if features_only:  # the loss applies the head itself, in chunks (train_step.loss_fn)
+      return x
     if cfg.tie_embeddings:
       head = embedding.T  # [d, v]
     else:

@@ -155,12 +155,14 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
-def make_mesh(mesh_config: Any) -> Mesh:
+def make_mesh(mesh_config: Any, all_devices: Sequence[Any] | None = None) -> Mesh:
   """The (data, fsdp, tensor) mesh over all devices, or the first `mesh.num_devices` (single process).
 
   On TPU multi-slice (devices with several `slice_index` values), `data` is laid across the slices.
+  `all_devices` replaces `jax.devices()` (compile-only devices of a target slice: cla_jax.aot).
   """
-  devices = jax.devices()
+  devices = list(jax.devices() if all_devices is None else all_devices)
+  full = len(devices)
   wanted = int(mesh_config.get("num_devices", -1))
   if wanted not in (-1, len(devices)):
     if wanted <= 0 or wanted > len(devices) or jax.process_count() > 1:
@@ -171,9 +173,9 @@ def make_mesh(mesh_config: Any) -> Mesh:
   shape = mesh_shape(mesh_config, len(devices))
   if num_slices(devices) > 1:
     return Mesh(hybrid_device_layout(shape, devices), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-  if len(devices) == len(jax.devices()):
+  if len(devices) == full:
     # make_mesh picks a device order that matches the physical topology (ICI rings on TPU).
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 

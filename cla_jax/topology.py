@@ -116,6 +116,8 @@ def parse(name: str, num_slices: int = 1) -> Topology:
 def _quiet_libtpu(topology: Topology) -> None:
   """Without these, loading libtpu on a machine with no TPU logs warnings about the metadata server."""
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  # Compile-only: no chip to guard, so concurrent processes (pytest -n, several checks) need not take turns.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   chips = math.prod(topology.shape) * topology.generation.cores_per_chip
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{topology.generation.accelerator_type}-{chips}")

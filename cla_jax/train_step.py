@@ -13,11 +13,32 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cla_jax import model as model_lib
 from cla_jax import sharding
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 Objective = Callable[[Any, Batch], tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]]
+
+
+# Above this many logits per sequence (seq_len x vocab), the loss computes them in chunks of positions instead of
+# all at once: the paper's 2048 x 50,304 fp32 logits and their gradient are 3.3 GB each per 8 sequences, a fifth
+# of a v5e chip. Below it (every CPU-sized config) the loss is computed whole, as it always was.
+CHUNKED_LOSS_MIN_LOGITS = 1 << 24
+LOSS_CHUNK_LOGITS = 1 << 24  # logits per sequence per chunk (~64 MB fp32 per sequence)
+
+
+def loss_chunk(seq_len: int, vocab_size: int) -> int:
+  """Positions per loss chunk: seq_len (no chunking) for small heads, else the largest divisor within budget."""
+  if seq_len * vocab_size <= CHUNKED_LOSS_MIN_LOGITS:
+    return seq_len
+  limit = max(1, LOSS_CHUNK_LOGITS // vocab_size)
+  return max(c for c in range(1, min(limit, seq_len) + 1) if seq_len % c == 0)
+
+
+def _token_losses(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+  token_loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  return jnp.sum(token_loss * weights.astype(jnp.float32))
 
 
 def loss_fn(params: Any, batch: Batch, model: nn.Module) -> tuple[jax.Array, jax.Array]:
@@ -26,13 +47,38 @@ def loss_fn(params: Any, batch: Batch, model: nn.Module) -> tuple[jax.Array, jax
   Sums rather than means so that micro-batches, hosts and eval batches combine exactly:
   the mean loss is always sum_loss / num_tokens over everything that was summed.
   """
-  with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    logits = model.apply(
-        {"params": params}, batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids")
-    )
-  token_loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
+  cfg = model.cfg
+  seq_len = batch["inputs"].shape[1]
+  chunk = loss_chunk(seq_len, cfg.vocab_size)
+  args = (batch["inputs"],)
+  kwargs = {"positions": batch.get("positions"), "segment_ids": batch.get("segment_ids")}
   weights = batch["weights"].astype(jnp.float32)
-  return jnp.sum(token_loss * weights), jnp.sum(weights)
+  with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    if chunk == seq_len:
+      logits = model.apply({"params": params}, *args, **kwargs)
+      return _token_losses(logits, batch["targets"], weights), jnp.sum(weights)
+    features = model.apply({"params": params}, *args, **kwargs, features_only=True)  # [b, t, d]
+    head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    head = head.astype(cfg.compute_dtype)
+
+    # Each chunk's fp32 logits live only inside its (rematerialised) body: the backward pass recomputes them
+    # from the saved bf16 features, one chunk at a time, for about a third of the head's matmul FLOPs.
+    @jax.checkpoint
+    def chunk_loss(feats, targets, w):
+      logits = nn.with_logical_constraint(
+          model_lib.dense(feats, head, out_dtype=jnp.float32),
+          ("activation_batch", "activation_length", "activation_vocab"),
+      )
+      return _token_losses(logits, targets, w)
+
+    def body(total, xs):
+      return total + chunk_loss(*xs), None
+
+    split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], seq_len // chunk, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
+    total, _ = jax.lax.scan(
+        body, jnp.zeros((), jnp.float32), (split(features), split(batch["targets"]), split(weights))
+    )
+  return total, jnp.sum(weights)
 
 
 def _micro_batches(batch: Batch, accum_steps: int) -> Batch:

@@ -1,0 +1,396 @@
+"""Will it fit? Compiles the real train and eval steps for a TPU slice on this (CPU-only) machine.
+
+    cla-aot --config=configs/paper_1b.py:H128-MQA-CLA2 --topology=v5e-256 [--num_slices=N] [--max_batch]
+
+libtpu's compile-only devices stand in for the slice: the trainer's own jitted step (same shardings,
+donation and gradient accumulation, traced under the mesh) is lowered with abstract params and optimizer
+state, nothing is allocated, and XLA's TPU compiler reports the HBM it needs per chip. `auto` model
+choices resolve for TPU, not for this host. Prints a table, then one JSON line (see `check`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from cla_jax import cli, config_lib, hlo_stats, optim, sharding, topology
+from cla_jax import metrics as metrics_lib
+from cla_jax import model as model_lib
+from cla_jax import train_step as train_step_lib
+from cla_jax.errors import UserError
+
+FIT_FRACTION = 0.9  # fits: total HBM <= 90% of a chip (XLA and the runtime keep some for themselves)
+
+
+def _batch_spec(batch_size: int, seq_len: int, packing: bool, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """Abstract global batch with the trainer's batch sharding (the fields data/batches.py yields)."""
+  shard = sharding.batch_sharding(mesh)
+  ints = lambda: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=shard)  # noqa: E731
+  batch = {
+      "inputs": ints(),
+      "targets": ints(),
+      "weights": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32, sharding=shard),
+  }
+  if packing:
+    batch["positions"], batch["segment_ids"] = ints(), ints()
+  return batch
+
+
+def build_mesh(config: ml_collections.ConfigDict, devices: list[Any]) -> jax.sharding.Mesh:
+  """The trainer's (data, fsdp, tensor) mesh laid over the target's devices (MeshError if it cannot be)."""
+  return sharding.make_mesh(config.mesh, devices)
+
+
+def _memory(compiled: Any) -> dict[str, int]:
+  stats = compiled.memory_analysis()
+  return {
+      "temp_bytes": int(stats.temp_size_in_bytes),
+      "argument_bytes": int(stats.argument_size_in_bytes),
+      "output_bytes": int(stats.output_size_in_bytes),
+      "alias_bytes": int(stats.alias_size_in_bytes),
+      "code_bytes": int(stats.generated_code_size_in_bytes),
+  }
+
+
+def _shard_bytes(tree: Any) -> int:
+  """Bytes one chip holds of a tree of sharded ShapeDtypeStructs."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def largest_values(fn: Any, args: tuple[Any, ...], mesh: jax.sharding.Mesh, n: int) -> list[dict[str, Any]]:
+  """The `n` largest intermediate values of `fn`'s jaxpr (scan bodies included), with their model source.
+
+  Shapes are global; `bytes` divides by the batch parallelism when the value carries the batch dim, which is
+  how the activation constraints shard it (an estimate: XLA may fuse a value away or shard it further).
+  """
+  batch_sizes = {x.shape[0] for x in jax.tree.leaves(args[-1])}
+  ways = sharding.batch_parallelism(mesh)
+  rows: dict[tuple[str, str], dict[str, Any]] = {}
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      for var in eqn.outvars:
+        aval = getattr(var, "aval", None)
+        if not hasattr(aval, "shape") or not aval.shape:
+          continue
+        size = math.prod(aval.shape) * jnp.dtype(aval.dtype).itemsize
+        if any(d in batch_sizes for d in aval.shape[:2]):
+          size //= ways
+        shape = f"{jnp.dtype(aval.dtype).name}[{','.join(map(str, aval.shape))}]"
+        source = f"{eqn.source_info.name_stack}/{eqn.primitive.name}"
+        key = (shape, source)
+        if key not in rows or rows[key]["bytes"] < size:
+          rows[key] = {"bytes": size, "shape": shape, "op": eqn.primitive.name, "source": source}
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (list, tuple)) else [param]:
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            walk(inner)
+
+  with jax.set_mesh(mesh):
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return sorted(rows.values(), key=lambda r: -r["bytes"])[:n]
+
+
+def _total(memory: dict[str, int]) -> int:
+  """Peak per chip: arguments + outputs not aliased to (donated) arguments + temporaries + code."""
+  return (
+      memory["argument_bytes"]
+      + memory["output_bytes"]
+      - memory["alias_bytes"]
+      + memory["temp_bytes"]
+      + memory["code_bytes"]
+  )
+
+
+def compile_steps(
+    config: ml_collections.ConfigDict, devices: list[Any], platform: str = "tpu", eval_step: bool = True
+) -> dict[str, Any]:
+  """Lowers and compiles the train (and eval) step of `config` for `devices`; memory, FLOPs, collectives.
+
+  On an out-of-memory compile the result has `fits: False`, the bytes XLA says it needs and its largest
+  allocations, instead of raising.
+  """
+  config_lib.check_values(config)
+  mesh = build_mesh(config, devices)
+  from cla_jax import trainer  # pylint: disable=g-import-not-at-top  (heavy: orbax, data)
+
+  trainer.check_train_config(config, mesh)
+  cfg = config_lib.model_config(config).for_platform(platform)
+  sharding.check_model_fits(cfg, mesh)
+  model = model_lib.Transformer(cfg)
+  tx = optim.make_optimizer(config.train)
+  boxed = model_lib.abstract_params(cfg)
+  param_shardings, opt_shardings = train_step_lib.state_shardings(boxed, tx, mesh)
+  unboxed = jax.tree.map(lambda b: b.value, boxed, is_leaf=lambda x: hasattr(x, "names"))
+  params = sharding.shardings_like(unboxed, param_shardings)
+  opt_state = sharding.shardings_like(jax.eval_shape(tx.init, unboxed), opt_shardings)
+  t = config.train
+  batch = _batch_spec(t.batch_size, t.seq_len, bool(config.data.packing), mesh)
+  step = train_step_lib.jit_train_step(model, tx, t.grad_accum_steps, mesh, param_shardings, opt_shardings)
+  chips = len(devices)
+  tokens = t.batch_size * t.seq_len
+  model_flops = metrics_lib.flops_per_token(cfg, t.seq_len) * tokens / chips
+  result: dict[str, Any] = {
+      "batch_per_chip": t.batch_size / chips,
+      "global_batch": t.batch_size,
+      "seq_len": t.seq_len,
+      "grad_accum_steps": t.grad_accum_steps,
+      "mesh": dict(mesh.shape),
+      "remat": cfg.remat,
+      "attention": cfg.attention_impl,
+      "dtype": cfg.dtype,
+      "model_flops_per_chip": model_flops,
+  }
+  with jax.set_mesh(mesh):  # linen's logical constraints are no-ops without a mesh
+    lowered = step.jitted.lower(params, opt_state, batch)
+    try:
+      compiled = lowered.compile()
+    except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError; its type moves between jax versions)
+      oom = hlo_stats.parse_oom(str(e))
+      if oom is None:
+        raise
+      result.update(fits=False, **oom)
+      result["argument_bytes"] = _shard_bytes((params, opt_state, batch))
+      if oom.get("needs_temp_bytes"):
+        result["temp_bytes"] = oom["needs_temp_bytes"]
+        result["total_bytes"] = oom["needs_temp_bytes"] + result["argument_bytes"]
+      # XLA's message names no buffers; the step's largest values (before fusion) say where the bytes are.
+      result["largest_temporaries"] = largest_values(step.jitted, (params, opt_state, batch), mesh, 5)
+      return result
+    memory = _memory(compiled)
+    hlo = compiled.as_text()
+    flops = hlo_stats.step_flops(hlo)
+    result.update(memory)
+    result["total_bytes"] = _total(memory)
+    result["flops_per_chip"] = flops
+    result["recompute_ratio"] = flops / model_flops if model_flops else None
+    result["xla_cost_flops"] = float((compiled.cost_analysis() or {}).get("flops", 0.0))
+    result["collectives"] = hlo_stats.collectives(hlo)
+    result["involuntary_remat"] = hlo_stats.involuntary_remat(hlo)
+    result["largest_temporaries"] = hlo_stats.largest_buffers(hlo, 5)
+    if eval_step:
+      eval_batch = _batch_spec(config.eval.batch_size, t.seq_len, bool(config.data.packing), mesh)
+      eval_jit = train_step_lib.jit_eval_step(model, mesh, param_shardings).jitted
+      try:
+        eval_compiled = eval_jit.lower(params, eval_batch).compile()
+        result["eval_total_bytes"] = _total(_memory(eval_compiled))
+      except Exception as e:  # pylint: disable=broad-except
+        oom = hlo_stats.parse_oom(str(e))
+        if oom is None:
+          raise
+        result["eval_total_bytes"] = (oom.get("needs_temp_bytes") or 0) + _shard_bytes((params, eval_batch))
+  return result
+
+
+def check(
+    config: ml_collections.ConfigDict, topology_name: str, num_slices: int = 1, eval_step: bool = True
+) -> dict[str, Any]:
+  """The fit report of `config` on a TPU slice: the JSON line's fields (see the module docstring)."""
+  target = topology.parse(topology_name, num_slices)
+  devices = topology.compile_only_devices(target)
+  result = {
+      "topology": target.name,
+      "num_slices": num_slices,
+      "chips": target.chips,
+      "device_kind": devices[0].device_kind,
+      "hbm_per_chip_bytes": target.hbm_per_chip_bytes,
+  }
+  result.update(compile_steps(config, devices, "tpu", eval_step))
+  if "total_bytes" in result:
+    result["fits"] = result["total_bytes"] <= FIT_FRACTION * target.hbm_per_chip_bytes
+  peak = target.generation.peak_bf16_flops
+  if result.get("flops_per_chip"):
+    # A lower bound: compute at peak, no communication or memory stalls (XLA's own estimate is not usable).
+    result["min_step_seconds"] = result["flops_per_chip"] / peak
+  return result
+
+
+# Remat policies from the least recomputation to the most (on TPU with splash attention; `none` keeps every
+# residual). `remat=auto` resolves by a fixed rule (model.ModelConfig.remat_for); this order is what
+# `cheapest_remat` walks when asked which policy a given config and slice can afford.
+REMAT_ORDER = ("none", "save_dots", "save_qkv_ffn", "full")
+
+
+def cheapest_remat(
+    config: ml_collections.ConfigDict, topology_name: str, num_slices: int = 1, start: str = "none"
+) -> dict[str, Any]:
+  """The first policy of REMAT_ORDER, from `start` on, whose train step fits: {"remat": name or None, "tried"}."""
+  tried = []
+  for remat in REMAT_ORDER[REMAT_ORDER.index(start) :]:
+    trial = ml_collections.ConfigDict(config.to_dict())
+    trial.model.remat = remat
+    report = check(trial, topology_name, num_slices, eval_step=False)
+    tried.append({"remat": remat, "fits": bool(report["fits"]), "total_bytes": report.get("total_bytes")})
+    if report["fits"]:
+      return {"remat": remat, "tried": tried, "recompute_ratio": report.get("recompute_ratio")}
+  return {"remat": None, "tried": tried}
+
+
+def advice(result: dict[str, Any], search: dict[str, Any] | None) -> str | None:
+  """One line telling the user what to set, from a remat search; None when there is nothing to say."""
+  if search is None:
+    return None
+  if search["remat"] is None:
+    return (
+        "no remat policy fits this batch: raise --config.train.grad_accum_steps (the per-chip micro-batch is "
+        "what must fit), or use more chips"
+    )
+  if search["remat"] == result["remat"]:
+    return f"remat={search['remat']} is the cheapest policy that fits"
+  ratio = search["recompute_ratio"]
+  return f"set --config.model.remat={search['remat']} (the cheapest policy that fits; recompute ratio {ratio:.3f})"
+
+
+def max_batch(config: ml_collections.ConfigDict, topology_name: str, num_slices: int = 1) -> dict[str, Any]:
+  """The largest per-chip batch (micro-batch, i.e. batch / grad_accum_steps) that fits: bisection over compiles."""
+  target = topology.parse(topology_name, num_slices)
+  ways = target.chips  # a batch must split over data*fsdp; the per-chip count is searched in whole sequences
+  accum = config.train.grad_accum_steps
+
+  def fits(per_chip: int) -> tuple[bool, dict[str, Any]]:
+    trial = ml_collections.ConfigDict(config.to_dict())
+    trial.train.batch_size = per_chip * ways * accum
+    report = check(trial, topology_name, num_slices, eval_step=False)
+    return bool(report["fits"]), report
+
+  low, best = 0, None
+  high = 1
+  while True:  # double until it does not fit
+    ok, report = fits(high)
+    if not ok:
+      break
+    low, best, high = high, report, high * 2
+    if high > 4096:
+      break
+  while high - low > 1:
+    mid = (low + high) // 2
+    ok, report = fits(mid)
+    if ok:
+      low, best = mid, report
+    else:
+      high = mid
+  return {"max_batch_per_chip": low, "report": best}
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _gb(n: float | None) -> str:
+  return "-" if n is None else f"{n / 1e9:.2f} GB"
+
+
+def table(result: dict[str, Any]) -> str:
+  """The human-readable report."""
+  rows = [
+      ("topology", f"{result['topology']} x{result['num_slices']} ({result['chips']} chips, {result['device_kind']})"),
+      ("mesh", " ".join(f"{k}={v}" for k, v in result["mesh"].items())),
+      (
+          "batch",
+          f"{result['global_batch']} x {result['seq_len']} tokens ({result['batch_per_chip']:g} per chip, "
+          f"{result['grad_accum_steps']} micro-batches)",
+      ),
+      ("model", f"remat={result['remat']} attention={result['attention']} dtype={result['dtype']}"),
+      ("HBM per chip", _gb(result["hbm_per_chip_bytes"])),
+  ]
+  if "total_bytes" in result:
+    rows += [
+        ("arguments", _gb(result["argument_bytes"])),
+        ("temporaries", _gb(result["temp_bytes"])),
+        ("total", f"{_gb(result['total_bytes'])} ({result['total_bytes'] / result['hbm_per_chip_bytes']:.0%})"),
+        ("eval step", _gb(result.get("eval_total_bytes"))),
+        ("FLOPs per chip", f"{result['flops_per_chip']:.3g} (model {result['model_flops_per_chip']:.3g})"),
+        ("recompute ratio", f"{result['recompute_ratio']:.3f}"),
+        ("min step time", f"{result['min_step_seconds'] * 1e3:.0f} ms at peak bf16"),
+        (
+            "collectives",
+            ", ".join(f"{k} {v['count']}x {_gb(v['bytes'])}" for k, v in result["collectives"].items()) or "none",
+        ),
+    ]
+    for buf in result["largest_temporaries"][:3]:
+      rows.append(("large buffer", f"{_gb(buf['bytes'])} {buf['shape']} {buf['source']}"))
+  else:
+    rows.append(("arguments", _gb(result.get("argument_bytes"))))
+    rows.append(
+        (
+            "temporaries",
+            f"{_gb(result.get('temp_bytes'))} (XLA: does not fit; usable HBM "
+            f"{_gb(result.get('usable_hbm_bytes'))})",
+        )
+    )
+    rows.append(("total", _gb(result.get("total_bytes"))))
+    for buf in result.get("largest_temporaries", [])[:5]:
+      rows.append(("large value", f"~{_gb(buf['bytes'])} per chip {buf['shape']} {buf['source']}"))
+  rows.append(("fits", "yes" if result["fits"] else f"NO (limit {FIT_FRACTION:.0%} of HBM)"))
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _json_safe(x: Any) -> Any:
+  if isinstance(x, (np.integer, np.floating)):
+    return x.item()
+  return x
+
+
+def define_flags() -> None:
+  """The command's flags; defined on demand, so importing this module adds no global flags."""
+  config_flags.DEFINE_config_file(
+      "config", config_lib.DEFAULT_CONFIG, "Experiment config (path[:row]).", lock_config=True
+  )
+  flags.DEFINE_string("topology", None, "TPU slice: v5e-16, v5e-256, v5p-64, v5p-128, v4-32, v6e-8, or v5e:4x4.")
+  flags.DEFINE_integer("num_slices", 1, "Slices joined by DCN (multi-slice; mesh.data spans them).")
+  flags.DEFINE_bool("max_batch", False, "Also search the largest per-chip batch that fits (several compiles).")
+  flags.DEFINE_bool(
+      "remat_search",
+      False,
+      "Also compile each remat policy, least recomputation first, and name the cheapest that fits "
+      "(done anyway when the config's own policy does not fit).",
+  )
+  flags.mark_flags_as_required(["topology"])
+
+
+def main(argv: list[str]) -> None:
+  """Prints the fit table of `--config` on `--topology`, then its JSON line."""
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}; use --config.<field>=<value> for overrides.")
+  f = flags.FLAGS
+  topology.parse(f.topology, f.num_slices)  # bad names fail before anything compiles
+  result = check(f.config, f.topology, f.num_slices)
+  search = None
+  if f.remat_search:
+    search = cheapest_remat(f.config, f.topology, f.num_slices)
+  elif not result["fits"] and result["remat"] != REMAT_ORDER[-1]:
+    # Only policies that recompute more than this one can fit where it does not.
+    search = cheapest_remat(f.config, f.topology, f.num_slices, REMAT_ORDER[REMAT_ORDER.index(result["remat"]) + 1])
+  if search is not None:
+    result["remat_search"] = search["tried"]
+    result["advice"] = advice(result, search)
+  if f.max_batch:
+    found = max_batch(f.config, f.topology, f.num_slices)
+    result["max_batch_per_chip"] = found["max_batch_per_chip"]
+  print(table(result))
+  if "max_batch_per_chip" in result:
+    print(f"largest batch that fits: {result['max_batch_per_chip']} sequences per chip")
+  if result.get("advice"):
+    print(result["advice"])
+  sys.stdout.flush()
+  print(json.dumps(jax.tree.map(_json_safe, result), sort_keys=True))
+
+
+def run() -> None:
+  """Console-script entry point (`cla-aot`)."""
+  define_flags()
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,92 @@
+"""`cla-aot`: the trainer's step compiled for a TPU slice on a CPU host (libtpu compile-only devices)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cla_jax import aot, config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_paper_1b_row_at_the_paper_batch_per_chip_stays_within_its_bound():
+  config = config_lib.load("configs/paper_1b.py:H128-MQA-CLA2")
+  # One CLA2 group (2 layers) at the row's width, vocabulary and sequence; the paper's 8 sequences per chip,
+  # fsdp over a v5e-16 (its compile is about half a v5e:2x2's: smaller weight shards per chip).
+  config.model.num_layers = 2
+  config.train.batch_size = config.eval.batch_size = 16 * 8
+  config.mesh.data, config.mesh.fsdp = 1, -1
+  report = aot.check(config, "v5e-16", eval_step=False)
+  assert report["fits"], report
+  # Per chip 8 x 2048 = 16,384 tokens. Saved for the backward (bf16): the group's input and inner output, two
+  # queries, two attention residuals (2048 wide each), two gates and two ups (5472), one K and V (128 each):
+  # 2 x 16,384 x (6 x 2048 + 4 x 5472 + 256) = 1.13 GB. The loss's one chunk of fp32 logits and its gradient
+  # (2 x 8 x 256 x 50,304 x 4 = 0.82 GB), the embedding's fp32 gradient before its reduce-scatter and a copy
+  # (2 x 50,304 x 2048 x 4 = 0.82 GB), the fused splash backward's dq per key block (4 x 16,384 x 2048 x 2 =
+  # 0.27 GB): 3.0 GB. 4.5 GB leaves XLA room (measured 3.99) but not whole fp32 logits (8 x 2048 x 50,304 x 4
+  # = 3.3 GB) or stored attention probabilities (16 heads x 2048^2 x 4 bytes x 8 sequences = 2.1 GB a layer).
+  assert report["temp_bytes"] < 4.5e9, report["temp_bytes"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run(
+      [sys.executable, "-m", "cla_jax.aot", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=600
+  )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--topology=v5e-3"], "unknown TPU topology 'v5e-3'"),
+        (["--topology=v5e-16", "--num_slices=0"], "num_slices"),
+        (["--topology=v5e:2x2", "--config.mesh.tensor=3"], "mesh"),
+        (["--topology=v5e:2x2", "--config.train.batch_size=6"], "cannot be split over mesh"),
+    ],
+)
+def test_bad_input_is_one_error_line(args, message):
+  result = _cli("--config=configs/default.py", *args)
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode == 2, result.stderr
+  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+  assert result.stdout == ""
+
+
+def test_default_config_fits_a_v5e_2x2_with_tpu_choices_and_ends_with_the_json_line():
+  # One compile of the train step and one of the eval step (the command as users run it), two layers: the
+  # scan makes depth nearly free to compile, and the policy checks below do not depend on it.
+  result = _cli("--config=configs/default.py", "--topology=v5e:2x2", "--config.model.num_layers=2")
+  assert result.returncode == 0, result.stderr
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  for field in ("topology", "chips", "batch_per_chip", "remat", "attention", "hbm_per_chip_bytes", "temp_bytes"):
+    assert field in report
+  assert "total" in result.stdout
+  assert report["chips"] == 4 and report["batch_per_chip"] == 4
+  assert (report["attention"], report["remat"], report["dtype"]) == ("splash", "save_qkv_ffn", "bfloat16")
+  assert report["fits"] is True and 0 < report["total_bytes"] < 0.9 * 16 * 2**30
+  assert report["eval_total_bytes"] > 0
+  # FLOPs counted with the scan's trip count: at least the model's 6*N*tokens + attention, and the policy's
+  # recomputation (attention forward, no matmul) keeps it well under a whole second forward (ratio 4/3).
+  assert 1.0 <= report["recompute_ratio"] < 1.33, report["recompute_ratio"]
+  assert report["collectives"]["all-reduce"]["count"] >= 1  # data parallelism: gradients are all-reduced
+
+
+def test_remat_search_walks_from_least_recomputation_and_stops_at_the_first_fit(monkeypatch):
+  fitting = {"save_qkv_ffn", "full"}  # a stand-in for the compiler: what fits at this batch
+  compiled = []
+
+  def fake_check(config, topology_name, num_slices=1, eval_step=True):
+    compiled.append(config.model.remat)
+    return {"fits": config.model.remat in fitting, "total_bytes": 1, "recompute_ratio": 1.1}
+
+  monkeypatch.setattr(aot, "check", fake_check)
+  config = config_lib.load("configs/default.py")
+  found = aot.cheapest_remat(config, "v5e:2x2")
+  assert found["remat"] == "save_qkv_ffn" and compiled == ["none", "save_dots", "save_qkv_ffn"]
+  assert aot.advice({"remat": "save_qkv_ffn"}, found) == "remat=save_qkv_ffn is the cheapest policy that fits"
+  assert "set --config.model.remat=save_qkv_ffn" in aot.advice({"remat": "none"}, found)
+  fitting.clear()
+  assert "grad_accum_steps" in aot.advice({"remat": "none"}, aot.cheapest_remat(config, "v5e:2x2", start="full"))

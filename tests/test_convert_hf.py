@@ -347,22 +347,20 @@ def test_cli_reports_dropped_kv_and_references_tokenizer(cli_workdir):
   assert (root / "work" / "tokenizer.json").read_bytes() == (root / "hf" / "tokenizer.json").read_bytes()
 
 
-def test_cli_error_is_one_line(gqa_dir, tmp_path):
-  result = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "cla_jax.convert_hf",
-          f"--hf_dir={gqa_dir}",
-          f"--workdir={tmp_path / 'w'}",
-          "--pattern=bogus",
-      ],
+def _convert_cli(*flags: str) -> subprocess.CompletedProcess:
+  """`python -m cla_jax.convert_hf FLAGS` on CPU, output captured."""
+  return subprocess.run(
+      [sys.executable, "-m", "cla_jax.convert_hf", *flags],
       cwd=REPO_ROOT,
       env=dict(os.environ, JAX_PLATFORMS="cpu"),
       capture_output=True,
       text=True,
       timeout=300,
   )
+
+
+def test_cli_error_is_one_line(gqa_dir, tmp_path):
+  result = _convert_cli(f"--hf_dir={gqa_dir}", f"--workdir={tmp_path / 'w'}", "--pattern=bogus")
   assert result.returncode == 2
   assert result.stderr.strip().startswith("error:") and "pattern" in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1
@@ -568,21 +566,6 @@ def test_bad_kv_init_inputs_are_one_line_errors(gqa_dir, tmp_path, calibration):
     convert_hf.convert(gqa_dir, tmp_path / "c", pattern="cla2", calib_tokens=np.array([[0, 500]]))
   assert not any((tmp_path / name).exists() for name in "abc")
   for flag in ("--kv_init=bogus", "--calib_sequences=-1"):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cla_jax.convert_hf",
-            f"--hf_dir={gqa_dir}",
-            f"--workdir={tmp_path / 'w'}",
-            "--pattern=cla2",
-            flag,
-        ],
-        cwd=REPO_ROOT,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _convert_cli(f"--hf_dir={gqa_dir}", f"--workdir={tmp_path / 'w'}", "--pattern=cla2", flag)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.startswith("error: ") and flag.split("=")[0].lstrip("-") in result.stderr

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from typing import Any
 
@@ -113,20 +112,10 @@ def parse(name: str, num_slices: int = 1) -> Topology:
   return Topology(normal, generation, shape, num_slices)
 
 
-def _quiet_libtpu(topology: Topology) -> None:
-  """Without these, loading libtpu on a machine with no TPU logs warnings about the metadata server."""
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-  # Compile-only: no chip to guard, so concurrent processes (pytest -n, several checks) need not take turns.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  chips = math.prod(topology.shape) * topology.generation.cores_per_chip
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{topology.generation.accelerator_type}-{chips}")
-
-
 def compile_only_devices(name: str | Topology, num_slices: int = 1) -> list[Any]:
   """The compile-only jax devices of TPU slice `name` (e.g. `v5e-16`), `num_slices` times over."""
   topology = name if isinstance(name, Topology) else parse(name, num_slices)
-  _quiet_libtpu(topology)
+  # libtpu's environment on a machine without a TPU is set once, when cla_jax is imported (cla_jax/__init__.py).
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top  (loads libtpu)
 
   kwargs: dict[str, Any] = {}

@@ -1,8 +1,11 @@
 """Never lose a good checkpoint: divergence guard, fingerprints, workdir lock, disk full, bad input."""
 
+import contextlib
 import os
 import pathlib
 import shutil
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -176,12 +179,21 @@ def _umount(target: pathlib.Path) -> None:
     subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)
 
 
-def test_disk_full_is_one_line_and_keeps_earlier_checkpoints(tmp_path, corpus):
+@contextlib.contextmanager
+def _small_disk(tmp_path: pathlib.Path, corpus) -> Iterator[tuple[pathlib.Path, Any]]:
+  """A 3 MiB tmpfs (room for one checkpoint of the tiny model, not two) and a config saving every step."""
   small = tmp_path / "small"
-  _mount("-t tmpfs", small, "-o", "size=3M", "tmpfs")  # room for one checkpoint of the tiny model, not two
+  _mount("-t tmpfs", small, "-o", "size=3M", "tmpfs")
   try:
     config = th.config_on(corpus, steps=30)
     config.checkpoint.update(every_steps=1, keep=100)
+    yield small, config
+  finally:
+    _umount(small)
+
+
+def test_disk_full_is_one_line_and_keeps_earlier_checkpoints(tmp_path, corpus):
+  with _small_disk(tmp_path, corpus) as (small, config):
     result = th.run(config, small / "run")
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
@@ -189,8 +201,6 @@ def test_disk_full_is_one_line_and_keeps_earlier_checkpoints(tmp_path, corpus):
     assert "checkpoints [1] are intact" in line
     params, _, step = checkpoint.restore_params(small / "run")
     assert step == 1 and all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
-  finally:
-    _umount(small)
 
 
 def test_eval_on_a_read_only_workdir_returns_the_result_and_warns(tmp_path, trained, capfd):
@@ -350,11 +360,7 @@ def _python_cli(code: str, *args: str):
 
 
 def test_disk_filling_during_a_save_is_one_error_and_no_library_traceback(tmp_path, corpus):
-  small = tmp_path / "small"
-  _mount("-t tmpfs", small, "-o", "size=3M", "tmpfs")  # room for one checkpoint of the tiny model, not two
-  try:
-    config = th.config_on(corpus, steps=30)
-    config.checkpoint.update(every_steps=1, keep=100)
+  with _small_disk(tmp_path, corpus) as (small, config):
     # The free-space check before each save passes (as when another writer fills the disk during the save),
     # so orbax itself runs out of space half way through writing step 2.
     code = f"""
@@ -369,8 +375,6 @@ def main(argv):
     assert line.startswith("error: disk full") and "checkpoints [1] are intact" in line, line
     params, _, step = checkpoint.restore_params(small / "run")
     assert step == 1 and all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
-  finally:
-    _umount(small)
 
 
 def test_truncated_newest_checkpoint_falls_back_with_one_warning_line(tmp_path, trained):

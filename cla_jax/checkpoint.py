@@ -154,8 +154,12 @@ class _OrbaxErrorFilter(logging.Filter):
       return False  # what every read-only restore (eval, generate, export) asked for: not worth a line
     if record.levelno < logging.ERROR:
       return True
-    # absl records come from orbax's own files; asyncio's 'Task exception was never retrieved' names the task.
-    return orbax not in record.pathname and orbax not in str(record.msg)
+    # absl records come from orbax's own files; asyncio's 'Task exception was never retrieved' names the task,
+    # and its '_GatheringFuture exception was never retrieved' (orbax's gathered writes) carries their traceback.
+    if orbax in record.pathname or orbax in str(record.msg):
+      return False
+    error = record.exc_info[1] if record.exc_info else None
+    return error is None or not any(orbax in f.filename for f in traceback.extract_tb(error.__traceback__))
 
 
 def _is_closed_loop_callback(error: BaseException | None) -> bool:

@@ -460,7 +460,7 @@ def prepare(
   if output:
     root = _expand(output)
     root.mkdir(parents=True, exist_ok=True)
-    writer.atomic_write(root / tokenizer.filename, lambda tmp: epath.Path(tmp).write_bytes(tokenizer.file_bytes()))
+    tokenizer.save(root)
   with contextlib.closing(Workers(num_workers, source, tokenizer)) as workers:
     for name in (config.data.train_split, config.data.eval_split):
       split = str(name)

@@ -13,7 +13,6 @@ import itertools
 import logging
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 
 import ml_collections
@@ -21,7 +20,7 @@ import sentencepiece as spm
 from etils import epath
 
 from cla_jax import paths
-from cla_jax.data import sources
+from cla_jax.data import sources, writer
 from cla_jax.errors import UserError
 
 # Bump when the sentencepiece trainer options below change, so cached tokenizers are retrained.
@@ -48,10 +47,10 @@ class Tokenizer:
     """The tokenizer file's contents (what `save` writes; prepare copies it next to the prepared splits)."""
     return self._file_bytes
 
-  def save(self, directory: str | os.PathLike) -> pathlib.Path:
-    """Writes the tokenizer file into `directory` (e.g. a workdir); `data.tokenizer=<path>` loads it back."""
-    path = pathlib.Path(directory) / self.filename
-    _atomic_write(path, self._file_bytes)
+  def save(self, directory: str | os.PathLike) -> epath.Path:
+    """Writes the tokenizer file into `directory` (a workdir, a bucket); `data.tokenizer=<path>` loads it back."""
+    path = epath.Path(directory) / self.filename
+    writer.write_bytes(path, self._file_bytes)
     return path
 
   def encode(self, text: str) -> list[int]:
@@ -221,15 +220,6 @@ def cache_dir_of(config: ml_collections.ConfigDict) -> pathlib.Path:
   return pathlib.Path(os.path.expanduser(cache_dir))
 
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-  """Writes via a temporary file and a rename, so concurrent hosts never read a half-written file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-  with os.fdopen(fd, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
   """The tokenizer named by `config.data.tokenizer`, training and caching sentencepiece when asked."""
   name = str(config.data.tokenizer)
@@ -287,7 +277,8 @@ def _trained_sentencepiece(config: ml_collections.ConfigDict) -> SentencePieceTo
   description = f"{path} (sentencepiece, vocab {vocab_size}, trained on {source.name} {split})"
   if not path.exists():
     logging.info("training %s", description)
-    _atomic_write(path, train_sentencepiece(source.documents(split), vocab_size, max_chars))
+    # Written atomically: concurrent hosts never read a half-written model.
+    writer.write_bytes(path, train_sentencepiece(source.documents(split), vocab_size, max_chars))
   return SentencePieceTokenizer(path.read_bytes(), description)
 
 

@@ -1,7 +1,7 @@
 """The writer of prepared splits (format: `cla_jax.data.reader`): atomic files, window shards, shard sizes.
 
 Every file appears whole or not at all, so a killed prepare step leaves nothing half-written behind and a
-resumed one can skip every file that exists.
+resumed one can skip every file that exists; the tokenizer cache and workdir copies are written the same way.
 """
 
 from __future__ import annotations
@@ -71,6 +71,11 @@ def write_shard(path: epath.Path, records: Sequence[np.ndarray]) -> None:
     writer.close()
 
   atomic_write(path, write)
+
+
+def write_bytes(path: epath.Path, data: bytes) -> None:
+  """Writes `data` to `path`, atomically."""
+  atomic_write(path, lambda tmp: epath.Path(tmp).write_bytes(data))
 
 
 def write_json(path: epath.Path, data: dict) -> None:

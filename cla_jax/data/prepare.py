@@ -254,8 +254,7 @@ def prepare_split(
     keep_work: bool = False,
     workers: Workers | None = None,
 ) -> dict | None:
-  """Prepares `split` into windows of `seq_len` + 1 tokens in `directory`; returns its index, or None while other
-  hosts' chunks are missing."""
+  """Prepares `split` in windows of `seq_len` + 1 into `directory`: its index, or None while shards are missing."""
   directory = epath.Path(directory)
   max_tokens = int(config.data.max_cache_tokens)
   key = split_key(source, split, tokenizer, seq_len, max_tokens)

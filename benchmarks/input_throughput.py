@@ -23,6 +23,7 @@ from ml_collections import config_flags  # noqa: E402
 from cla_jax import cli, config_lib, optim, sharding, train_step  # noqa: E402
 from cla_jax import model as model_lib
 from cla_jax.data import batches as batches_lib  # noqa: E402
+from cla_jax.data import prepare  # noqa: E402
 from cla_jax.data import tokenizer as tokenizer_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", config_lib.DEFAULT_CONFIG, "Experiment config.")
@@ -70,8 +71,9 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   tok = tokenizer_lib.get_tokenizer(config)
-  tokenizer_lib.set_vocab_size(config, tok)
-  batches = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
+  config.model.vocab_size = tokenizer_lib.fitted_vocab_size(tok, config.model.vocab_size, config.data.pad_vocab)
+  data = prepare.open_split(config, tok, "train", config.train.seq_len)
+  batches = batches_lib.TrainBatches(data, config.train.batch_size, config.data, tok.eos_id, 0, 1)  # one host
   direct, prefetched = pipeline_tokens_per_s(batches, _BATCHES.value)
   train = train_tokens_per_s(config, batches.batch(0), _TRAIN_STEPS.value)
   print(

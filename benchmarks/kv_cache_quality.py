@@ -34,7 +34,7 @@ _NEW = flags.DEFINE_integer("new_tokens", 32, "Greedy tokens compared per prompt
 def validation_windows(model, count: int) -> np.ndarray:
   """The first `count` consecutive windows [count, seq_len + 1] of the validation split's token stream."""
   length = int(model.config.train.seq_len) + 1
-  data = prepare.open_split(model.config, model.tokenizer, "validation", check_seq_len=False)
+  data = prepare.open_split(model.config, model.tokenizer, "validation", length - 1, check_seq_len=False)
   count = min(count, (data.num_tokens - 1) // (length - 1))
   if count < 1:
     raise cli.UserError("the validation split holds less than one window; prepare more data.")

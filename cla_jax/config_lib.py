@@ -158,7 +158,27 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-  """A locked ConfigDict from `to_json` output."""
-  config = ml_collections.ConfigDict(json.loads(text))
+  """A locked ConfigDict from `to_json` output, upgraded to the current fields (see `upgrade`)."""
+  config = ml_collections.ConfigDict(upgrade(json.loads(text)))
   config.lock()
   return config
+
+
+def upgrade(saved: dict) -> dict:
+  """A config dict written by an earlier version, with the fields added since then set to their defaults.
+
+  The one place a config that predates a field gets it: the value comes from configs/default.py, the one home
+  of defaults, so code reads `config.section.field` and never keeps a second default of its own. Fields the
+  saved config has keep their values (unknown ones too: a newer version's config stays readable).
+  """
+  return _with_missing(saved, load(DEFAULT_CONFIG).to_dict())
+
+
+def _with_missing(saved: dict, defaults: dict) -> dict:
+  out = dict(saved)
+  for key, default in defaults.items():
+    if key not in out:
+      out[key] = default
+    elif isinstance(default, dict) and isinstance(out[key], dict):
+      out[key] = _with_missing(out[key], default)
+  return out

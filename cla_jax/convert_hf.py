@@ -519,8 +519,7 @@ def build_config(
   config = ml_collections.ConfigDict(base.to_dict())  # a private, unlocked copy
   config.model.update(arch.model_fields())
   config.model.pattern = pattern
-  if "pad_vocab" in config.data:
-    config.data.pad_vocab = False  # the checkpoint fixes the embedding size; padding would change it
+  config.data.pad_vocab = False  # the checkpoint fixes the embedding size; padding would change it
   model_lib.ModelConfig.from_config(config.model)  # fails early, naming the field, e.g. a bad pattern
   return config
 
@@ -615,15 +614,16 @@ def calibration_tokens(hf_dir: str | pathlib.Path, config: ml_collections.Config
   The training split, not validation: the K/V fit must not see the text the converted model is judged on.
   """
   from cla_jax.data import batches as batches_lib  # pylint: disable=g-import-not-at-top  (data stack is heavy)
+  from cla_jax.data import prepare  # pylint: disable=g-import-not-at-top
   from cla_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   config = ml_collections.ConfigDict(config.to_dict())
   tokenizer_file = checkpoint_tokenizer(pathlib.Path(hf_dir))
   if tokenizer_file and config.data.tokenizer == "sentencepiece":
     config.data.tokenizer = str(tokenizer_file.resolve())
-  config.train.batch_size = sequences
   tokenizer = tokenizer_lib.get_tokenizer(config)
-  batches = batches_lib.TrainBatches(config, tokenizer, "train", process_index=0, process_count=1)
+  data = prepare.open_split(config, tokenizer, "train", config.train.seq_len)
+  batches = batches_lib.TrainBatches(data, sequences, config.data, tokenizer.eos_id, process_index=0, process_count=1)
   return np.asarray(batches.batch(0)["inputs"], np.int32)
 
 

@@ -57,7 +57,7 @@ class Teacher:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises DistillError for a bad distillation weight or temperature (checked even without a teacher)."""
   t = config.train
-  weight, temperature = t.get("distill_weight", 0.5), t.get("distill_temperature", 1.0)
+  weight, temperature = t.distill_weight, t.distill_temperature
   number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # noqa: E731
   if not number(weight) or not 0 <= weight <= 1:
     raise DistillError(
@@ -67,7 +67,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise DistillError(
         f"train.distill_temperature must be a number > 0 (1: the plain distribution), got {temperature!r}."
     )
-  if not isinstance(t.get("teacher", ""), str):
+  if not isinstance(t.teacher, str):
     raise DistillError(f"train.teacher must be a path (a workdir or Hugging Face dir) or '', got {t.teacher!r}.")
 
 
@@ -131,7 +131,7 @@ def load_teacher(
 ) -> Teacher | None:
   """The teacher named by `train.teacher` on `mesh`, checked against the student; None when it is ''."""
   check_config(config)
-  source = str(config.train.get("teacher", "") or "")
+  source = str(config.train.teacher)
   if not source:
     return None
   path = pathlib.Path(os.path.expanduser(source)).resolve()

@@ -308,17 +308,19 @@ def evaluate_split(
     progress: bool = True,
 ) -> dict[str, Any]:
   """Mean loss and perplexity over the first `max_tokens` target tokens of a split (<= 0: all of it)."""
+  seq_len = int(config.train.seq_len)
+  data = prepare.open_split(config, tokenizer, split, seq_len, check_seq_len=False)
   batches = batches_lib.eval_batches(
-      config,
-      tokenizer,
+      data,
       batch_size,
+      seq_len,
       max_tokens,
-      split=split,
+      eos_id=tokenizer.eos_id,
+      packing=config.data.packing,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
   )
-  scored = batches_lib.num_targets(prepare.open_split(config, tokenizer, split, check_seq_len=False), max_tokens)
-  total = -(-scored // (batch_size * int(config.train.seq_len)))
+  total = -(-batches_lib.num_targets(data, max_tokens) // (batch_size * seq_len))
   nll, tokens = scorer.score(_progress(batches, total, f"eval {split}", progress))
   return {
       "split": split,

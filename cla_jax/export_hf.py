@@ -184,7 +184,7 @@ def find_tokenizer(workdir: pathlib.Path, config: Any) -> pathlib.Path | None:
   for name in _TOKENIZER_FILES:
     if (workdir / name).is_file():
       return workdir / name
-  path = pathlib.Path(os.path.expanduser(str(config.data.get("tokenizer", ""))))
+  path = pathlib.Path(os.path.expanduser(str(config.data.tokenizer)))
   return path if path.suffix in (".json", ".model") and path.is_file() else None
 
 
@@ -303,7 +303,7 @@ def export(
     special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tokenizer:
       special = write_tokenizer(tokenizer, tmp)
-    max_positions = int(config.train.get("seq_len", 2048)) if "train" in config else 2048
+    max_positions = int(config.train.seq_len)
     (tmp / "config.json").write_text(json.dumps(hf_config(cfg, llama, dtype, max_positions, special), indent=2) + "\n")
     generation = {
         "bos_token_id": special["bos_token_id"],

@@ -24,6 +24,7 @@ from cla_jax import metrics as metrics_lib
 from cla_jax import model as model_lib
 from cla_jax import train_step as train_step_lib
 from cla_jax.data import batches as batches_lib
+from cla_jax.data import prepare
 from cla_jax.data import tokenizer as tokenizer_lib
 from cla_jax.errors import UserError
 from cla_jax.model import Transformer
@@ -106,8 +107,8 @@ def _model_from_workdir(workdir: str, config: ml_collections.ConfigDict, explici
   saved = checkpoint.read_config(workdir).model.to_dict()
   asked = config.model.to_dict()
   explicit = set(asked) if explicit is None else set(explicit)
-  merged = {k: asked[k] if k in explicit or k not in saved else saved[k] for k in asked}
-  changed = sorted(k for k in merged if k not in RESUME_FREE_FIELDS and merged[k] != saved.get(k, merged[k]))
+  merged = {k: asked[k] if k in explicit else saved[k] for k in asked}  # read_config gave saved every field
+  changed = sorted(k for k in merged if k not in RESUME_FREE_FIELDS and merged[k] != saved[k])
   if changed:
     raise TrainConfigError(
         f"workdir {workdir} holds a run with a different model config (fields {changed}); "
@@ -157,14 +158,21 @@ class Trainer:
     self.mesh = sharding.make_mesh(config.mesh)
     check_train_config(config, self.mesh)
     self.tokenizer = _first_process_then_others(lambda: tokenizer_lib.get_tokenizer(config))
-    tokenizer_lib.set_vocab_size(config, self.tokenizer)
+    config.model.vocab_size = tokenizer_lib.fitted_vocab_size(
+        self.tokenizer, config.model.vocab_size, config.data.pad_vocab
+    )
     self.model_config = config_lib.model_config(config)
     sharding.check_model_fits(self.model_config, self.mesh)
     # Loaded (and checked against the student) before the workdir is touched; None without train.teacher.
     self.teacher = distill.load_teacher(config, self.mesh, self.model_config, self.tokenizer)
     # The data is opened (and checked against train.seq_len) before the workdir is touched, so a config
     # the data cannot serve leaves no workdir behind.
-    self.train_batches = batches_lib.TrainBatches(config, self.tokenizer, "train")
+    self.train_batches = batches_lib.TrainBatches(
+        prepare.open_split(config, self.tokenizer, "train", config.train.seq_len),
+        config.train.batch_size,
+        config.data,
+        self.tokenizer.eos_id,
+    )
     _prepare_workdir(self.workdir)
     self.lock = workdir_lock.WorkdirLock(self.workdir).acquire()  # before anything in the workdir changes
     try:
@@ -203,7 +211,7 @@ class Trainer:
         config.train.batch_size * config.train.seq_len
     )
     self.peak_flops, self.peak_source = metrics_lib.total_peak_flops(
-        list(self.mesh.devices.flat), float(config.train.get("peak_flops_per_device", 0.0))
+        list(self.mesh.devices.flat), float(config.train.peak_flops_per_device)
     )
 
   # -- state -------------------------------------------------------------------------------------
@@ -256,7 +264,7 @@ class Trainer:
     meta = {
         "data_seed": int(self.config.data.seed),
         "data_fingerprint": data_fingerprint(self.config),
-        "config_name": str(self.config.get("name", "")),
+        "config_name": str(self.config.name),
         "time": time.time(),
     }
     checkpoint.save(self.manager, step, params, opt_state, meta)
@@ -271,10 +279,12 @@ class Trainer:
     if self._scorer is None:
       self._scorer = evaluate_lib.Scorer(params, config, self.mesh)
     batches = batches_lib.eval_batches(
-        config,
-        self.tokenizer,
-        batch_size=config.eval.batch_size,
-        max_tokens=config.train.eval_batches * config.eval.batch_size * config.train.seq_len,
+        prepare.open_split(config, self.tokenizer, "validation", config.train.seq_len, check_seq_len=False),
+        config.eval.batch_size,
+        config.train.seq_len,
+        config.train.eval_batches * config.eval.batch_size * config.train.seq_len,
+        eos_id=self.tokenizer.eos_id,
+        packing=config.data.packing,
     )
     loss_sum, tokens = self._scorer.score(batches, params)
     loss = loss_sum / max(tokens, 1.0)

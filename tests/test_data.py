@@ -73,6 +73,12 @@ def tok(config):
   return tokenizer_lib.get_tokenizer(config)
 
 
+def train_batches(config, tok, process_index=0, process_count=1):
+  """TrainBatches over the config's train split, built as the trainer builds them (one host unless told)."""
+  data = prepare.open_split(config, tok, "train", config.train.seq_len)
+  return batches_lib.TrainBatches(data, config.train.batch_size, config.data, tok.eos_id, process_index, process_count)
+
+
 # ---------------------------------------------------------------------------------------------- sources
 
 
@@ -219,11 +225,12 @@ def test_hf_tokenizer_json(tiny_config, tmp_path):
 
 
 def test_vocab_size_check_and_padding(config, tok):
-  config.model.vocab_size = tok.vocab_size - 1
   with pytest.raises(UserError, match="smaller than the tokenizer"):
-    tokenizer_lib.set_vocab_size(config, tok)
-  config.data.pad_vocab = True
-  assert tokenizer_lib.set_vocab_size(config, tok) == config.model.vocab_size == 128 * math.ceil(tok.vocab_size / 128)
+    tokenizer_lib.fitted_vocab_size(tok, tok.vocab_size - 1, pad_vocab=False)
+  assert tokenizer_lib.fitted_vocab_size(tok, tok.vocab_size + 5, pad_vocab=False) == tok.vocab_size + 5
+  before = config.to_dict()
+  assert tokenizer_lib.fitted_vocab_size(tok, 1, pad_vocab=True) == 128 * math.ceil(tok.vocab_size / 128)
+  assert config.to_dict() == before  # returned, never written into a config
 
 
 def test_missing_tokenizer_file(tiny_config):
@@ -245,7 +252,7 @@ def reference_stream(config, tok, split):
 
 def prepared_stream(config, tok, split):
   """The whole token stream of the prepared split, read back from its records."""
-  data = prepare.open_split(config, tok, split)
+  data = prepare.open_split(config, tok, split, config.train.seq_len)
   return data.tokens(0, data.num_tokens), data
 
 
@@ -263,7 +270,7 @@ def test_prepared_split_matches_reference(config, tok):
 
 
 def test_train_batches_cover_each_window_once_per_epoch(config, tok):
-  batches = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
+  batches = train_batches(config, tok)
   stream = reference_stream(config, tok, "train")
   seq_len, width = config.train.seq_len, config.train.batch_size
   num_windows = (len(stream) - 1) // seq_len
@@ -287,8 +294,8 @@ def test_train_batches_cover_each_window_once_per_epoch(config, tok):
 
 
 def test_deterministic_seeded_and_resumable(config, tok):
-  a = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
-  b = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
+  a = train_batches(config, tok)
+  b = train_batches(config, tok)
   for step in (0, 3, 1000):
     np.testing.assert_array_equal(a.batch(step)["inputs"], b.batch(step)["inputs"])
   # Resumption: the state is the step. An uninterrupted run vs one stopped after k batches and restarted.
@@ -302,22 +309,22 @@ def test_deterministic_seeded_and_resumable(config, tok):
       np.testing.assert_array_equal(x[key], y[key])
   assert not np.array_equal(straight[0]["inputs"], straight[1]["inputs"])
   config.data.seed = 1
-  other = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
+  other = train_batches(config, tok)
   assert not np.array_equal(other.batch(0)["inputs"], a.batch(0)["inputs"])
 
 
 @pytest.mark.parametrize("hosts", [2, 4])
 def test_hosts_together_give_the_one_host_batch(config, tok, hosts):
   config.data.packing = True
-  single = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
-  parts = [batches_lib.TrainBatches(config, tok, process_index=p, process_count=hosts) for p in range(hosts)]
+  single = train_batches(config, tok)
+  parts = [train_batches(config, tok, process_index=p, process_count=hosts) for p in range(hosts)]
   for step in (0, 7, 123):
     whole = single.batch(step)
     for key in whole:
       np.testing.assert_array_equal(np.concatenate([p.batch(step)[key] for p in parts]), whole[key])
   config.train.batch_size = 6
   with pytest.raises(UserError, match="divisible by the number of hosts"):
-    batches_lib.TrainBatches(config, tok, process_index=0, process_count=4)
+    train_batches(config, tok, process_index=0, process_count=4)
 
 
 def test_packing_features_by_hand():
@@ -330,7 +337,7 @@ def test_packing_features_by_hand():
 
 def test_packed_batches_segments_follow_eos(config, tok):
   config.data.packing = True
-  b = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1).batch(2)
+  b = train_batches(config, tok).batch(2)
   for inputs, seg, pos in zip(b["inputs"], b["segment_ids"], b["positions"]):
     expected_seg, expected_pos, current = [], [], 1  # plain loop reference
     for i, token in enumerate(inputs):
@@ -349,7 +356,14 @@ def test_eval_batches(config, tok, max_tokens, hosts):
   per_host = [
       list(
           batches_lib.eval_batches(
-              config, tok, batch_size=4, max_tokens=max_tokens, process_index=p, process_count=hosts
+              prepare.open_split(config, tok, "validation", config.train.seq_len),
+              4,
+              config.train.seq_len,
+              max_tokens,
+              eos_id=tok.eos_id,
+              packing=True,
+              process_index=p,
+              process_count=hosts,
           )
       )
       for p in range(hosts)
@@ -369,11 +383,11 @@ def test_eval_batches(config, tok, max_tokens, hosts):
 def test_too_little_data_is_a_clear_error(config, tok):
   config.train.seq_len = 10**6
   with pytest.raises(UserError, match="fewer than train.seq_len"):
-    batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
+    train_batches(config, tok)
 
 
 def test_prefetch_iterator_reraises(config, tok):
-  batches = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
+  batches = train_batches(config, tok)
   it = batches.iterator(-1)  # batch(-1) raises in the prefetch thread
   with pytest.raises(ValueError, match="step must be"):
     next(it)
@@ -384,7 +398,9 @@ def test_max_cache_tokens_caps_the_stream(config, tok, tmp_path):
   stream, _ = prepared_stream(config, tok, "train")
   np.testing.assert_array_equal(stream, reference_stream(config, tok, "train")[:300])
   # Prepared in chunks of 2 documents, of which only those up to the cap are tokenized.
-  prepare.prepare_split(config, sources.get_source(config), tok, "train", tmp_path / "p" / "train", docs_per_chunk=2)
+  source = sources.get_source(config)
+  directory = tmp_path / "p" / "train"
+  prepare.prepare_split(config, source, tok, "train", directory, seq_len=config.train.seq_len, docs_per_chunk=2)
   config.data.prepared_dir = str(tmp_path / "p")
   np.testing.assert_array_equal(prepared_stream(config, tok, "train")[0], stream)
 
@@ -424,7 +440,7 @@ def test_prepared_dir_batches_equal_pinned_order(text_config, tmp_path):
 
   config.data.prepared_dir = str(out)
   assert tokenizer_lib.get_tokenizer(config).checksum == tok.checksum  # the prepared dir's copy
-  batches = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
+  batches = train_batches(config, tok)
   # Independent pin of the order: global row r is window perm_{r // W}[r % W] of the plain-encoded stream.
   stream = reference_stream(config, tok, "train")
   seq_len, width = config.train.seq_len, config.train.batch_size
@@ -436,10 +452,35 @@ def test_prepared_dir_batches_equal_pinned_order(text_config, tmp_path):
       np.testing.assert_array_equal(inputs, stream[start * seq_len : (start + 1) * seq_len])
   config.train.seq_len = 16
   with pytest.raises(UserError, match="seq_len=32, not 16"):
-    batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
+    train_batches(config, tok)
   config.data.prepared_dir = str(tmp_path / "missing")
   with pytest.raises(UserError, match="holds no tokenizer"):
     tokenizer_lib.get_tokenizer(config)
+
+
+def _tree_bytes(root: pathlib.Path) -> dict[str, bytes]:
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("num_shards", [2, 3])
+def test_prepare_on_k_hosts_writes_the_bytes_of_one_run(text_config, tmp_path, capsys, num_shards):
+  """`prepare --shard=i --num_shards=k` on every host, then once more each, gives one run's files byte for byte."""
+  one = tmp_path / "one"
+  whole = prepare.prepare(text_config, str(one), docs_per_chunk=3, records_per_shard=4)
+  many = tmp_path / "many"
+  kwargs = dict(num_shards=num_shards, docs_per_chunk=3, records_per_shard=4)
+  # First round: each host tokenizes its chunks; all but the last find other hosts' chunks missing.
+  first = [prepare.prepare(text_config, str(many), shard=i, **kwargs) for i in range(num_shards)]
+  assert first[0]["train"]["incomplete"] and "rerun once every shard's run has finished" in capsys.readouterr().out
+  assert not (many / "train" / "index.json").exists()
+  # Second round: every host writes its window shards; the one that finds all of them writes the index.
+  second = [prepare.prepare(text_config, str(many), shard=i, **kwargs) for i in range(num_shards)]
+  assert second[-1]["train"] == {**whole["train"], "dir": str(many / "train")}
+  got, want = _tree_bytes(many), _tree_bytes(one)
+  assert sorted(got) == sorted(want)
+  assert sum(name.startswith("train/windows-") for name in want) > num_shards  # every host wrote some
+  for name, data in want.items():
+    assert got[name] == data, name
 
 
 def test_two_hosts_read_disjoint_rows_and_only_their_shards(text_config, tmp_path):
@@ -448,8 +489,8 @@ def test_two_hosts_read_disjoint_rows_and_only_their_shards(text_config, tmp_pat
   prepare.prepare(config, str(tmp_path / "p"), docs_per_chunk=10, records_per_shard=3)
   config.data.prepared_dir = str(tmp_path / "p")
   step = 1
-  whole = batches_lib.TrainBatches(config, tok, process_index=0, process_count=1)
-  hosts = [batches_lib.TrainBatches(config, tok, process_index=p, process_count=2) for p in range(2)]
+  whole = train_batches(config, tok)
+  hosts = [train_batches(config, tok, process_index=p, process_count=2) for p in range(2)]
   parts = [h.batch(step) for h in hosts]
   np.testing.assert_array_equal(np.concatenate([p["inputs"] for p in parts]), whole.batch(step)["inputs"])
   rows = [set(h.window_indices(step).tolist()) for h in hosts]
@@ -464,7 +505,7 @@ def test_two_hosts_read_disjoint_rows_and_only_their_shards(text_config, tmp_pat
 _KILLED_PREPARE = """
 import os, signal, sys
 from cla_jax import config_lib
-from cla_jax.data import prepare, prepared
+from cla_jax.data import prepare
 calls = [0]
 real = os.replace
 def replace_then_die(src, dst):
@@ -582,22 +623,22 @@ def test_prepare_refuses_bad_arguments(text_config, tmp_path):
     prepare.prepare(text_config, str(tmp_path / "q"))
   tok = tokenizer_lib.get_tokenizer(_without_prepared(text_config))
   with pytest.raises(UserError, match="has no prepared 'train' split"):
-    batches_lib.TrainBatches(text_config, tok, process_index=0, process_count=1)
+    train_batches(text_config, tok)
 
 
 def test_shard_and_chunk_sizes_spread_work_and_bound_files():
   """At least MIN_SHARDS shards / MIN_CHUNKS chunks once a split is big enough, never a shard above the cap."""
-  from cla_jax.data import prepared
+  from cla_jax.data import writer
 
   record = 129 * 2  # seq_len 128, uint16
-  for num_records in (1, 1000, prepared.MIN_SHARD_BYTES * 100 // record, 10 * prepared.MAX_SHARD_BYTES // record):
-    per_shard = prepared.records_per_shard(num_records, 128, np.dtype(np.uint16))
+  for num_records in (1, 1000, writer.MIN_SHARD_BYTES * 100 // record, 10 * writer.MAX_SHARD_BYTES // record):
+    per_shard = writer.records_per_shard(num_records, 128, np.dtype(np.uint16))
     num_shards = math.ceil(num_records / per_shard)
-    assert per_shard * record <= prepared.MAX_SHARD_BYTES
-    if num_records * record >= prepared.MIN_SHARDS * prepared.MIN_SHARD_BYTES:
-      assert num_shards >= prepared.MIN_SHARDS, num_records
+    assert per_shard * record <= writer.MAX_SHARD_BYTES
+    if num_records * record >= writer.MIN_SHARDS * writer.MIN_SHARD_BYTES:
+      assert num_shards >= writer.MIN_SHARDS, num_records
     else:  # small splits stay in few files of at least MIN_SHARD_BYTES
-      assert num_shards == 1 or per_shard * record >= prepared.MIN_SHARD_BYTES * 0.9
+      assert num_shards == 1 or per_shard * record >= writer.MIN_SHARD_BYTES * 0.9
   for num_docs in (1, 10, 64 * 7 + 3, 10**7):
     size = prepare.chunk_size(num_docs)
     assert 1 <= size <= prepare.MAX_DOCS_PER_CHUNK
@@ -638,7 +679,7 @@ def _without_prepared(config):
 
 
 def test_data_modules_import_one_way():
-  """Each module of cla_jax/data imports only modules listed before it in the package docstring (no circle)."""
+  """Each cla_jax/data module imports only those listed before it in the package docstring; batches only reader."""
   import ast
   import re
 
@@ -661,3 +702,5 @@ def test_data_modules_import_one_way():
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cla_jax.data.")
     }
     assert imported <= set(order[:position]), (name, imported - set(order[:position]))
+    if name == "batches":  # the reader side: no writer, process pool or TFDS download behind a batch
+      assert imported == {"reader"}, imported

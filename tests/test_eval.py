@@ -13,6 +13,7 @@ import pytest
 
 from cla_jax import checkpoint, config_lib, evaluate
 from cla_jax.data import batches as batches_lib
+from cla_jax.data import prepare
 from cla_jax.data import tokenizer as tokenizer_lib
 from cla_jax.errors import UserError
 from tests import model_helpers, numpy_reference
@@ -147,7 +148,10 @@ def test_split_loss_equals_numpy_reference(setup):
   result = evaluate.run(workdir, max_tokens=100, progress=False)
   tok = tokenizer_lib.get_tokenizer(config)
   nll = tokens = 0.0
-  for batch in batches_lib.eval_batches(config, tok, 8, 100, process_index=0, process_count=1):
+  data = prepare.open_split(config, tok, "validation", config.train.seq_len)
+  for batch in batches_lib.eval_batches(
+      data, 8, config.train.seq_len, 100, eos_id=tok.eos_id, packing=False, process_index=0, process_count=1
+  ):
     for row in range(len(batch["inputs"])):
       assert "segment_ids" not in batch
       nll += _nll_numpy(params, config, batch["inputs"][row], batch["targets"][row], batch["weights"][row])

@@ -5,8 +5,9 @@ Modules, each importing only those above it (no circle):
   splits       split names ('train' / 'validation' -> the configured ones) and the fixed held-out rule
   python_docs  the embedded default corpus, a TFDS builder
   sources      documents of a split from the default corpus, any TFDS dataset, or local .txt / .jsonl files
+  reader       the prepared-split format (ArrayRecord shards of windows + index.json) and its reader
+  writer       atomic files, window shards and shard sizes: what the prepare step writes with
   tokenizer    sentencepiece (trained on the data and cached) or a Hugging Face tokenizer.json
-  prepared     the prepared-split format: ArrayRecord shards of windows + index.json, read at random
   prepare      the prepare step (parallel, resumable; `python -m cla_jax.data.prepare`) and `open_split`
-  batches      TrainBatches (step-indexed, per host, prefetched) and eval_batches
+  batches      TrainBatches (step-indexed, per host, prefetched) and eval_batches; reads through `reader` only
 """

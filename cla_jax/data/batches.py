@@ -1,6 +1,7 @@
 """Batches: this host's rows of step-indexed training batches and of the in-order validation batches.
 
-Training windows are the records of a prepared split (`cla_jax.data.prepare.open_split`). Each epoch visits
+Training windows are the records of a prepared split (a `cla_jax.data.reader.PreparedSplit`, which
+`cla_jax.data.prepare.open_split` opens). Each epoch visits
 them in a permutation seeded by (data.seed, epoch); global row r of the run is window perm_{r // W}[r % W].
 So `batch(step)` is a pure function of (data, seed, step): resuming is restarting at the checkpointed step,
 and host p of P takes rows [p * B/P, (p+1) * B/P) of the global batch, which is therefore the same for any
@@ -18,8 +19,7 @@ from collections.abc import Iterator
 import ml_collections
 import numpy as np
 
-from cla_jax.data import prepare
-from cla_jax.data.tokenizer import Tokenizer
+from cla_jax.data.reader import PreparedSplit
 from cla_jax.errors import UserError
 
 Batch = dict[str, np.ndarray]
@@ -79,21 +79,26 @@ class TrainBatches:
 
   def __init__(
       self,
-      config: ml_collections.ConfigDict,
-      tokenizer: Tokenizer,
-      split: str = "train",
+      data: PreparedSplit,
+      batch_size: int,
+      data_config: ml_collections.ConfigDict,
+      eos_id: int,
       process_index: int | None = None,
       process_count: int | None = None,
   ):
+    """Global batches of `batch_size` windows of `data`, in epochs seeded by `data_config` (the `data` section).
+
+    With data_config.packing, `eos_id` starts a segment; `iterator` reads data_config.prefetch batches ahead.
+    """
     self.process_index, self.process_count = _host(process_index, process_count)
-    self.global_batch = int(config.train.batch_size)
+    self.global_batch = int(batch_size)
     self.local_batch = _local_rows(self.global_batch, self.process_index, self.process_count, "train.batch_size")
-    self.seq_len = int(config.train.seq_len)
-    self.seed = int(config.data.seed)
-    self.packing = bool(config.data.packing)
-    self.prefetch = max(0, int(config.data.prefetch))
-    self.eos_id = tokenizer.eos_id
-    self.data = prepare.open_split(config, tokenizer, split)
+    self.seq_len = data.seq_len
+    self.seed = int(data_config.seed)
+    self.packing = bool(data_config.packing)
+    self.prefetch = max(0, int(data_config.prefetch))
+    self.eos_id = int(eos_id)
+    self.data = data
     self.split = self.data.index["split"]
     self.num_windows = self.data.num_windows
     if self.num_windows == 0:
@@ -176,15 +181,17 @@ def _prefetched(make_batch, start_step: int, depth: int) -> Iterator[Batch]:
 
 
 def eval_batches(
-    config: ml_collections.ConfigDict,
-    tokenizer: Tokenizer,
+    data: PreparedSplit,
     batch_size: int,
+    seq_len: int,
     max_tokens: int,
-    split: str | None = None,
+    *,
+    eos_id: int,
+    packing: bool,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> Iterator[Batch]:
-  """This host's rows of the validation batches: consecutive windows in order, the first max_tokens targets.
+  """This host's rows of the evaluation batches of `data`: consecutive windows in order, the first max_tokens targets.
 
   The stream's targets (every token after the first) are scored once each, seq_len per row; the last row
   and the last batch are padded with weights 0. max_tokens <= 0 scores the whole split. The rows need not
@@ -192,13 +199,11 @@ def eval_batches(
   """
   process_index, process_count = _host(process_index, process_count)
   local = _local_rows(int(batch_size), process_index, process_count, "eval batch_size")
-  seq_len = int(config.train.seq_len)
-  data = prepare.open_split(config, tokenizer, split or "validation", check_seq_len=False)
+  seq_len = int(seq_len)
   total = num_targets(data, max_tokens)
   if total == 0:
     raise UserError(
-        f"the {data.index.get('split', split)} split is empty; add data or raise data.eval_fraction "
-        "(for data.source=text)."
+        f"the {data.index['split']} split is empty; add data or raise data.eval_fraction (for data.source=text)."
     )
   num_rows = math.ceil(total / seq_len)
   num_batches = math.ceil(num_rows / batch_size)
@@ -214,10 +219,10 @@ def eval_batches(
     windows = stream[index].astype(np.int64) if len(stream) else np.zeros(positions.shape, np.int64)
     windows[:, 1:] = np.where(real, windows[:, 1:], 0)
     windows[:, 0] = np.where(real[:, 0], windows[:, 0], 0)
-    yield _batch_from_windows(windows, real.astype(np.float32), bool(config.data.packing), tokenizer.eos_id)
+    yield _batch_from_windows(windows, real.astype(np.float32), bool(packing), int(eos_id))
 
 
-def num_targets(data, max_tokens: int) -> int:
+def num_targets(data: PreparedSplit, max_tokens: int) -> int:
   """Targets eval_batches scores in `data` (a PreparedSplit): all of them, or the first max_tokens (> 0)."""
   total = max(data.num_tokens - 1, 0)
   return min(total, int(max_tokens)) if max_tokens and max_tokens > 0 else total

@@ -1,4 +1,4 @@
-"""The prepare step: tokenize a corpus once, in parallel, into prepared splits (see `cla_jax.data.prepared`).
+"""The prepare step: tokenize a corpus once, in parallel, into prepared splits (format: `cla_jax.data.reader`).
 
   python -m cla_jax.data.prepare --config=configs/paper_1b.py:H128-MQA-CLA2 --output=DIR_OR_BUCKET \
       [--num_workers=N] [--shard=i --num_shards=k]
@@ -37,7 +37,7 @@ import numpy as np
 from etils import epath
 
 from cla_jax import paths
-from cla_jax.data import prepared, python_docs, sources, splits
+from cla_jax.data import python_docs, reader, sources, splits, writer
 from cla_jax.data import tokenizer as tokenizer_lib
 from cla_jax.errors import UserError
 
@@ -59,7 +59,7 @@ def split_key(
 ) -> dict[str, Any]:
   """Everything that decides a prepared split's bytes (recorded in its index and checked on reuse)."""
   return {
-      "format_version": prepared.FORMAT_VERSION,
+      "format_version": reader.FORMAT_VERSION,
       "source": source.name,
       "split": split,
       "corpus_fingerprint": source.fingerprint(split),
@@ -120,9 +120,9 @@ def _tokenize_chunk(
   flush()
   tokens = np.concatenate(pieces) if pieces else np.zeros((0,), dtype)
   path = epath.Path(path)
-  prepared.atomic_write(path, tokens.tofile)
+  writer.atomic_write(path, tokens.tofile)
   # The .json is the chunk's completion mark: written after its tokens.
-  prepared.write_json(path.with_suffix(".json"), {"num_tokens": int(tokens.size), "num_documents": num_docs})
+  writer.write_json(path.with_suffix(".json"), {"num_tokens": int(tokens.size), "num_documents": num_docs})
 
 
 def _read_tokens(work: epath.Path, offsets: list[int], start: int, stop: int, dtype: str) -> np.ndarray:
@@ -160,7 +160,7 @@ def _write_window_shard(
   for r in range(first, last):
     lo = (r - first) * seq_len
     records.append(tokens[lo : lo + seq_len + 1] if r < num_windows else tokens[lo:])
-  prepared.write_shard(directory / prepared.shard_name(shard, num_shards), records)
+  writer.write_shard(directory / reader.shard_name(shard, num_shards), records)
 
 
 def _chunk_name(chunk: int) -> str:
@@ -245,6 +245,7 @@ def prepare_split(
     split: str,
     directory: str | os.PathLike,
     *,
+    seq_len: int,
     num_workers: int = 1,
     shard: int = 0,
     num_shards: int = 1,
@@ -253,12 +254,11 @@ def prepare_split(
     keep_work: bool = False,
     workers: Workers | None = None,
 ) -> dict | None:
-  """Prepares `split` into `directory`; returns its index, or None while other hosts' chunks are missing."""
+  """Prepares `split` in windows of `seq_len` + 1 into `directory`: its index, or None while shards are missing."""
   directory = epath.Path(directory)
-  seq_len = int(config.train.seq_len)
-  max_tokens = int(config.data.get("max_cache_tokens", 0) or 0)
+  max_tokens = int(config.data.max_cache_tokens)
   key = split_key(source, split, tokenizer, seq_len, max_tokens)
-  index = prepared.read_index(directory)
+  index = reader.read_index(directory)
   if index is not None:
     _check_same(directory, index["key"], key)
     return index
@@ -270,8 +270,8 @@ def prepare_split(
     _check_same(work, json.loads((work / "plan.json").read_text())["key"], key)
     plan = json.loads((work / "plan.json").read_text())  # a resumed run keeps the first run's chunking
   else:
-    prepared.write_json(work / "plan.json", plan)
-  dtype = prepared.token_dtype(tokenizer.vocab_size).name
+    writer.write_json(work / "plan.json", plan)
+  dtype = reader.token_dtype(tokenizer.vocab_size).name
   own_workers = workers is None
   workers = workers or Workers(num_workers, source, tokenizer)
   with _one_thread(tokenizer), contextlib.ExitStack() as stack:  # one core per worker, in this process too
@@ -306,7 +306,7 @@ def prepare_split(
     num_windows = (num_tokens - 1) // seq_len if num_tokens else 0
     has_tail = num_tokens - 1 > num_windows * seq_len
     num_records = num_windows + int(has_tail)
-    per_shard = records_per_shard or prepared.records_per_shard(num_records, seq_len, np.dtype(dtype))
+    per_shard = records_per_shard or writer.records_per_shard(num_records, seq_len, np.dtype(dtype))
     num_out = math.ceil(num_records / per_shard)
     todo = [
         dict(
@@ -322,14 +322,14 @@ def prepare_split(
             dtype=dtype,
         )
         for j in range(num_out)
-        if j % num_shards == shard and not (directory / prepared.shard_name(j, num_out)).exists()
+        if j % num_shards == shard and not (directory / reader.shard_name(j, num_out)).exists()
     ]
     workers.run(_write_window_shard, todo, uses_state=False)
-    if not all((directory / prepared.shard_name(j, num_out)).exists() for j in range(num_out)):
+    if not all((directory / reader.shard_name(j, num_out)).exists() for j in range(num_out)):
       print(f"{directory}: window shards of other hosts are missing; rerun once every shard's run has finished.")
       return None
     shard_list = [
-        {"file": prepared.shard_name(j, num_out), "num_records": min((j + 1) * per_shard, num_records) - j * per_shard}
+        {"file": reader.shard_name(j, num_out), "num_records": min((j + 1) * per_shard, num_records) - j * per_shard}
         for j in range(num_out)
     ]
     index = {
@@ -343,7 +343,7 @@ def prepare_split(
         "num_records": num_records,
         "shards": shard_list,
     }
-    prepared.write_json(directory / prepared.INDEX_FILE, index)
+    writer.write_json(directory / reader.INDEX_FILE, index)
     if not keep_work:
       _remove(work)
     return index
@@ -381,18 +381,23 @@ def _remove(path: epath.Path) -> None:
 
 
 def open_split(
-    config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer, split: str | None, check_seq_len: bool = True
-) -> prepared.PreparedSplit:
+    config: ml_collections.ConfigDict,
+    tokenizer: tokenizer_lib.Tokenizer,
+    split: str | None,
+    seq_len: int,
+    check_seq_len: bool = True,
+) -> reader.PreparedSplit:
   """The prepared split ('train', 'validation' or a literal name): from data.prepared_dir, else prepared here.
 
-  With data.prepared_dir set nothing is tokenized: the split must be there, made with this tokenizer. Without
-  it the split is prepared on first use, in this process, into cache_dir/prepared/<fingerprint>.
+  With data.prepared_dir set nothing is tokenized: the split must be there, made with this tokenizer (and, with
+  `check_seq_len`, in windows of `seq_len`). Without it the split is prepared on first use, in this process, in
+  windows of `seq_len`, into cache_dir/prepared/<fingerprint>.
   """
   split = splits.resolve_split(config, split)
-  prepared_dir = str(config.data.get("prepared_dir", "") or "")
+  prepared_dir = str(config.data.prepared_dir)
   if prepared_dir:
     directory = _expand(prepared_dir) / split_dirname(split)
-    if prepared.read_index(directory) is None:
+    if reader.read_index(directory) is None:
       raise UserError(
           f"data.prepared_dir={prepared_dir!r} has no prepared {split!r} split ({directory}/index.json "
           f"missing); prepare it with `python -m cla_jax.data.prepare --config=... "
@@ -401,20 +406,20 @@ def open_split(
   else:
     source = sources.get_source(config)
     source.check_split(split)
-    key = split_key(source, split, tokenizer, int(config.train.seq_len), int(config.data.get("max_cache_tokens", 0)))
+    key = split_key(source, split, tokenizer, seq_len, int(config.data.max_cache_tokens))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     directory = tokenizer_lib.cache_dir_of(config) / "prepared" / f"{split_dirname(split)}-{digest}"
     # Kept work files let concurrent processes preparing the same cache never lose a chunk they read.
-    prepare_split(config, source, tokenizer, split, directory, num_workers=1, keep_work=True)
-  data = prepared.PreparedSplit(directory)
+    prepare_split(config, source, tokenizer, split, directory, seq_len=seq_len, num_workers=1, keep_work=True)
+  data = reader.PreparedSplit(directory)
   if data.tokenizer_checksum != tokenizer.checksum:
     raise UserError(
         f"{directory} was prepared with another tokenizer ({data.index.get('tokenizer')}) than "
         f"{tokenizer.description}; prepare it again or use the tokenizer it was prepared with."
     )
-  if check_seq_len and data.seq_len != int(config.train.seq_len):
+  if check_seq_len and data.seq_len != int(seq_len):
     raise UserError(
-        f"{directory} holds windows of train.seq_len={data.seq_len}, not {config.train.seq_len}; set "
+        f"{directory} holds windows of train.seq_len={data.seq_len}, not {seq_len}; set "
         f"--config.train.seq_len={data.seq_len} or prepare again."
     )
   return data
@@ -441,24 +446,25 @@ def prepare(
     raise UserError(f"--shard={shard} must lie in [0, --num_shards={num_shards}).")
   if num_workers < 1:
     raise UserError(f"--num_workers={num_workers} must be at least 1.")
-  if config.data.get("prepared_dir", ""):
+  if config.data.prepared_dir:
     raise UserError("data.prepared_dir names a prepared dataset to read; to prepare, pass --output=DIR instead.")
   if output:
     paths.check_output_dir(output, "--output")  # before the download and the tokenizer, not as FileExistsError
   _fetch(config)
   tokenizer = tokenizer_lib.get_tokenizer(config)
-  tokenizer_lib.set_vocab_size(config, tokenizer)
+  tokenizer_lib.fitted_vocab_size(tokenizer, config.model.vocab_size, config.data.pad_vocab)  # refuses a mismatch
+  seq_len = int(config.train.seq_len)  # the experiment's windows: what its training will open
   source = sources.get_source(config)
   summary: dict[str, Any] = {"tokenizer": tokenizer.description, "vocab_size": tokenizer.vocab_size}
   if output:
     root = _expand(output)
     root.mkdir(parents=True, exist_ok=True)
-    prepared.atomic_write(root / tokenizer.filename, lambda tmp: epath.Path(tmp).write_bytes(tokenizer.file_bytes()))
+    tokenizer.save(root)
   with contextlib.closing(Workers(num_workers, source, tokenizer)) as workers:
     for name in (config.data.train_split, config.data.eval_split):
       split = str(name)
       if not output:
-        data = open_split(config, tokenizer, split)
+        data = open_split(config, tokenizer, split, seq_len)
         summary[split] = {"dir": str(data.directory), "tokens": data.num_tokens, "windows": data.num_windows}
         continue
       directory = root / split_dirname(split)
@@ -468,6 +474,7 @@ def prepare(
           tokenizer,
           split,
           directory,
+          seq_len=seq_len,
           shard=shard,
           num_shards=num_shards,
           docs_per_chunk=docs_per_chunk,

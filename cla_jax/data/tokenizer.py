@@ -1,7 +1,8 @@
 """Tokenizers: sentencepiece (trained on the training split and cached, or a given .model) and HF tokenizer.json.
 
-`get_tokenizer(config)` is the one entry point; `set_vocab_size(config, tokenizer)` fits the model's embedding
-size to it and `check_vocab_covers` is the one check that a model's vocabulary covers a tokenizer's ids.
+`get_tokenizer(config)` is the one entry point; `fitted_vocab_size` returns the model's embedding size for it
+(the caller decides where that goes) and `check_vocab_covers` is the one check that a model's vocabulary
+covers a tokenizer's ids.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import itertools
 import logging
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 
 import ml_collections
@@ -20,7 +20,7 @@ import sentencepiece as spm
 from etils import epath
 
 from cla_jax import paths
-from cla_jax.data import sources
+from cla_jax.data import sources, writer
 from cla_jax.errors import UserError
 
 # Bump when the sentencepiece trainer options below change, so cached tokenizers are retrained.
@@ -47,10 +47,10 @@ class Tokenizer:
     """The tokenizer file's contents (what `save` writes; prepare copies it next to the prepared splits)."""
     return self._file_bytes
 
-  def save(self, directory: str | os.PathLike) -> pathlib.Path:
-    """Writes the tokenizer file into `directory` (e.g. a workdir); `data.tokenizer=<path>` loads it back."""
-    path = pathlib.Path(directory) / self.filename
-    _atomic_write(path, self._file_bytes)
+  def save(self, directory: str | os.PathLike) -> epath.Path:
+    """Writes the tokenizer file into `directory` (a workdir, a bucket); `data.tokenizer=<path>` loads it back."""
+    path = epath.Path(directory) / self.filename
+    writer.write_bytes(path, self._file_bytes)
     return path
 
   def encode(self, text: str) -> list[int]:
@@ -213,26 +213,17 @@ def _stop_on_error(sentences: Iterator[str], failures: list[BaseException]) -> I
 
 def cache_dir_of(config: ml_collections.ConfigDict) -> pathlib.Path:
   """Where tokenizers and prepared splits live: data.cache_dir, else data.data_dir when it is a local path."""
-  cache_dir = config.data.get("cache_dir", "") or ""
+  cache_dir = str(config.data.cache_dir)
   if not cache_dir:
     data_dir = str(config.data.data_dir)
     cache_dir = "~/.cache/cla_jax" if paths.is_remote(data_dir) else data_dir
   return pathlib.Path(os.path.expanduser(cache_dir))
 
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-  """Writes via a temporary file and a rename, so concurrent hosts never read a half-written file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-  with os.fdopen(fd, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
   """The tokenizer named by `config.data.tokenizer`, training and caching sentencepiece when asked."""
   name = str(config.data.tokenizer)
-  prepared_dir = str(config.data.get("prepared_dir", "") or "")
+  prepared_dir = str(config.data.prepared_dir)
   if name == "sentencepiece" and prepared_dir:
     # A prepared dataset keeps the tokenizer it was tokenized with, so training needs no raw corpus.
     return _prepared_tokenizer(prepared_dir)
@@ -279,14 +270,15 @@ def _trained_sentencepiece(config: ml_collections.ConfigDict) -> SentencePieceTo
   source = sources.get_source(config)
   split = str(config.data.train_split)
   vocab_size = int(config.model.vocab_size)
-  max_chars = int(config.data.get("tokenizer_train_chars", 0) or 0)
+  max_chars = int(config.data.tokenizer_train_chars)
   key = f"spm-v{_SPM_RECIPE_VERSION}|{source.fingerprint(split)}|vocab={vocab_size}|chars={max_chars}"
   fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
   path = cache_dir_of(config) / "tokenizers" / f"{fingerprint}.model"
   description = f"{path} (sentencepiece, vocab {vocab_size}, trained on {source.name} {split})"
   if not path.exists():
     logging.info("training %s", description)
-    _atomic_write(path, train_sentencepiece(source.documents(split), vocab_size, max_chars))
+    # Written atomically: concurrent hosts never read a half-written model.
+    writer.write_bytes(path, train_sentencepiece(source.documents(split), vocab_size, max_chars))
   return SentencePieceTokenizer(path.read_bytes(), description)
 
 
@@ -307,18 +299,16 @@ def padded_vocab_size(tokenizer: Tokenizer) -> int:
   return -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def set_vocab_size(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> int:
-  """Fits config.model.vocab_size to the tokenizer (in place) and returns it.
+def fitted_vocab_size(tokenizer: Tokenizer, vocab_size: int, pad_vocab: bool) -> int:
+  """The model vocabulary size for `tokenizer`: `padded_vocab_size(tokenizer)` with `pad_vocab`, else `vocab_size`.
 
-  With `data.pad_vocab` it is set to `padded_vocab_size(tokenizer)`; otherwise it is kept and checked to cover
-  every token id.
+  Without `pad_vocab`, `vocab_size` (model.vocab_size) must cover every token id (see `check_vocab_covers`).
   """
-  if config.data.get("pad_vocab", False):
-    config.model.vocab_size = padded_vocab_size(tokenizer)
-  else:
-    check_vocab_covers(
-        tokenizer,
-        config.model.vocab_size,
-        f"set --config.model.vocab_size={padded_vocab_size(tokenizer)} or --config.data.pad_vocab=True.",
-    )
-  return int(config.model.vocab_size)
+  if pad_vocab:
+    return padded_vocab_size(tokenizer)
+  check_vocab_covers(
+      tokenizer,
+      vocab_size,
+      f"set --config.model.vocab_size={padded_vocab_size(tokenizer)} or --config.data.pad_vocab=True.",
+  )
+  return int(vocab_size)

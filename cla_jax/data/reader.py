@@ -1,4 +1,4 @@
-"""Prepared splits: fixed-length training windows in ArrayRecord shards, plus an index, read at random.
+"""The reader of prepared splits: fixed-length windows in ArrayRecord shards, plus an index, read at random.
 
 A prepared split is a directory (local or a bucket such as gs://...):
 
@@ -10,38 +10,24 @@ A prepared split is a directory (local or a bucket such as gs://...):
 Record r < num_windows holds tokens [r * seq_len, r * seq_len + seq_len + 1) of the split's EOS-joined token
 stream, so consecutive windows overlap by one token and every token is a target exactly once. When targets
 are left after the last full window, one shorter last record holds the tail (evaluation scores it; training
-never reads it). This module only knows the format: `cla_jax.data.prepare` writes it, `cla_jax.data.batches`
-reads it through `PreparedSplit`.
+never reads it). This module defines the format and reads it (`PreparedSplit`); `cla_jax.data.prepare` writes
+it. It imports no writer, process pool or TFDS, so the batch code that reads it stays light.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-from array_record.python import array_record_module
 from etils import epath
 
 from cla_jax.errors import UserError
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
-# Random access reads one record at a time: ArrayRecord's group size 1 (what Grain expects).
-WRITER_OPTIONS = "group_size:1"
-# Shard sizes: at most MAX_SHARD_BYTES per file, and as many files of at least MIN_SHARD_BYTES as the split
-# holds, up to MIN_SHARDS, so that several workers write (and later hosts read) it in parallel.
-MAX_SHARD_BYTES = 128 << 20
-MIN_SHARD_BYTES = 4 << 20
-MIN_SHARDS = 16
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -52,61 +38,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def shard_name(shard: int, num_shards: int) -> str:
   """The file name of window shard `shard` of `num_shards`."""
   return f"windows-{shard:05d}-of-{num_shards:05d}.array_record"
-
-
-def records_per_shard(num_records: int, seq_len: int, dtype: np.dtype) -> int:
-  """Records per shard for a split of `num_records` windows (see MAX_SHARD_BYTES and MIN_SHARDS)."""
-  record_bytes = (seq_len + 1) * np.dtype(dtype).itemsize
-  split_bytes = num_records * record_bytes
-  num_shards = max(1, math.ceil(split_bytes / MAX_SHARD_BYTES), min(MIN_SHARDS, split_bytes // MIN_SHARD_BYTES))
-  return max(1, math.ceil(num_records / num_shards))
-
-
-def atomic_write(path: epath.Path, write: Callable[[str], None]) -> None:
-  """Calls write(local_tmp_path), then moves the file to `path` in one step, so readers never see part of it.
-
-  Local paths: a temporary file in the same directory and a rename. Buckets: a local temporary file, then
-  one upload (an object appears whole or not at all).
-  """
-  path = epath.Path(path)
-  local = not path.as_posix().count("://")
-  directory = str(path.parent) if local else None
-  if local:
-    path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=path.name + ".tmp")
-  os.close(fd)
-  try:
-    write(tmp)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; prepared data is meant to be shared
-    if local:
-      os.replace(tmp, path)
-    else:
-      epath.Path(tmp).copy(path, overwrite=True)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def write_shard(path: epath.Path, records: Sequence[np.ndarray]) -> None:
-  """Writes `records` (1-D token arrays) as one ArrayRecord file, atomically."""
-
-  def write(tmp: str) -> None:
-    writer = array_record_module.ArrayRecordWriter(tmp, WRITER_OPTIONS)
-    for record in records:
-      writer.write(np.ascontiguousarray(record).tobytes())
-    writer.close()
-
-  atomic_write(path, write)
-
-
-def write_json(path: epath.Path, data: dict) -> None:
-  """Writes `data` as JSON, atomically."""
-
-  def write(tmp: str) -> None:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
-
-  atomic_write(path, write)
 
 
 def read_index(directory: str | os.PathLike) -> dict | None:

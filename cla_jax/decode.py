@@ -20,7 +20,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,10 +141,7 @@ def sample(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
 
 
 def _apply(params: Any, cfg: ModelConfig, tokens, positions, cache, logit_indices=None):
-  with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    return model_lib.Transformer(cfg).apply(
-        {"params": params}, tokens, positions, cache=cache, logit_indices=logit_indices
-    )
+  return sharding.apply(model_lib.Transformer(cfg), params, tokens, positions, cache=cache, logit_indices=logit_indices)
 
 
 def prefill(

@@ -227,6 +227,12 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
 
 
+def apply(module: nn.Module, params: Any, *args: Any, **kwargs: Any) -> Any:
+  """`module.apply({"params": params}, ...)` with the model's logical axis names resolved by the rule table."""
+  with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    return module.apply({"params": params}, *args, **kwargs)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   """A fully replicated sharding on `mesh`."""
   return NamedSharding(mesh, P())

@@ -13,8 +13,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cla_jax import model as model_lib
 from cla_jax import sharding
+from cla_jax.attention import dense
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -65,7 +65,7 @@ def loss_fn(params: Any, batch: Batch, model: nn.Module) -> tuple[jax.Array, jax
   @jax.checkpoint
   def chunk_loss(feats, targets, w):
     logits = nn.with_logical_constraint(
-        model_lib.dense(feats, head, out_dtype=jnp.float32),
+        dense(feats, head, out_dtype=jnp.float32),
         ("activation_batch", "activation_length", "activation_vocab"),
         rules=sharding.LOGICAL_AXIS_RULES,
     )

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from cla_jax import kv_quant, patterns
+from cla_jax import kv_cache, patterns
 from cla_jax.attention import causal_attention, dense
 from cla_jax.errors import UserError
 
@@ -262,7 +262,7 @@ class DecoderLayer(nn.Module):
       value: Array,
       rope: Rope,
       segment_ids: Array | None,
-      cached: tuple[KVCache, Array | int, Array] | None = None,
+      cached: tuple[kv_cache.KVCache, Array | int, Array] | None = None,
   ) -> Array:
     """`cached` = (segment cache, group index, positions [b, t]): attend to that group's cache slots instead."""
     cfg, dtype = self.cfg, self.cfg.compute_dtype
@@ -279,7 +279,7 @@ class DecoderLayer(nn.Module):
     if cached is None:
       attended = causal_attention(query, key, value, segment_ids, cfg.resolved_attention_impl)  # [b, t, n, h]
     else:
-      attended = cached_attention(query, *cached)  # [b, t, n, h]
+      attended = kv_cache.attend(query, *cached)  # [b, t, n, h]
     x = checkpoint_name(x + dense(attended, w_out.astype(dtype), contract=2), "attn_residual")  # [b, t, d]
 
     h = Norm(cfg, name="mlp_norm")(x)
@@ -290,82 +290,6 @@ class DecoderLayer(nn.Module):
     )
     x = x + dense(hidden, w_down.astype(dtype))
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-
-
-# A segment's decode cache: (key, value), each [num_groups, b, max_length, k, h] in the cache dtype, and for
-# an int8 cache also (key_scale, value_scale), each [num_groups, b, max_length, k] (see kv_quant).
-KVCache = tuple[Array, ...]
-DECODE_BLOCK = 64  # cache slots per step of cached_attention: its temporaries are [b, t, n, block] scores and K/V
-
-
-def write_cache(cache: KVCache, key: Array, value: Array, positions: Array, group: Array | int) -> KVCache:
-  """Writes new keys/values [b, t, k, h] at each row's own positions [b, t] into slice `group` of a segment's
-  cache (quantised first when the cache is int8); a carried cache is updated in place."""
-  rows = jnp.arange(key.shape[0])[:, None]
-  index = (group, rows, positions)
-  new = (key, value)
-  if len(cache) == 4:
-    (key_q, key_scale), (value_q, value_scale) = kv_quant.quantize(key), kv_quant.quantize(value)
-    new = (key_q, value_q, key_scale, value_scale)
-  # Slots past the cache's end are dropped; decode.py refuses requests that would need them.
-  return tuple(c.at[index].set(n.astype(c.dtype), mode="drop") for c, n in zip(cache, new))
-
-
-def cached_attention(query: Array, cache: KVCache, group: Array | int, positions: Array) -> Array:
-  """Attention of query [b, t, n, h] at positions [b, t] over slots 0..position of group `group`'s cache.
-
-  Reads the cache where it lies, DECODE_BLOCK slots at a time with a running softmax (as flash attention
-  does), and only up to the furthest position in the batch: a step's temporaries are a block's scores and
-  K/V, never a copy of the group's [b, max_length, k, h] (which would cost as much per sequence as an MQA
-  layer's cache). int8 blocks are scaled inside the products: scores by the key scales, probabilities by
-  the value scales.
-  """
-  b, t, n, h = query.shape
-  length, k = cache[0].shape[2], cache[0].shape[3]
-  g = n // k
-  block = min(DECODE_BLOCK, length)
-  scaled = len(cache) == 4
-  dtype = query.dtype
-  q = (query.astype(jnp.float32) * h**-0.5).astype(dtype).reshape(b, t, k, g, h)
-  num_blocks = -(-(jnp.max(positions) + 1) // block)  # blocks holding any visible slot
-
-  def read(c, start):
-    # [b, block, k(, h)] of group `group`: a dynamic slice of the carried cache, no bigger than a block.
-    sizes = (1, b, block, *c.shape[3:])
-    return jax.lax.dynamic_slice(c, (group, 0, start) + (0,) * (c.ndim - 3), sizes)[0]
-
-  def body(i, state):
-    best, total, acc = state  # [b, t, k, g], [b, t, k, g], [b, t, k, g, h] (fp32)
-    # The last block is moved back to end at the cache's end (a length need not divide by the block);
-    # slots it shares with the previous block are masked out, so each slot counts once.
-    start = jnp.minimum(i * block, length - block)
-    slots = start + jnp.arange(block)
-    visible = (slots[None, None, :] >= i * block) & (slots[None, None, :] <= positions[:, :, None])  # [b, t, s]
-    keys, values = read(cache[0], start), read(cache[1], start)
-    scores = jnp.einsum("btkgh,bskh->btkgs", q, keys.astype(dtype), preferred_element_type=jnp.float32)
-    if scaled:
-      scores = scores * read(cache[2], start).astype(jnp.float32).transpose(0, 2, 1)[:, None, :, None, :]
-    scores = jnp.where(visible[:, :, None, None, :], scores, -jnp.inf)
-    new_best = jnp.maximum(best, scores.max(axis=-1))
-    # Rows whose slots are all masked so far keep best = -inf; subtracting 0 keeps exp() at 0, not NaN.
-    shift = jnp.where(jnp.isfinite(new_best), new_best, 0.0)
-    probs = jnp.exp(scores - shift[..., None])
-    correction = jnp.exp(jnp.where(jnp.isfinite(best), best - shift, -jnp.inf))
-    total = total * correction + probs.sum(axis=-1)
-    if scaled:
-      probs = probs * read(cache[3], start).astype(jnp.float32).transpose(0, 2, 1)[:, None, :, None, :]
-    update = jnp.einsum(
-        "btkgs,bskh->btkgh", probs.astype(dtype), values.astype(dtype), preferred_element_type=jnp.float32
-    )
-    return new_best, total, acc * correction[..., None] + update
-
-  state = (
-      jnp.full((b, t, k, g), -jnp.inf, jnp.float32),
-      jnp.zeros((b, t, k, g), jnp.float32),
-      jnp.zeros((b, t, k, g, h), jnp.float32),
-  )
-  _, total, acc = jax.lax.fori_loop(0, num_blocks, body, state)
-  return (acc / total[..., None]).reshape(b, t, n, h).astype(query.dtype)
 
 
 class LayerGroup(nn.Module):
@@ -386,13 +310,13 @@ class LayerGroup(nn.Module):
       positions: Array,
       rope: Rope,
       segment_ids: Array | None,
-      cache: KVCache | None = None,
+      cache: kv_cache.KVCache | None = None,
       group: Array | int = 0,
-  ) -> Array | tuple[Array, KVCache]:
+  ) -> Array | tuple[Array, kv_cache.KVCache]:
     key, value = KVBlock(self.cfg, name="kv")(x, rope)
     cached = None
     if cache is not None:
-      cache = write_cache(cache, key, value, positions, group)
+      cache = kv_cache.write(cache, key, value, positions, group)
       cached = (cache, group, positions)
     for i in range(self.group_size):
       x = DecoderLayer(self.cfg, name=f"layer_{i}")(x, key, value, rope, segment_ids, cached)
@@ -424,8 +348,8 @@ def _slice_after(stacked: Any, group: Array, x: Array) -> Any:
 
 
 def decode_segment(
-    cfg: ModelConfig, group_size: int, params: Any, x: Array, positions: Array, rope: Rope, cache: KVCache
-) -> tuple[Array, KVCache]:
+    cfg: ModelConfig, group_size: int, params: Any, x: Array, positions: Array, rope: Rope, cache: kv_cache.KVCache
+) -> tuple[Array, kv_cache.KVCache]:
   """A scanned segment's groups in decoding: the same modules on their stacked params [num_groups, ...].
 
   A loop over the group index g: the segment's whole cache rides in the carry and group g writes and
@@ -435,7 +359,7 @@ def decode_segment(
   def body(g, carry):
     x, cache = carry
     key, value = KVBlock(cfg).apply({"params": _slice_after(params["kv"], g, x)}, x, rope)
-    cache = write_cache(cache, key, value, positions, g)
+    cache = kv_cache.write(cache, key, value, positions, g)
     for i in range(group_size):
       layer_params = _slice_after(params[f"layer_{i}"], g, x)
       x = DecoderLayer(cfg).apply({"params": layer_params}, x, None, None, rope, None, (cache, g, positions))
@@ -448,8 +372,8 @@ class Transformer(nn.Module):
   """CLA decoder: tokens [b, t] int32 -> logits [b, t, vocab] float32 (or, `features_only`, the final-norm
   output [b, t, d] that the head would multiply).
 
-  Decoding passes `cache`, one KVCache per segment ((key, value), each [num_groups, b, max_length, k, h],
-  plus their scales for an int8 cache: `decode.init_cache`), and gets `(logits, updated cache)` back;
+  Decoding passes `cache`, one kv_cache.KVCache per segment (`kv_cache.init`), and gets `(logits, updated
+  cache)` back;
   `logit_indices` [b, m] keeps only the logits at those indices along t (a prefill needs each row's last
   prompt token only).
   """
@@ -462,10 +386,10 @@ class Transformer(nn.Module):
       tokens: Array,
       positions: Array | None = None,
       segment_ids: Array | None = None,
-      cache: Sequence[KVCache] | None = None,
+      cache: Sequence[kv_cache.KVCache] | None = None,
       logit_indices: Array | None = None,
       features_only: bool = False,
-  ) -> Array | tuple[Array, list[KVCache]]:
+  ) -> Array | tuple[Array, list[kv_cache.KVCache]]:
     cfg, dtype = self.cfg, self.cfg.compute_dtype
     init = nn.initializers.normal(cfg.init_std)
     if positions is None:

@@ -365,7 +365,7 @@ def decode_segment(
       x = DecoderLayer(cfg).apply({"params": layer_params}, x, None, None, rope, None, (cache, g, positions))
     return x, cache
 
-  return jax.lax.fori_loop(0, cache[0].shape[0], body, (x, tuple(cache)))
+  return jax.lax.fori_loop(0, cache[0].shape[0], body, (x, cache))
 
 
 class Transformer(nn.Module):
@@ -403,40 +403,11 @@ class Transformer(nn.Module):
     x = jnp.take(table, tokens, axis=0).astype(dtype)  # [b, t, d]
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
-    policy = REMAT_POLICIES[cfg.resolved_remat]
-    # Decoding has no backward pass to save memory for: remat would only add work.
-    remat = policy is not None and cache is None
     new_cache = []
     for s, (group_size, num_groups) in enumerate(cfg.segments):
-      if cfg.scan_layers and cache is not None:
-        # The params the training scan stacked, [num_groups, ...]; decode_segment loops over the groups.
-        stacked = self.variables["params"][f"segment_{s}"]
-        x, segment_cache = decode_segment(cfg, group_size, stacked, x, positions, rope, cache[s])
-        new_cache.append(segment_cache)
-      elif cfg.scan_layers:
-        group_cls = _ScannedGroup
-        if remat:
-          group_cls = nn.remat(group_cls, policy=policy, prevent_cse=False)
-        scanned = nn.scan(
-            group_cls,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-            length=num_groups,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, _ = scanned(cfg, group_size, name=f"segment_{s}")(x, positions, rope, segment_ids)
-      else:
-        group_cls = nn.remat(LayerGroup, policy=policy) if remat else LayerGroup
-        segment_cache = None if cache is None else tuple(cache[s])
-        for g in range(num_groups):
-          group = group_cls(cfg, group_size, name=group_name(s, g))
-          if cache is None:
-            x = group(x, positions, rope, segment_ids)
-          else:
-            x, segment_cache = group(x, positions, rope, segment_ids, segment_cache, g)
-        if cache is not None:
-          new_cache.append(segment_cache)
+      segment_cache = None if cache is None else tuple(cache[s])
+      x, segment_cache = self._segment(s, group_size, num_groups, x, positions, rope, segment_ids, segment_cache)
+      new_cache.append(segment_cache)
 
     if logit_indices is not None:
       x = jnp.take_along_axis(x, logit_indices[:, :, None], axis=1)  # [b, m, d]
@@ -450,6 +421,48 @@ class Transformer(nn.Module):
     logits = dense(x, head.astype(dtype), out_dtype=jnp.float32)  # [b, t, v]
     logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
     return logits if cache is None else (logits, new_cache)
+
+  def _segment(
+      self,
+      index: int,
+      group_size: int,
+      num_groups: int,
+      x: Array,
+      positions: Array,
+      rope: Rope,
+      segment_ids: Array | None,
+      cache: kv_cache.KVCache | None,
+  ) -> tuple[Array, kv_cache.KVCache | None]:
+    """x through segment `index`'s groups (scanned or unrolled, as configured), and the segment's updated cache
+    when decoding (else None)."""
+    cfg = self.cfg
+    if cfg.scan_layers and cache is not None:
+      # The params the training scan stacked, [num_groups, ...]; decode_segment loops over the groups.
+      stacked = self.variables["params"][f"segment_{index}"]
+      return decode_segment(cfg, group_size, stacked, x, positions, rope, cache)
+    policy = REMAT_POLICIES[cfg.resolved_remat]
+    # Decoding has no backward pass to save memory for: remat would only add work.
+    remat = policy is not None and cache is None
+    if cfg.scan_layers:
+      group_cls = nn.remat(_ScannedGroup, policy=policy, prevent_cse=False) if remat else _ScannedGroup
+      scanned = nn.scan(
+          group_cls,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+          length=num_groups,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      x, _ = scanned(cfg, group_size, name=f"segment_{index}")(x, positions, rope, segment_ids)
+      return x, None
+    group_cls = nn.remat(LayerGroup, policy=policy) if remat else LayerGroup
+    for g in range(num_groups):
+      group = group_cls(cfg, group_size, name=group_name(index, g))
+      if cache is None:
+        x = group(x, positions, rope, segment_ids)
+      else:
+        x, cache = group(x, positions, rope, segment_ids, cache, g)
+    return x, cache
 
 
 def group_name(segment: int, group: int) -> str:

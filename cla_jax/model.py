@@ -373,9 +373,8 @@ class Transformer(nn.Module):
   output [b, t, d] that the head would multiply).
 
   Decoding passes `cache`, one kv_cache.KVCache per segment (`kv_cache.init`), and gets `(logits, updated
-  cache)` back;
-  `logit_indices` [b, m] keeps only the logits at those indices along t (a prefill needs each row's last
-  prompt token only).
+  cache)` back; `logit_indices` [b, m] keeps only the logits at those indices along t (a prefill needs each
+  row's last prompt token only).
   """
 
   cfg: ModelConfig

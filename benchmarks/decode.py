@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from cla_jax import cli, config_lib, decode, describe, export_hf, sharding
+from cla_jax import cli, config_lib, decode, describe, export_hf, kv_cache, sharding
 from cla_jax import model as model_lib
 
 _ROWS = flags.DEFINE_list(
@@ -102,7 +102,7 @@ def row_config(name: str, scale: str, dtype: str | None = None) -> model_lib.Mod
 def kv_bytes_per_token(cfg: model_lib.ModelConfig, kv_cache_dtype: str) -> int:
   """16-bit K/V bytes per token as the paper counts them; for int8, the allocated bytes with the scales."""
   if kv_cache_dtype == "int8":
-    return decode.cache_bytes_per_token(cfg, "int8")
+    return kv_cache.bytes_per_token(cfg, "int8")
   return describe.describe(cfg)["kv_bytes_per_token"]
 
 
@@ -158,7 +158,7 @@ class RowBench:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=placement)
       return jax.device_put(jnp.full(shape, fill, dtype), placement)
 
-    shapes = decode.cache_shapes(self.cfg, batch, context, self.kv_cache_dtype)
+    shapes = kv_cache.shapes(self.cfg, batch, context, self.kv_cache_dtype)
     cache = jax.tree.map(lambda s, p: make(s.shape, s.dtype, p), shapes, self.decoder.cache_sharding)
     return make((batch,), jnp.int32, rows), make((batch,), jnp.int32, rows, context - self.steps), cache
 
@@ -242,7 +242,7 @@ class RowBench:
 
   def cache_bytes(self, batch: int, context: int) -> int:
     """Bytes of a cache of `batch` x `context` (all devices together)."""
-    return batch * context * decode.cache_bytes_per_token(self.cfg, self.kv_cache_dtype)
+    return batch * context * kv_cache.bytes_per_token(self.cfg, self.kv_cache_dtype)
 
   def prefill_seconds(self, batch: int, prompt_len: int, context: int) -> float:
     """The prefill program: `batch` prompts of `prompt_len` tokens into a `context`-slot cache."""

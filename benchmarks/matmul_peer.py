@@ -6,14 +6,14 @@ For the default config's MLP (tokens 2048 = batch 16 x 128, d_model 256, mlp 688
 jax and torch in one process, the three matmuls of one linear layer in training: the forward
 x[t,d] @ w[d,f], the input gradient g[t,f] @ w[d,f]^T and the weight gradient x[t,d]^T @ g[t,f]
 (contracting over tokens); then the whole SwiGLU MLP, forward and backward, written as the model wrote it
-before (3-D einsums such as 'btd,df->btf') and as it does now (`model.dense`: 2-D matmuls), against torch.
+before (3-D einsums such as 'btd,df->btf') and as it does now (`attention.dense`: 2-D matmuls), against torch.
 Prints ms per call and torch/jax time ratios (> 1: jax is faster).
 
 Then the weight gradient (x^T @ g, contracting over the 2048 tokens) of every projection of the default
 config, and their sum over one train step at `pattern=none` (the count of each shape per step): XLA:CPU
 runs these transposed-operand matmuls with Eigen, not the YNNPACK kernels of the forward and input-gradient
 matmuls, and this is where its matmuls fall behind torch's (MKL/oneDNN); then one layer's causal attention,
-forward and backward: `model.folded_attention` against torch's `scaled_dot_product_attention`.
+forward and backward: `attention.folded_attention` against torch's `scaled_dot_product_attention`.
 """
 
 import statistics
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cla_jax.model import dense, folded_attention
+from cla_jax.attention import dense, folded_attention
 
 TOKENS, D_MODEL, MLP = 2048, 256, 688
 BATCH = 16  # TOKENS = BATCH x 128
@@ -45,7 +45,7 @@ def mlp_einsum(x, w_gate, w_up, w_down):
 
 
 def mlp_dense(x, w_gate, w_up, w_down):
-  """SwiGLU through `model.dense` (2-D matmuls), as model.py writes it."""
+  """SwiGLU through `attention.dense` (2-D matmuls), as the model computes it."""
   return dense(jax.nn.silu(dense(x, w_gate)) * dense(x, w_up), w_down)
 
 
@@ -83,7 +83,7 @@ def main() -> None:
     out = (torch.nn.functional.silu(tx3 @ t_gate) * (tx3 @ t_up)) @ t_down
     torch.autograd.grad(out, tensors, t_dy)
 
-  for name, fn in (("MLP fwd+bwd, 3-D einsum", mlp_einsum), ("MLP fwd+bwd, model.dense", mlp_dense)):
+  for name, fn in (("MLP fwd+bwd, 3-D einsum", mlp_einsum), ("MLP fwd+bwd, attention.dense", mlp_dense)):
     step = jax.jit(lambda x, wg, wu, wd, dy, fn=fn: jax.vjp(fn, x, wg, wu, wd)[1](dy))
     cases[name] = (step, mlp_args, torch_mlp)
   print(

@@ -1,10 +1,8 @@
-"""KV-cached generation: one cache per layer group, a one-call prefill, and a jitted decode loop.
+"""KV-cached generation: a one-call prefill and a jitted decode loop over the cache of `kv_cache.py`.
 
-The cache is, per segment of the model, a (key, value) pair of arrays [num_groups, b, max_length, k, h]
-in the compute dtype: one K and one V per CLA group, never per layer. `Transformer(cfg).apply(...,
-cache=cache)` scans each segment's cache through the same `nn.scan` over groups as training, so decoding
-runs the training modules' own layer math. Prompts of different lengths are right-padded; row r's
-prompt occupies cache slots 0..len_r-1 and its t-th new token goes to slot len_r + t (RoPE positions
+`Transformer(cfg).apply(..., cache=cache)` runs the training modules' own layer math, each CLA group writing
+its new keys and values into its one slice of the cache. Prompts of different lengths are right-padded; row
+r's prompt occupies cache slots 0..len_r-1 and its t-th new token goes to slot len_r + t (RoPE positions
 continue from each row's own length). A query at position p attends to slots 0..p of its row: padding
 that the prefill wrote past a row's length is overwritten before any query can see it.
 
@@ -20,19 +18,15 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from cla_jax import kv_quant, sharding
+from cla_jax import kv_cache, kv_quant, sharding
 from cla_jax import model as model_lib
 from cla_jax.errors import UserError
 from cla_jax.model import ModelConfig
-
-Cache = list[tuple[jax.Array, jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,56 +45,6 @@ class Sampling:
       raise UserError(f"top_k must be an integer >= 0 (0 keeps every token), got {self.top_k!r}.")
     if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
       raise UserError(f"top_p must lie in (0, 1] (1 keeps every token), got {self.top_p!r}.")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The cache.
-# ---------------------------------------------------------------------------------------------------------
-
-
-def cache_shapes(cfg: ModelConfig, batch: int, max_length: int, kv_cache_dtype: str = "auto") -> Cache:
-  """ShapeDtypeStructs of the cache: per segment (key, value), each [num_groups, b, max_length, k, h], in the
-  compute dtype (`auto`) or int8 followed by (key_scale, value_scale), each [num_groups, b, max_length, k]."""
-  kv_cache_dtype = kv_quant.check_kv_cache_dtype(kv_cache_dtype)
-  out = []
-  for _, num_groups in cfg.segments:
-    shape = (num_groups, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
-    if kv_cache_dtype == "int8":
-      scales = jax.ShapeDtypeStruct(shape[:-1], kv_quant.SCALE_DTYPE)
-      out.append((jax.ShapeDtypeStruct(shape, jnp.int8),) * 2 + (scales,) * 2)
-    else:
-      out.append((jax.ShapeDtypeStruct(shape, cfg.compute_dtype),) * 2)
-  return out
-
-
-def init_cache(cfg: ModelConfig, batch: int, max_length: int, kv_cache_dtype: str = "auto") -> Cache:
-  """A zero cache (see cache_shapes)."""
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(cfg, batch, max_length, kv_cache_dtype))
-
-
-def cache_spec(cfg: ModelConfig, mesh: Mesh, ndim: int = 5) -> P:
-  """Batch over (data, fsdp); K/V heads over tensor when they divide (MQA's one head cannot).
-
-  ndim 5 for keys and values [g, b, s, k, h], 4 for their int8 scales [g, b, s, k].
-  """
-  tensor = mesh.shape["tensor"]
-  heads = "tensor" if tensor > 1 and cfg.num_kv_heads % tensor == 0 else None
-  return P(*(None, sharding.BATCH_AXES, None, heads, None)[:ndim])
-
-
-def cache_shardings(cfg: ModelConfig, mesh: Mesh, cache: Cache) -> Cache:
-  """A NamedSharding for every array of a cache (or of its shapes)."""
-  return jax.tree.map(lambda c: NamedSharding(mesh, cache_spec(cfg, mesh, c.ndim)), cache)
-
-
-def _constrain_cache(cache: Cache, cfg: ModelConfig, mesh: Mesh) -> Cache:
-  return jax.tree.map(jax.lax.with_sharding_constraint, cache, cache_shardings(cfg, mesh, cache))
-
-
-def cache_bytes_per_token(cfg: ModelConfig, kv_cache_dtype: str = "auto") -> int:
-  """Bytes one token of one sequence occupies in the cache as allocated (scales included)."""
-  shapes = cache_shapes(cfg, 1, 1, kv_cache_dtype)
-  return sum(int(np.prod(s.shape)) * jnp.dtype(s.dtype).itemsize for s in jax.tree.leaves(shapes))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -142,22 +86,19 @@ def sample(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
 
 
 def _apply(params: Any, cfg: ModelConfig, tokens, positions, cache, logit_indices=None):
-  with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    return model_lib.Transformer(cfg).apply(
-        {"params": params}, tokens, positions, cache=cache, logit_indices=logit_indices
-    )
+  return sharding.apply(model_lib.Transformer(cfg), params, tokens, positions, cache=cache, logit_indices=logit_indices)
 
 
 def prefill(
     params: Any,
     tokens: jax.Array,
     lengths: jax.Array,
-    cache: Cache,
+    cache: kv_cache.Cache,
     rng: jax.Array,
     *,
     cfg: ModelConfig,
     sampling: Sampling,
-) -> tuple[jax.Array, jax.Array, Cache]:
+) -> tuple[jax.Array, jax.Array, kv_cache.Cache]:
   """Runs right-padded prompts [b, t] through the model in one call, filling cache slots 0..t-1.
 
   Returns (first new token [b], its logits [b, v], cache); the logits are each row's last prompt token's.
@@ -169,8 +110,8 @@ def prefill(
 
 
 def decode_step(
-    params: Any, token: jax.Array, positions: jax.Array, cache: Cache, *, cfg: ModelConfig
-) -> tuple[jax.Array, Cache]:
+    params: Any, token: jax.Array, positions: jax.Array, cache: kv_cache.Cache, *, cfg: ModelConfig
+) -> tuple[jax.Array, kv_cache.Cache]:
   """Feeds one token per row [b] at its row's position [b]; returns (logits [b, v], updated cache)."""
   logits, cache = _apply(params, cfg, token[:, None], positions[:, None], cache)
   return logits[:, 0], cache
@@ -180,14 +121,14 @@ def decode_loop(
     params: Any,
     first_token: jax.Array,
     lengths: jax.Array,
-    cache: Cache,
+    cache: kv_cache.Cache,
     rng: jax.Array,
     eos_id: jax.Array,
     *,
     cfg: ModelConfig,
     sampling: Sampling,
     max_new_tokens: int,
-) -> tuple[jax.Array, Cache]:
+) -> tuple[jax.Array, kv_cache.Cache]:
   """New tokens [b, max_new_tokens] starting with `first_token` (rows that ended are padded with eos_id).
 
   One `lax.while_loop`: a fixed-shape step, so nothing recompiles per token; it ends when every row
@@ -225,7 +166,7 @@ def teacher_forced_logits(
   read back from it, so the scores measure what the cache dtype does to the model.
   """
   b, t = tokens.shape
-  cache = init_cache(cfg, b, t, kv_cache_dtype)
+  cache = kv_cache.init(cfg, b, t, kv_cache_dtype)
   positions = jnp.broadcast_to(jnp.arange(prefill_len, dtype=jnp.int32), (b, prefill_len))
   first, cache = _apply(params, cfg, tokens[:, :prefill_len], positions, cache)
 
@@ -235,6 +176,12 @@ def teacher_forced_logits(
 
   _, rest = jax.lax.scan(step, cache, jnp.arange(prefill_len, t))  # [t - prefill_len, b, v]
   return jnp.concatenate([first, rest.transpose(1, 0, 2)], axis=1)
+
+
+def cache_shardings(cfg: ModelConfig, mesh: Mesh, kv_cache_dtype: str = "auto") -> list[tuple[NamedSharding, ...]]:
+  """Where each array of the cache lives on `mesh`: its logical axes through the rule table."""
+  shapes = kv_cache.shapes(cfg, sharding.batch_parallelism(mesh), 1, kv_cache_dtype)
+  return jax.tree.map(lambda s: sharding.logical_sharding(s.shape, kv_cache.logical_axes(s), mesh), shapes)
 
 
 class Decoder:
@@ -248,20 +195,20 @@ class Decoder:
     self.kv_cache_dtype = kv_quant.check_kv_cache_dtype(kv_cache_dtype)
     self.cfg, self.mesh, self.sampling = cfg, mesh, sampling
     self.param_shardings = sharding.logical_shardings(model_lib.abstract_params(cfg), mesh)
-    self.cache_sharding = cache_shardings(cfg, mesh, cache_shapes(cfg, 1, 1, self.kv_cache_dtype))
+    self.cache_sharding = cache_shardings(cfg, mesh, self.kv_cache_dtype)
     rows = sharding.batch_sharding(mesh, 1)
+    constrain = lambda cache: jax.tree.map(jax.lax.with_sharding_constraint, cache, self.cache_sharding)  # noqa: E731
 
     def prefill_fn(params, tokens, lengths, rng, max_length):
-      cache = init_cache(cfg, tokens.shape[0], max_length, self.kv_cache_dtype)
-      cache = _constrain_cache(cache, cfg, mesh)
+      cache = constrain(kv_cache.init(cfg, tokens.shape[0], max_length, self.kv_cache_dtype))
       token, logits, cache = prefill(params, tokens, lengths, cache, rng, cfg=cfg, sampling=sampling)
-      return token, logits, _constrain_cache(cache, cfg, mesh)
+      return token, logits, constrain(cache)
 
     def loop_fn(params, first_token, lengths, cache, rng, eos_id, max_new_tokens):
       out, cache = decode_loop(
           params, first_token, lengths, cache, rng, eos_id, cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens
       )
-      return out, _constrain_cache(cache, cfg, mesh)
+      return out, constrain(cache)
 
     self.prefill = jax.jit(
         prefill_fn,

@@ -187,10 +187,9 @@ def objective(
   """(summed mixed loss, (weighted token count, summed {distill_lm_loss, distill_kl})), for train_step."""
 
   def logits_of(module, p):
-    with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-      return module.apply(
-          {"params": p}, batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids")
-      )
+    return sharding.apply(
+        module, p, batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids")
+    )
 
   student = logits_of(model, params).astype(jnp.float32)
   teacher_logits = jax.lax.stop_gradient(logits_of(teacher.model, jax.lax.stop_gradient(teacher_params)))

@@ -49,8 +49,7 @@ DEFAULT_MAX_GEN_TOKS = 256  # the harness's HF model's default
 
 def _row_scores(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
   """Per row: summed log-probability of the weighted targets, and whether each of them is the argmax."""
-  with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    logits = model.apply({"params": params}, batch["inputs"]).astype(jnp.float32)
+  logits = sharding.apply(model, params, batch["inputs"]).astype(jnp.float32)
   log_probs = jax.nn.log_softmax(logits)
   target = jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
   scored = batch["weights"] > 0

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from cla_jax import kv_quant, patterns
+from cla_jax import kv_cache, patterns
+from cla_jax.attention import causal_attention, dense
 from cla_jax.errors import UserError
 
 Array = jax.Array
@@ -187,19 +188,6 @@ def _param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[st
   return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), jnp.float32)
 
 
-def dense(x: Array, w: Array, contract: int = 1, out_dtype: jnp.dtype | None = None) -> Array:
-  """x [..., w.shape[:contract]] times w, summed over those dims: [..., w.shape[contract:]], as one 2-D matmul.
-
-  Every projection goes through here rather than a many-dimensional einsum ('btd,df->btf'): XLA's CPU
-  backend runs a dot with several free dims per operand, and the weight gradient that contracts two of them
-  (b and t), about 1.6x slower than the same dot on 2-D operands (benchmarks/matmul_peer.py). GPU and TPU
-  compilers flatten dots this way themselves, so there the HLO they compile is the same.
-  """
-  lead, inner = x.shape[: x.ndim - contract], int(np.prod(w.shape[:contract]))
-  y = jnp.matmul(x.reshape(-1, inner), w.reshape(inner, -1), preferred_element_type=out_dtype)
-  return y.reshape(*lead, *w.shape[contract:])
-
-
 Rope = tuple[Array, Array]  # (cos, sin), each [b, t, 1, head_dim / 2] float32
 
 
@@ -261,59 +249,6 @@ class KVBlock(nn.Module):
     return nn.with_logical_constraint(key, kv_axes), nn.with_logical_constraint(value, kv_axes)
 
 
-def attention(query: Array, key: Array, value: Array, segment_ids: Array | None, impl: str) -> Array:
-  """Causal attention of query [b,t,n,h] over shared key/value [b,s,k,h]; GQA without repeating K/V."""
-  if impl == "folded":
-    return folded_attention(query, key, value, segment_ids)
-  if impl == "splash":
-    from cla_jax import splash  # pylint: disable=g-import-not-at-top  (Pallas TPU ops: only when asked for)
-
-    if splash.supported(query.shape[1], key.shape[1]):
-      return splash.splash_attention(query, key, value, segment_ids)
-    impl = "xla"
-  mask = None
-  if segment_ids is not None:
-    # Packed examples: a token attends only within its own document.
-    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [b, 1, t, s]
-    impl = "xla"
-  return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=True, implementation=impl)
-
-
-def folded_attention(query: Array, key: Array, value: Array, segment_ids: Array | None, blocks: int = 2) -> Array:
-  """Causal attention as `jax.nn.dot_product_attention` computes it, with each KV head's query heads folded into
-  the query length: [b * k, t * g, h] against [b * k, s, h] (g = n / k query heads per KV head).
-
-  The CPU path (model.attention_impl=auto). The library's einsums keep (k, g) as separate dims, and XLA:CPU
-  transposes the query, the probabilities and the output around its batched matmuls; folded, with one KV head
-  (MQA) every reshape here is free and each matmul has a single batch dim. The queries are cut into `blocks`
-  runs of positions, each multiplied only with the keys up to its end, which skips the products above the
-  diagonal (a quarter of them with 2 blocks) that the causal mask would discard.
-  """
-  b, t, n, h = query.shape
-  s, k = key.shape[1], key.shape[2]
-  g = n // k
-  fold_kv = lambda x: x.transpose(0, 2, 1, 3).reshape(b * k, s, h)  # noqa: E731  [b, s, k, h] -> [b*k, s, h]
-  q = query.reshape(b, t, k, g, h).transpose(0, 2, 1, 3, 4).reshape(b * k, t * g, h)  # row = position * g + head
-  keys, values = fold_kv(key), fold_kv(value)
-  blocks = blocks if t == s and t % blocks == 0 else 1
-  span = t // blocks
-  outs = []
-  for i in range(blocks):
-    start, end = i * span, (i + 1) * span  # positions of this block's queries; it sees keys [0, end)
-    logits = jnp.einsum("zmh,zsh->zms", q[:, start * g : end * g], keys[:, :end], preferred_element_type=jnp.float32)
-    row_position = start + jnp.arange(span * g) // g
-    visible = row_position[:, None] >= jnp.arange(end)[None, :]  # [span*g, end]
-    if segment_ids is not None:
-      # Packed examples: a token attends only within its own document.
-      row_doc = jnp.repeat(segment_ids[:, start:end], g, axis=1)  # [b, span*g]
-      visible = jnp.repeat(visible & (row_doc[:, :, None] == segment_ids[:, None, :end]), k, axis=0)
-    logits = jnp.where(visible, logits * h**-0.5, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    outs.append(jnp.einsum("zms,zsh->zmh", probs, values[:, :end]))
-  out = jnp.concatenate(outs, axis=1)  # [b*k, t*g, h]
-  return out.reshape(b, k, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
-
-
 class DecoderLayer(nn.Module):
   """One layer: its own norms, Q and output projections, attention over the group's K/V, SwiGLU."""
 
@@ -327,7 +262,7 @@ class DecoderLayer(nn.Module):
       value: Array,
       rope: Rope,
       segment_ids: Array | None,
-      cached: tuple[KVCache, Array | int, Array] | None = None,
+      cached: tuple[kv_cache.KVCache, Array | int, Array] | None = None,
   ) -> Array:
     """`cached` = (segment cache, group index, positions [b, t]): attend to that group's cache slots instead."""
     cfg, dtype = self.cfg, self.cfg.compute_dtype
@@ -342,9 +277,9 @@ class DecoderLayer(nn.Module):
     query = dense(h, w_query.astype(dtype))  # [b, t, n, h]
     query = checkpoint_name(apply_rope(query, rope), "query")
     if cached is None:
-      attended = attention(query, key, value, segment_ids, cfg.resolved_attention_impl)  # [b, t, n, h]
+      attended = causal_attention(query, key, value, segment_ids, cfg.resolved_attention_impl)  # [b, t, n, h]
     else:
-      attended = cached_attention(query, *cached)  # [b, t, n, h]
+      attended = kv_cache.attend(query, *cached)  # [b, t, n, h]
     x = checkpoint_name(x + dense(attended, w_out.astype(dtype), contract=2), "attn_residual")  # [b, t, d]
 
     h = Norm(cfg, name="mlp_norm")(x)
@@ -355,82 +290,6 @@ class DecoderLayer(nn.Module):
     )
     x = x + dense(hidden, w_down.astype(dtype))
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-
-
-# A segment's decode cache: (key, value), each [num_groups, b, max_length, k, h] in the cache dtype, and for
-# an int8 cache also (key_scale, value_scale), each [num_groups, b, max_length, k] (see kv_quant).
-KVCache = tuple[Array, ...]
-DECODE_BLOCK = 64  # cache slots per step of cached_attention: its temporaries are [b, t, n, block] scores and K/V
-
-
-def write_cache(cache: KVCache, key: Array, value: Array, positions: Array, group: Array | int) -> KVCache:
-  """Writes new keys/values [b, t, k, h] at each row's own positions [b, t] into slice `group` of a segment's
-  cache (quantised first when the cache is int8); a carried cache is updated in place."""
-  rows = jnp.arange(key.shape[0])[:, None]
-  index = (group, rows, positions)
-  new = (key, value)
-  if len(cache) == 4:
-    (key_q, key_scale), (value_q, value_scale) = kv_quant.quantize(key), kv_quant.quantize(value)
-    new = (key_q, value_q, key_scale, value_scale)
-  # Slots past the cache's end are dropped; decode.py refuses requests that would need them.
-  return tuple(c.at[index].set(n.astype(c.dtype), mode="drop") for c, n in zip(cache, new))
-
-
-def cached_attention(query: Array, cache: KVCache, group: Array | int, positions: Array) -> Array:
-  """Attention of query [b, t, n, h] at positions [b, t] over slots 0..position of group `group`'s cache.
-
-  Reads the cache where it lies, DECODE_BLOCK slots at a time with a running softmax (as flash attention
-  does), and only up to the furthest position in the batch: a step's temporaries are a block's scores and
-  K/V, never a copy of the group's [b, max_length, k, h] (which would cost as much per sequence as an MQA
-  layer's cache). int8 blocks are scaled inside the products: scores by the key scales, probabilities by
-  the value scales.
-  """
-  b, t, n, h = query.shape
-  length, k = cache[0].shape[2], cache[0].shape[3]
-  g = n // k
-  block = min(DECODE_BLOCK, length)
-  scaled = len(cache) == 4
-  dtype = query.dtype
-  q = (query.astype(jnp.float32) * h**-0.5).astype(dtype).reshape(b, t, k, g, h)
-  num_blocks = -(-(jnp.max(positions) + 1) // block)  # blocks holding any visible slot
-
-  def read(c, start):
-    # [b, block, k(, h)] of group `group`: a dynamic slice of the carried cache, no bigger than a block.
-    sizes = (1, b, block, *c.shape[3:])
-    return jax.lax.dynamic_slice(c, (group, 0, start) + (0,) * (c.ndim - 3), sizes)[0]
-
-  def body(i, state):
-    best, total, acc = state  # [b, t, k, g], [b, t, k, g], [b, t, k, g, h] (fp32)
-    # The last block is moved back to end at the cache's end (a length need not divide by the block);
-    # slots it shares with the previous block are masked out, so each slot counts once.
-    start = jnp.minimum(i * block, length - block)
-    slots = start + jnp.arange(block)
-    visible = (slots[None, None, :] >= i * block) & (slots[None, None, :] <= positions[:, :, None])  # [b, t, s]
-    keys, values = read(cache[0], start), read(cache[1], start)
-    scores = jnp.einsum("btkgh,bskh->btkgs", q, keys.astype(dtype), preferred_element_type=jnp.float32)
-    if scaled:
-      scores = scores * read(cache[2], start).astype(jnp.float32).transpose(0, 2, 1)[:, None, :, None, :]
-    scores = jnp.where(visible[:, :, None, None, :], scores, -jnp.inf)
-    new_best = jnp.maximum(best, scores.max(axis=-1))
-    # Rows whose slots are all masked so far keep best = -inf; subtracting 0 keeps exp() at 0, not NaN.
-    shift = jnp.where(jnp.isfinite(new_best), new_best, 0.0)
-    probs = jnp.exp(scores - shift[..., None])
-    correction = jnp.exp(jnp.where(jnp.isfinite(best), best - shift, -jnp.inf))
-    total = total * correction + probs.sum(axis=-1)
-    if scaled:
-      probs = probs * read(cache[3], start).astype(jnp.float32).transpose(0, 2, 1)[:, None, :, None, :]
-    update = jnp.einsum(
-        "btkgs,bskh->btkgh", probs.astype(dtype), values.astype(dtype), preferred_element_type=jnp.float32
-    )
-    return new_best, total, acc * correction[..., None] + update
-
-  state = (
-      jnp.full((b, t, k, g), -jnp.inf, jnp.float32),
-      jnp.zeros((b, t, k, g), jnp.float32),
-      jnp.zeros((b, t, k, g, h), jnp.float32),
-  )
-  _, total, acc = jax.lax.fori_loop(0, num_blocks, body, state)
-  return (acc / total[..., None]).reshape(b, t, n, h).astype(query.dtype)
 
 
 class LayerGroup(nn.Module):
@@ -451,13 +310,13 @@ class LayerGroup(nn.Module):
       positions: Array,
       rope: Rope,
       segment_ids: Array | None,
-      cache: KVCache | None = None,
+      cache: kv_cache.KVCache | None = None,
       group: Array | int = 0,
-  ) -> Array | tuple[Array, KVCache]:
+  ) -> Array | tuple[Array, kv_cache.KVCache]:
     key, value = KVBlock(self.cfg, name="kv")(x, rope)
     cached = None
     if cache is not None:
-      cache = write_cache(cache, key, value, positions, group)
+      cache = kv_cache.write(cache, key, value, positions, group)
       cached = (cache, group, positions)
     for i in range(self.group_size):
       x = DecoderLayer(self.cfg, name=f"layer_{i}")(x, key, value, rope, segment_ids, cached)
@@ -489,8 +348,8 @@ def _slice_after(stacked: Any, group: Array, x: Array) -> Any:
 
 
 def decode_segment(
-    cfg: ModelConfig, group_size: int, params: Any, x: Array, positions: Array, rope: Rope, cache: KVCache
-) -> tuple[Array, KVCache]:
+    cfg: ModelConfig, group_size: int, params: Any, x: Array, positions: Array, rope: Rope, cache: kv_cache.KVCache
+) -> tuple[Array, kv_cache.KVCache]:
   """A scanned segment's groups in decoding: the same modules on their stacked params [num_groups, ...].
 
   A loop over the group index g: the segment's whole cache rides in the carry and group g writes and
@@ -500,23 +359,22 @@ def decode_segment(
   def body(g, carry):
     x, cache = carry
     key, value = KVBlock(cfg).apply({"params": _slice_after(params["kv"], g, x)}, x, rope)
-    cache = write_cache(cache, key, value, positions, g)
+    cache = kv_cache.write(cache, key, value, positions, g)
     for i in range(group_size):
       layer_params = _slice_after(params[f"layer_{i}"], g, x)
       x = DecoderLayer(cfg).apply({"params": layer_params}, x, None, None, rope, None, (cache, g, positions))
     return x, cache
 
-  return jax.lax.fori_loop(0, cache[0].shape[0], body, (x, tuple(cache)))
+  return jax.lax.fori_loop(0, cache[0].shape[0], body, (x, cache))
 
 
 class Transformer(nn.Module):
   """CLA decoder: tokens [b, t] int32 -> logits [b, t, vocab] float32 (or, `features_only`, the final-norm
   output [b, t, d] that the head would multiply).
 
-  Decoding passes `cache`, one KVCache per segment ((key, value), each [num_groups, b, max_length, k, h],
-  plus their scales for an int8 cache: `decode.init_cache`), and gets `(logits, updated cache)` back;
-  `logit_indices` [b, m] keeps only the logits at those indices along t (a prefill needs each row's last
-  prompt token only).
+  Decoding passes `cache`, one kv_cache.KVCache per segment (`kv_cache.init`), and gets `(logits, updated
+  cache)` back; `logit_indices` [b, m] keeps only the logits at those indices along t (a prefill needs each
+  row's last prompt token only).
   """
 
   cfg: ModelConfig
@@ -527,10 +385,10 @@ class Transformer(nn.Module):
       tokens: Array,
       positions: Array | None = None,
       segment_ids: Array | None = None,
-      cache: Sequence[KVCache] | None = None,
+      cache: Sequence[kv_cache.KVCache] | None = None,
       logit_indices: Array | None = None,
       features_only: bool = False,
-  ) -> Array | tuple[Array, list[KVCache]]:
+  ) -> Array | tuple[Array, list[kv_cache.KVCache]]:
     cfg, dtype = self.cfg, self.cfg.compute_dtype
     init = nn.initializers.normal(cfg.init_std)
     if positions is None:
@@ -544,40 +402,11 @@ class Transformer(nn.Module):
     x = jnp.take(table, tokens, axis=0).astype(dtype)  # [b, t, d]
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
-    policy = REMAT_POLICIES[cfg.resolved_remat]
-    # Decoding has no backward pass to save memory for: remat would only add work.
-    remat = policy is not None and cache is None
     new_cache = []
     for s, (group_size, num_groups) in enumerate(cfg.segments):
-      if cfg.scan_layers and cache is not None:
-        # The params the training scan stacked, [num_groups, ...]; decode_segment loops over the groups.
-        stacked = self.variables["params"][f"segment_{s}"]
-        x, segment_cache = decode_segment(cfg, group_size, stacked, x, positions, rope, cache[s])
-        new_cache.append(segment_cache)
-      elif cfg.scan_layers:
-        group_cls = _ScannedGroup
-        if remat:
-          group_cls = nn.remat(group_cls, policy=policy, prevent_cse=False)
-        scanned = nn.scan(
-            group_cls,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-            length=num_groups,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, _ = scanned(cfg, group_size, name=f"segment_{s}")(x, positions, rope, segment_ids)
-      else:
-        group_cls = nn.remat(LayerGroup, policy=policy) if remat else LayerGroup
-        segment_cache = None if cache is None else tuple(cache[s])
-        for g in range(num_groups):
-          group = group_cls(cfg, group_size, name=group_name(s, g))
-          if cache is None:
-            x = group(x, positions, rope, segment_ids)
-          else:
-            x, segment_cache = group(x, positions, rope, segment_ids, segment_cache, g)
-        if cache is not None:
-          new_cache.append(segment_cache)
+      segment_cache = None if cache is None else tuple(cache[s])
+      x, segment_cache = self._segment(s, group_size, num_groups, x, positions, rope, segment_ids, segment_cache)
+      new_cache.append(segment_cache)
 
     if logit_indices is not None:
       x = jnp.take_along_axis(x, logit_indices[:, :, None], axis=1)  # [b, m, d]
@@ -591,6 +420,48 @@ class Transformer(nn.Module):
     logits = dense(x, head.astype(dtype), out_dtype=jnp.float32)  # [b, t, v]
     logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
     return logits if cache is None else (logits, new_cache)
+
+  def _segment(
+      self,
+      index: int,
+      group_size: int,
+      num_groups: int,
+      x: Array,
+      positions: Array,
+      rope: Rope,
+      segment_ids: Array | None,
+      cache: kv_cache.KVCache | None,
+  ) -> tuple[Array, kv_cache.KVCache | None]:
+    """x through segment `index`'s groups (scanned or unrolled, as configured), and the segment's updated cache
+    when decoding (else None)."""
+    cfg = self.cfg
+    if cfg.scan_layers and cache is not None:
+      # The params the training scan stacked, [num_groups, ...]; decode_segment loops over the groups.
+      stacked = self.variables["params"][f"segment_{index}"]
+      return decode_segment(cfg, group_size, stacked, x, positions, rope, cache)
+    policy = REMAT_POLICIES[cfg.resolved_remat]
+    # Decoding has no backward pass to save memory for: remat would only add work.
+    remat = policy is not None and cache is None
+    if cfg.scan_layers:
+      group_cls = nn.remat(_ScannedGroup, policy=policy, prevent_cse=False) if remat else _ScannedGroup
+      scanned = nn.scan(
+          group_cls,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+          length=num_groups,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      x, _ = scanned(cfg, group_size, name=f"segment_{index}")(x, positions, rope, segment_ids)
+      return x, None
+    group_cls = nn.remat(LayerGroup, policy=policy) if remat else LayerGroup
+    for g in range(num_groups):
+      group = group_cls(cfg, group_size, name=group_name(index, g))
+      if cache is None:
+        x = group(x, positions, rope, segment_ids)
+      else:
+        x, cache = group(x, positions, rope, segment_ids, cache, g)
+    return x, cache
 
 
 def group_name(segment: int, group: int) -> str:

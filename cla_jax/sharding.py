@@ -29,8 +29,10 @@ from cla_jax.errors import UserError
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# Logical axis -> mesh axes. Weights first, then the activation names that model.py constrains.
-# `kv_heads` stays replicated: MQA has one KV head, which cannot be split, and K/V are small anyway.
+# Logical axis -> mesh axes. Weights first, then the activation names that model.py constrains, then the decode
+# KV cache's (kv_cache.KV_AXES). `kv_heads` stays replicated in training: MQA has one KV head, which cannot be
+# split, and K/V are small next to the rest of a layer. The cache is what fills memory in decoding, so its K/V
+# heads go over tensor wherever they divide (`logical_sharding`; MQA's one head stays whole).
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("embed", "fsdp"),
@@ -45,6 +47,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_mlp", "tensor"),
     ("activation_kv_heads", None),
     ("activation_vocab", "tensor"),
+    ("cache_kv_heads", "tensor"),
 )
 
 
@@ -225,6 +228,24 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
   """NamedShardings for a tree of boxed (nn.Partitioned) abstract values; unboxed leaves replicate."""
   specs = nn.get_partition_spec(boxed_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+
+
+def logical_sharding(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh) -> NamedSharding:
+  """The rule table's sharding of an array of `shape` whose dims carry logical `axes`; a dim that its mesh
+  axes do not divide stays whole (MQA's one KV head over tensor)."""
+  spec = nn.logical_to_mesh_axes(tuple(axes), LOGICAL_AXIS_RULES)
+
+  def ways(mesh_axes):
+    names = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ()
+    return math.prod(mesh.shape[name] for name in names)
+
+  return NamedSharding(mesh, P(*(a if dim % ways(a) == 0 else None for dim, a in zip(shape, spec))))
+
+
+def apply(module: nn.Module, params: Any, *args: Any, **kwargs: Any) -> Any:
+  """`module.apply({"params": params}, ...)` with the model's logical axis names resolved by the rule table."""
+  with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    return module.apply({"params": params}, *args, **kwargs)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

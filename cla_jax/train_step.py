@@ -13,8 +13,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cla_jax import model as model_lib
 from cla_jax import sharding
+from cla_jax.attention import dense
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -53,31 +53,29 @@ def loss_fn(params: Any, batch: Batch, model: nn.Module) -> tuple[jax.Array, jax
   args = (batch["inputs"],)
   kwargs = {"positions": batch.get("positions"), "segment_ids": batch.get("segment_ids")}
   weights = batch["weights"].astype(jnp.float32)
-  with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    if chunk == seq_len:
-      logits = model.apply({"params": params}, *args, **kwargs)
-      return _token_losses(logits, batch["targets"], weights), jnp.sum(weights)
-    features = model.apply({"params": params}, *args, **kwargs, features_only=True)  # [b, t, d]
-    head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    head = head.astype(cfg.compute_dtype)
+  if chunk == seq_len:
+    logits = sharding.apply(model, params, *args, **kwargs)
+    return _token_losses(logits, batch["targets"], weights), jnp.sum(weights)
+  features = sharding.apply(model, params, *args, **kwargs, features_only=True)  # [b, t, d]
+  head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+  head = head.astype(cfg.compute_dtype)
 
-    # Each chunk's fp32 logits live only inside its (rematerialised) body: the backward pass recomputes them
-    # from the saved bf16 features, one chunk at a time, for about a third of the head's matmul FLOPs.
-    @jax.checkpoint
-    def chunk_loss(feats, targets, w):
-      logits = nn.with_logical_constraint(
-          model_lib.dense(feats, head, out_dtype=jnp.float32),
-          ("activation_batch", "activation_length", "activation_vocab"),
-      )
-      return _token_losses(logits, targets, w)
-
-    def body(total, xs):
-      return total + chunk_loss(*xs), None
-
-    split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], seq_len // chunk, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
-    total, _ = jax.lax.scan(
-        body, jnp.zeros((), jnp.float32), (split(features), split(batch["targets"]), split(weights))
+  # Each chunk's fp32 logits live only inside its (rematerialised) body: the backward pass recomputes them
+  # from the saved bf16 features, one chunk at a time, for about a third of the head's matmul FLOPs.
+  @jax.checkpoint
+  def chunk_loss(feats, targets, w):
+    logits = nn.with_logical_constraint(
+        dense(feats, head, out_dtype=jnp.float32),
+        ("activation_batch", "activation_length", "activation_vocab"),
+        rules=sharding.LOGICAL_AXIS_RULES,
     )
+    return _token_losses(logits, targets, w)
+
+  def body(total, xs):
+    return total + chunk_loss(*xs), None
+
+  split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], seq_len // chunk, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(features), split(batch["targets"]), split(weights)))
   return total, jnp.sum(weights)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_model import ATTENTION, PATTERNS, random_params, small_config
 
-from cla_jax import checkpoint, decode, describe, sharding
+from cla_jax import checkpoint, decode, describe, kv_cache, sharding
 from cla_jax import model as model_lib
 from cla_jax.data import tokenizer as tokenizer_lib
 from cla_jax.errors import UserError
@@ -55,7 +55,7 @@ def _teacher_forced(cfg, params, kv_cache_dtype="auto"):
 
   @jax.jit
   def run(params, prompts, tokens):
-    cache = decode.init_cache(cfg, batch, total + 2, kv_cache_dtype)
+    cache = kv_cache.init(cfg, batch, total + 2, kv_cache_dtype)
     _, first, cache = decode.prefill(
         params, prompts, lengths, cache, jax.random.key(0), cfg=cfg, sampling=decode.Sampling()
     )
@@ -86,7 +86,7 @@ def test_teacher_forced_prefill_and_decode_equal_full_forward(pattern, layers, a
 def test_cache_read_in_blocks_equals_full_forward(block, scan_layers, monkeypatch):
   # An 11-slot cache read 2, 4 or 5 slots at a time: several blocks, a last block moved back to end at the
   # cache's end (overlapping slots counted once), and blocks past a row's position that see nothing.
-  monkeypatch.setattr(model_lib, "DECODE_BLOCK", block)
+  monkeypatch.setattr(kv_cache, "DECODE_BLOCK", block)
   cfg = small_config(pattern="keep_ends", num_layers=5, num_heads=4, num_kv_heads=2, scan_layers=scan_layers)
   expected, got = _teacher_forced(cfg, random_params(cfg))
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
@@ -132,7 +132,7 @@ def _decode_loop_bytes(cfg, batch, length):
   abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
   params = jax.tree.map(abstract, flax.linen.meta.unbox(model_lib.abstract_params(cfg)))
   rows = jax.ShapeDtypeStruct((batch,), np.int32)
-  cache = jax.tree.map(abstract, decode.cache_shapes(cfg, batch, length))
+  cache = jax.tree.map(abstract, kv_cache.shapes(cfg, batch, length))
   with jax.set_mesh(decoder.mesh):
     lowered = decoder.loop.lower(params, rows, rows, cache, jax.random.key(0), np.int32(-1), max_new_tokens=4)
   m = lowered.compile().memory_analysis()
@@ -148,7 +148,7 @@ def test_decode_step_memory_is_the_cache_and_params_not_a_copy_of_a_group():
   for pattern in ("none", "cla2"):
     cfg = ModelConfig(**widths, pattern=pattern, vocab_size=2048, dtype="float32")
     one, two = _decode_loop_bytes(cfg, 1, length), _decode_loop_bytes(cfg, 2, length)
-    cache = decode.cache_bytes_per_token(cfg) * length
+    cache = kv_cache.bytes_per_token(cfg) * length
     per_sequence[pattern] = (two - one) / cache
     fixed[pattern] = one - cache
   assert per_sequence["cla2"] < 1.1 and per_sequence["none"] < 1.05, per_sequence
@@ -191,11 +191,11 @@ def test_cache_bytes_equal_describe_and_the_paper_ratios(pattern, ratio):
   )
   mqa = ModelConfig(**{**cfg.__dict__, "pattern": "none"})
   batch, max_length = 3, 24
-  cache = decode.init_cache(cfg, batch, max_length)
+  cache = kv_cache.init(cfg, batch, max_length)
   measured = sum(a.nbytes for a in jax.tree.leaves(cache))
   per_token = describe.describe(cfg)["kv_bytes_per_token"]  # 16-bit bytes; this cache is fp32
   assert measured == per_token * batch * max_length * 4 // describe.KV_BYTES_PER_ELEMENT
-  mqa_bytes = sum(a.nbytes for a in jax.tree.leaves(decode.init_cache(mqa, batch, max_length)))
+  mqa_bytes = sum(a.nbytes for a in jax.tree.leaves(kv_cache.init(mqa, batch, max_length)))
   assert measured * ratio[1] == mqa_bytes * ratio[0]
   assert {a.dtype for a in jax.tree.leaves(cache)} == {np.dtype("float32")}
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cla_jax import config_lib
+from cla_jax import attention, config_lib
 from cla_jax import model as model_lib
 from cla_jax.model import ConfigError, ModelConfig, Transformer
 from tests import numpy_reference as ref
@@ -222,7 +222,7 @@ def test_folded_attention_equals_the_library(kv_heads, packed, blocks):
   weights = jnp.asarray(rng.standard_normal((b, t, n, h), np.float32))
 
   def folded(q, k, v):
-    return model_lib.folded_attention(q, k, v, segment_ids, blocks)
+    return attention.folded_attention(q, k, v, segment_ids, blocks)
 
   def library(q, k, v):
     mask = None if segment_ids is None else (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cla_jax import checkpoint, sharding, train_step, trainer
+from cla_jax import checkpoint, decode, sharding, train_step, trainer
 from cla_jax import model as model_lib
 from tests import train_helpers as th
 
@@ -54,6 +54,17 @@ def test_rule_table_shards_weights_as_documented(tiny_config):
   assert kv["key"] == (None, "fsdp", None, None)  # kv_heads never split over tensor (MQA has one)
   assert specs["embed"] == ("tensor", "fsdp")
   assert layer["attn_norm"]["scale"] == (None, "fsdp")
+
+
+@pytest.mark.parametrize("kv_heads, heads_axis", [(2, "tensor"), (1, None)], ids=["gqa", "mqa"])
+def test_rule_table_places_the_kv_cache(tiny_config, kv_heads, heads_axis):
+  # Rows over (data, fsdp); K/V heads over tensor where they divide, whole for MQA's one head; int8 scales alike.
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+  cfg = model_lib.ModelConfig.from_config({**tiny_config.model, "num_kv_heads": kv_heads})
+  for segment in decode.cache_shardings(cfg, mesh, "int8"):
+    keys, values, key_scales, value_scales = (tuple(s.spec) for s in segment)
+    assert keys == values == (None, ("data", "fsdp"), None, heads_axis, None)  # [groups, b, length, k, h]
+    assert key_scales == value_scales == (None, ("data", "fsdp"), None, heads_axis)  # [groups, b, length, k]
 
 
 def test_model_dimension_not_divisible_by_tensor_is_an_error(tiny_config):

@@ -63,8 +63,8 @@ def test_rule_table_places_the_kv_cache(tiny_config, kv_heads, heads_axis):
   cfg = model_lib.ModelConfig.from_config({**tiny_config.model, "num_kv_heads": kv_heads})
   for segment in decode.cache_shardings(cfg, mesh, "int8"):
     keys, values, key_scales, value_scales = (tuple(s.spec) for s in segment)
-    assert keys == values == (None, ("data", "fsdp"), None, heads_axis, None)  # [groups, b, length, k, h]
-    assert key_scales == value_scales == (None, ("data", "fsdp"), None, heads_axis)  # [groups, b, length, k]
+    assert keys == values == (None, ("data", "fsdp"), heads_axis, None, None)  # [groups, b, k, rows, lanes]
+    assert key_scales == value_scales == (None, heads_axis, ("data", "fsdp"), None)  # [groups, k, b, slots]
 
 
 def test_model_dimension_not_divisible_by_tensor_is_an_error(tiny_config):

@@ -4,8 +4,9 @@ Why parse text: `compiled.cost_analysis()` counts the body of a while loop once 
 its body num_groups times, gradient accumulation its own loop accum_steps times), and knows nothing of the
 FLOPs inside Pallas kernels. Here every computation's matmul FLOPs (dot and convolution instructions, and the
 splash attention kernels from their operand shapes) are summed, and each call site multiplies its callee's
-total by how often it runs: a while body by its trip count (read from the loop condition's `i < N`), fusions
-and calls once. Elementwise work is left out on both sides of the recompute ratio: the model's FLOPs
+total by how often it runs: a while body by its trip count (XLA's `known_trip_count` where the module keeps
+it, else the condition's `i < N` divided by the counter's step: TPU windowed einsums step by 2), fusions and
+calls once. Elementwise work is left out on both sides of the recompute ratio: the model's FLOPs
 (`metrics.flops_per_token`) count matmuls only as well.
 """
 
@@ -178,20 +179,53 @@ def _splash_flops(inst: Instruction) -> float:
   return _SPLASH_MATMULS[kind] * 2.0 * math.prod(q) * s * causal
 
 
-def _trip_count(condition: list[Instruction]) -> int:
-  """N of a scan's `i < N` loop condition (1 when the condition has another form)."""
-  constants = {}
+def _constants(instructions: list[Instruction]) -> dict[str, int]:
+  """{name: value} of the integer scalar constants among `instructions`."""
+  out = {}
+  for inst in instructions:
+    value = re.match(r"(-?\d+)\)", inst.rest) if inst.op == "constant" else None
+    if value:
+      out[inst.name] = int(value.group(1))
+  return out
+
+
+def _tuple_index(inst: Instruction | None) -> int | None:
+  """j of a `get-tuple-element(...), index=j` instruction, else None."""
+  found = re.search(r"index=(\d+)", inst.rest) if inst is not None and inst.op == "get-tuple-element" else None
+  return int(found.group(1)) if found else None
+
+
+def _trip_count(condition: list[Instruction], body: list[Instruction]) -> int:
+  """Trips of a loop whose condition is `i < N` on a counter the body steps by a constant (XLA unrolls some
+  loops: TPU's windowed einsums step their counter by 2 against the same N); 1 for any other form."""
+  by_name = {inst.name: inst for inst in condition}
+  constants = _constants(condition)
   for inst in condition:
-    if inst.op == "constant":
-      value = re.match(r"(-?\d+)\)", inst.rest)
-      if value:
-        constants[inst.name] = int(value.group(1))
-  for inst in condition:
-    if inst.op == "compare" and "direction=LT" in inst.rest:
-      for name in _operand_names(inst.rest):
-        if name in constants:
-          return constants[name]
+    if inst.op != "compare" or "direction=LT" not in inst.rest:
+      continue
+    operands = _operand_names(inst.rest)
+    bound = next((constants[n] for n in operands if n in constants), None)
+    counter = next((_tuple_index(by_name.get(n)) for n in operands if n not in constants), None)
+    if bound is None:
+      continue
+    return -(-bound // _counter_step(body, counter))
   return 1
+
+
+def _counter_step(body: list[Instruction], counter: int | None) -> int:
+  """What the loop body adds to tuple element `counter` each trip (1 when that is not a constant add)."""
+  root = next((inst for inst in body if inst.op == "tuple" and inst is body[-1]), None)
+  if counter is None or root is None:
+    return 1
+  operands = _operand_names(root.rest)
+  by_name, constants = {inst.name: inst for inst in body}, _constants(body)
+  update = by_name.get(operands[counter]) if counter < len(operands) else None
+  if update is None or update.op != "add":
+    return 1
+  names = _operand_names(update.rest)
+  steps = [constants[n] for n in names if n in constants]
+  reads_counter = any(_tuple_index(by_name.get(n)) == counter for n in names)
+  return steps[0] if reads_counter and len(steps) == 1 and steps[0] > 0 else 1
 
 
 def _callees(inst: Instruction, computations: dict[str, list[Instruction]]) -> list[tuple[str, int]]:
@@ -199,8 +233,14 @@ def _callees(inst: Instruction, computations: dict[str, list[Instruction]]) -> l
   if inst.op == "while":
     body = re.search(r"body=%([\w.\-]+)", inst.rest)
     cond = re.search(r"condition=%([\w.\-]+)", inst.rest)
-    trips = _trip_count(computations.get(cond.group(1), [])) if cond else 1
-    return [(body.group(1), trips)] if body else []
+    if body is None:
+      return []
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', inst.rest)  # XLA's own analysis, when it kept it
+    if known:
+      trips = int(known.group(1))
+    else:
+      trips = _trip_count(computations.get(cond.group(1), []), computations.get(body.group(1), [])) if cond else 1
+    return [(body.group(1), trips)]
   called = re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", inst.rest)
   branches = re.search(r"branch_computations=\{([^}]*)\}", inst.rest)
   if branches:

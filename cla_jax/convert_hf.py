@@ -41,9 +41,9 @@ from safetensors import safe_open
 from cla_jax import cli, config_lib, patterns
 from cla_jax import kv_init as kv_init_lib
 from cla_jax import model as model_lib
+from cla_jax import workdir as workdir_lib
 from cla_jax.errors import UserError
 
-REPORT_FILE = "convert_report.json"
 ROPE_LAYOUTS = ("half", "interleaved")
 # Buffers some older exports saved next to the weights; recomputed from rope_theta, so safe to skip.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -535,15 +535,13 @@ def convert(
     kv_init: str = "first",
     calib_tokens: np.ndarray | None = None,
 ) -> dict:
-  """Converts `hf_dir` into a params-only CLA workdir; returns the report also written to REPORT_FILE.
+  """Converts `hf_dir` into a params-only CLA workdir; returns the report also written to DIR/convert_report.json.
 
   `kv_init` builds each shared group's K/V block (cla_jax.kv_init); `calib_tokens` [b, t] (e.g.
   `calibration_tokens(...)`) is the batch 'lsq' fits on and the report's K/V errors are measured on.
   """
-  from cla_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax is slow to import)
-
   hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
-  ckpt_dir = workdir / "checkpoints"
+  ckpt_dir = workdir / workdir_lib.CHECKPOINT_DIR
   if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
     raise ConvertError(f"{workdir} already holds checkpoints; pass an empty or new --workdir.")
   hf = read_hf_config(hf_dir)
@@ -563,13 +561,13 @@ def convert(
   check_against_model(params, cfg)
 
   workdir.mkdir(parents=True, exist_ok=True)
-  tokenizer = checkpoint_tokenizer(hf_dir)
+  tokenizer = _checkpoint_tokenizer(hf_dir)
   if tokenizer:
     # A copy keeps the workdir self-contained; the config points at the copy.
     shutil.copyfile(tokenizer, workdir / tokenizer.name)
     config.data.tokenizer = str((workdir / tokenizer.name).resolve())
   config.lock()
-  checkpoint.save_params_only(str(workdir), params, config, step=0)
+  workdir_lib.save_params_only(str(workdir), params, config, step=0)
 
   report = dict(
       report,
@@ -580,16 +578,14 @@ def convert(
       max_position_embeddings=arch.max_position_embeddings,
       calibration_tokens=None if inputs is None else list(np.shape(calib_tokens)),
   )
-  (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+  (workdir / workdir_lib.CONVERT_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
   return report
 
 
-def checkpoint_tokenizer(hf_dir: pathlib.Path) -> pathlib.Path | None:
+def _checkpoint_tokenizer(hf_dir: pathlib.Path) -> pathlib.Path | None:
   """The checkpoint's tokenizer file: tokenizer.json, else a sentencepiece tokenizer.model (cla_jax's exports)."""
-  for name in ("tokenizer.json", "tokenizer.model"):
-    if (hf_dir / name).is_file():
-      return hf_dir / name
-  return None
+  # Hugging Face's Llama directories ship both; tokenizer.json is what transformers itself reads.
+  return workdir_lib.tokenizer_file(hf_dir, names=tuple(reversed(workdir_lib.TOKENIZER_FILES)))
 
 
 def original_layer_inputs(
@@ -618,7 +614,7 @@ def calibration_tokens(hf_dir: str | pathlib.Path, config: ml_collections.Config
   from cla_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   config = ml_collections.ConfigDict(config.to_dict())
-  tokenizer_file = checkpoint_tokenizer(pathlib.Path(hf_dir))
+  tokenizer_file = _checkpoint_tokenizer(pathlib.Path(hf_dir))
   if tokenizer_file and config.data.tokenizer == "sentencepiece":
     config.data.tokenizer = str(tokenizer_file.resolve())
   config.train.batch_size = sequences
@@ -717,7 +713,7 @@ def main(argv: list[str]) -> None:
   )
   for line in describe_report(report):
     print(line)
-  print(f"wrote {args.workdir} (report: {pathlib.Path(args.workdir) / REPORT_FILE})")
+  print(f"wrote {args.workdir} (report: {pathlib.Path(args.workdir) / workdir_lib.CONVERT_REPORT_FILE})")
 
 
 def run() -> None:

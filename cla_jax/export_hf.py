@@ -43,7 +43,6 @@ MODELING_DIR = pathlib.Path(__file__).resolve().parent / "hf"
 MODELING_FILES = ("configuration_cla.py", "modeling_cla.py")
 TOKENIZER_FILE = "tokenization_cla.py"  # shipped with every sentencepiece tokenizer
 INDEX_FILE = "model.safetensors.index.json"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>", "<eos>")
 
 
@@ -179,15 +178,6 @@ def hf_config(
   }
 
 
-def find_tokenizer(workdir: pathlib.Path, config: Any) -> pathlib.Path | None:
-  """The tokenizer file the model was trained with: the workdir's copy, else `data.tokenizer` if it is a file."""
-  for name in _TOKENIZER_FILES:
-    if (workdir / name).is_file():
-      return workdir / name
-  path = pathlib.Path(os.path.expanduser(str(config.data.get("tokenizer", ""))))
-  return path if path.suffix in (".json", ".model") and path.is_file() else None
-
-
 def _tokenizer_json_without_specials(path: pathlib.Path, out: pathlib.Path) -> None:
   """Copies a tokenizer.json, dropping a post-processor that adds tokens (BOS/EOS): cla_jax trains without them."""
   import tokenizers  # pylint: disable=g-import-not-at-top
@@ -275,14 +265,14 @@ def export(
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> dict:
   """Writes workdir's newest (or `step`'s) params as a Hugging Face model directory `out`; returns a summary."""
-  from cla_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax is slow to import)
+  from cla_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top  (orbax is slow to import)
 
   if dtype not in DTYPES:
     raise ExportError(f"--dtype={dtype!r} is not one of {DTYPES}.")
   workdir_arg = os.fspath(workdir)  # as given: restore_params also reads gs:// workdirs
   workdir, out = pathlib.Path(workdir), pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(out))))
   _check_out(workdir, out, overwrite)
-  params, config, restored_step = checkpoint.restore_params(workdir_arg, step=step)
+  params, config, restored_step = workdir_lib.restore_params(workdir_arg, step=step)
   cfg = model_lib.ModelConfig.from_config(config.model)
   if cfg.norm != "rmsnorm":
     raise ExportError(
@@ -299,7 +289,7 @@ def export(
   tmp.mkdir(parents=True)
   try:
     files = write_safetensors(tensors, tmp, dtype, max_shard_bytes)
-    tokenizer = find_tokenizer(workdir, config)
+    tokenizer = workdir_lib.tokenizer_file(workdir, config)
     special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tokenizer:
       special = write_tokenizer(tokenizer, tmp)

@@ -39,8 +39,9 @@ import tqdm
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cla_jax import checkpoint, config_lib, evaluate, sharding
+from cla_jax import config_lib, evaluate, sharding
 from cla_jax import model as model_lib
+from cla_jax import workdir as workdir_lib
 from cla_jax.errors import UserError
 from cla_jax.load import LoadedModel
 
@@ -152,12 +153,12 @@ class CLAHarnessLM(TemplateLM):
     rows = None if batch_size in (None, "", "auto") else _int_arg("batch_size", batch_size, 1)
     max_length = None if max_length in (None, "") else _int_arg("max_length", max_length, 1)
 
-    saved = checkpoint.read_config(workdir)
-    config = evaluate.apply_overrides(saved, {"model.dtype": str(dtype)} if dtype else None)
-    config_lib.model_config(config)  # a bad dtype is refused here, before anything is restored
-    self._mesh = evaluate.make_eval_mesh(config, num_devices)
-    params, _, self.step = checkpoint.restore_params(workdir, step=step, mesh=self._mesh)
-    self.tokenizer_ = evaluate.load_tokenizer(workdir, saved)
+    # A bad dtype is refused before anything is restored.
+    opened = workdir_lib.open(
+        workdir, step=step, overrides={"model.dtype": str(dtype)} if dtype else None, num_devices=num_devices
+    )
+    config, params, self._mesh, self.step = opened.config, opened.params, opened.mesh, opened.step
+    self.tokenizer_ = opened.tokenizer
     self._scorer = RowScorer(params, config, self._mesh)
     self.model = LoadedModel(config, params, self.step)  # generation, and anyone who wants the logits
     self.batch_size = self._scorer.round_batch_size(int(config.eval.batch_size if rows is None else rows))

@@ -17,8 +17,9 @@ lm_eval = pytest.importorskip("lm_eval")
 
 import cla_jax  # noqa: E402
 import cla_jax.load  # noqa: E402
-from cla_jax import checkpoint, config_lib, evaluate  # noqa: E402
+from cla_jax import config_lib, evaluate  # noqa: E402
 from cla_jax import model as model_lib  # noqa: E402
+from cla_jax import workdir as workdir_lib  # noqa: E402
 from cla_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from cla_jax.errors import UserError  # noqa: E402
 
@@ -111,7 +112,7 @@ def setup(tmp_path_factory):
       shapes,
   )
   workdir = str(tmp / "run")
-  checkpoint.save_params_only(workdir, params, config, step=3)
+  workdir_lib.save_params_only(workdir, params, config, step=3)
   from cla_jax import harness  # pylint: disable=g-import-not-at-top
 
   lm = harness.CLAHarnessLM(workdir=workdir, max_length=MAX_LENGTH, progress=False)

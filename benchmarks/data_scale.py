@@ -213,4 +213,4 @@ def _measure(root: pathlib.Path) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.start(main)

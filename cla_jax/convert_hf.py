@@ -1,7 +1,6 @@
 """Imports a Hugging Face `LlamaForCausalLM` checkpoint as a CLA workdir.
 
-    cla-convert-hf --hf_dir=DIR --workdir=OUT [--pattern=cla2] [--config.train.lr=3e-4 ...]
-    (or python -m cla_jax.convert_hf ...)
+    cla-convert-hf --hf_dir=DIR --workdir=OUT [--pattern=cla2] [...]     (the command: cla_jax/cli/convert_hf.py)
 
 With `--pattern=none` (the default) the converted model computes the same function as the original.
 With sharing, each KV group keeps the K/V projections of its first layer and initialises its KV norm
@@ -34,11 +33,9 @@ import flax.linen as nn
 import ml_collections
 import ml_dtypes  # noqa: F401  (registers numpy's 'bfloat16' dtype, which safetensors needs for BF16 tensors)
 import numpy as np
-from absl import flags
-from ml_collections import config_flags
 from safetensors import safe_open
 
-from cla_jax import cli, config_lib, patterns
+from cla_jax import config_lib, patterns
 from cla_jax import kv_init as kv_init_lib
 from cla_jax import model as model_lib
 from cla_jax import workdir as workdir_lib
@@ -648,79 +645,7 @@ def describe_report(report: dict) -> Iterator[str]:
     )
 
 
-# ----------------------------------------------------------------------------- CLI
+if __name__ == "__main__":  # `python -m cla_jax.convert_hf` still works; the command is cla_jax/cli/convert_hf.py
+  from cla_jax.cli import convert_hf as command  # pylint: disable=g-import-not-at-top
 
-
-def define_flags() -> None:
-  """The CLI flags; defined on demand so importing this module as a library adds no global flags."""
-  flags.DEFINE_string("hf_dir", None, "Hugging Face LlamaForCausalLM directory (config.json + *.safetensors).")
-  flags.DEFINE_string("workdir", None, "Output workdir (new or empty).")
-  flags.DEFINE_string(
-      "pattern",
-      "none",
-      "KV sharing pattern of the converted model, e.g. none, cla2, keep_ends, "
-      "'1,2,1'; 'none' keeps the original function exactly.",
-  )
-  flags.DEFINE_enum(
-      "rope_layout",
-      "half",
-      ROPE_LAYOUTS,
-      "Q/K RoPE layout of the checkpoint: 'half' for Hugging " "Face exports, 'interleaved' for Meta-layout weights.",
-  )
-  flags.DEFINE_string(
-      "kv_init",
-      "first",
-      "How a shared group's K/V block is initialised: first (its first layer's), mean (the mean of its layers' "
-      "projections, norm gains folded in) or lsq (least-squares fit of the layers' K/V on a calibration batch).",
-  )
-  flags.DEFINE_integer(
-      "calib_sequences",
-      8,
-      "Training sequences (of train.seq_len tokens, from --config's data) that 'lsq' fits on and the report's "
-      "K/V errors are measured on; 0: no calibration (then no errors in the report).",
-  )
-  config_flags.DEFINE_config_file(
-      "config",
-      config_lib.DEFAULT_CONFIG,
-      "Base config for the workdir (training "
-      "and eval settings; the model architecture comes from the checkpoint), e.g. --config.train.lr=3e-4.",
-  )
-
-
-def main(argv: list[str]) -> None:
-  """CLI entry point."""
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments {argv[1:]}; use --hf_dir=DIR --workdir=OUT.")
-  args = flags.FLAGS
-  if not args.hf_dir or not args.workdir:
-    raise UserError("--hf_dir and --workdir are required, e.g. --hf_dir=llama-hf --workdir=runs/llama_cla2.")
-  if args.calib_sequences < 0:
-    raise UserError(f"--calib_sequences={args.calib_sequences} must be >= 0 (0: no calibration batch).")
-  if args.kv_init not in kv_init_lib.KV_INITS:
-    raise UserError(f"--kv_init={args.kv_init!r} is not one of {kv_init_lib.KV_INITS}; see docs/convert_hf.md.")
-  tokens = None
-  if args.calib_sequences and args.pattern != "none":
-    read_hf_config(args.hf_dir)  # a missing checkpoint is named before any data is prepared
-    tokens = calibration_tokens(args.hf_dir, args.config, args.calib_sequences)
-  report = convert(
-      args.hf_dir,
-      args.workdir,
-      pattern=args.pattern,
-      config=args.config,
-      rope_layout=args.rope_layout,
-      kv_init=args.kv_init,
-      calib_tokens=tokens,
-  )
-  for line in describe_report(report):
-    print(line)
-  print(f"wrote {args.workdir} (report: {pathlib.Path(args.workdir) / workdir_lib.CONVERT_REPORT_FILE})")
-
-
-def run() -> None:
-  """Console-script entry point (`cla-convert-hf`)."""
-  define_flags()
-  cli.run(main)
-
-
-if __name__ == "__main__":
-  run()
+  command.entry()

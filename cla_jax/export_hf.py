@@ -1,6 +1,6 @@
 """Exports a cla_jax workdir as a Hugging Face model directory (the inverse of `convert_hf`).
 
-    python -m cla_jax.export_hf --workdir=DIR --out=HF_DIR [--step=N] [--dtype=bfloat16|float32] [--overwrite]
+    cla-export-hf --workdir=DIR --out=HF_DIR [--step=N] [--dtype=bfloat16|float32] [--overwrite]
 
 A model with no KV sharing whose KV norms equal its attention norms (e.g. an imported Llama) is written as a
 plain `LlamaForCausalLM`. Any other model is written with this package's `configuration_cla.py` and
@@ -30,10 +30,9 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
-from absl import flags
 
-from cla_jax import cli, paths, patterns
 from cla_jax import model as model_lib
+from cla_jax import paths, patterns
 from cla_jax.errors import UserError
 
 DTYPES = ("bfloat16", "float32")
@@ -342,35 +341,7 @@ def describe_export(summary: dict) -> Iterator[str]:
     yield "warning: no tokenizer found in the workdir (tokenizer.model/tokenizer.json) or data.tokenizer; none written"
 
 
-# ----------------------------------------------------------------------------- CLI
+if __name__ == "__main__":  # `python -m cla_jax.export_hf` still works; the command is cla_jax/cli/export_hf.py
+  from cla_jax.cli import export_hf as command  # pylint: disable=g-import-not-at-top
 
-
-def define_flags() -> None:
-  """The CLI flags; defined on demand so importing this module as a library adds no global flags."""
-  flags.DEFINE_string("workdir", None, "cla_jax workdir to export (trained or converted).")
-  flags.DEFINE_string("out", None, "Output Hugging Face model directory (new or empty, unless --overwrite).")
-  flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
-  flags.DEFINE_enum("dtype", "bfloat16", DTYPES, "dtype of the exported weights.")
-  flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out directory.")
-
-
-def main(argv: list[str]) -> None:
-  """CLI entry point."""
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments {argv[1:]}; use --workdir=DIR --out=HF_DIR.")
-  args = flags.FLAGS
-  if not args.workdir or not args.out:
-    raise UserError("--workdir and --out are required, e.g. --workdir=runs/default --out=runs/default-hf.")
-  summary = export(args.workdir, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite)
-  for line in describe_export(summary):
-    print(line)
-
-
-def run() -> None:
-  """Console-script entry point."""
-  define_flags()
-  cli.run(main)
-
-
-if __name__ == "__main__":
-  run()
+  command.entry()

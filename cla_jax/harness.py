@@ -1,6 +1,6 @@
 """EleutherAI's LM-Eval-Harness on a cla_jax workdir: the `cla_jax` harness model and a wrapper CLI.
 
-    python -m cla_jax.harness --model_args workdir=DIR[,step=N] --tasks hellaswag,piqa [--num_fewshot K ...]
+    cla-harness --model_args workdir=DIR[,step=N] --tasks hellaswag,piqa [--num_fewshot K ...]
 
     import lm_eval, cla_jax.harness
     lm_eval.simple_evaluate(model=cla_jax.harness.CLAHarnessLM(workdir=DIR), tasks=["piqa"])
@@ -9,8 +9,8 @@
 the data-parallel devices, params sharded by the rule table; every process runs every request and feeds its rows):
 `loglikelihood` and `loglikelihood_rolling` score fixed-shape batches of token windows (the rolling ones are
 eval.py's own `rolling_windows`), `generate_until` goes through the model's KV-cached `generate`.
-lm-eval 0.4.13 has no plugin entry point for models, hence the wrapper CLI: it registers the model, then hands
-every flag to the harness's own CLI. See docs/eval.md.
+lm-eval 0.4.13 has no plugin entry point for models, hence the wrapper command (cla_jax/cli/harness.py): it
+imports this module, which registers the model, then hands every flag to the harness's own CLI. See docs/eval.md.
 """
 
 from __future__ import annotations
@@ -363,57 +363,8 @@ def _counted(batches: Iterable[Any], bar: tqdm.tqdm) -> Iterable[Any]:
     bar.update(1)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Command line: the harness's own, with the model registered and chosen.
-# ---------------------------------------------------------------------------------------------------------
+if __name__ == "__main__":  # `python -m cla_jax.harness` still works; the command is cla_jax/cli/harness.py
+  sys.modules[__spec__.name] = sys.modules[__name__]  # one copy of this module: lm_eval registers the model once
+  from cla_jax.cli import harness as command  # pylint: disable=g-import-not-at-top
 
-_SUBCOMMANDS = ("run", "ls", "validate")
-
-
-def harness_argv(argv: Sequence[str]) -> list[str]:
-  """The harness CLI's arguments for ours: `--model cla_jax` added, and `--batch_size auto` (the workdir's
-  eval.batch_size) unless a batch size is given; `ls` / `validate` pass through untouched."""
-  argv = list(argv)
-  if argv and argv[0] in ("ls", "validate", "-h", "--help"):
-    return argv
-  if argv and argv[0] == "run":
-    argv = argv[1:]
-  for i, arg in enumerate(argv):
-    name, _, value = arg.partition("=")
-    if name in ("--model", "-M"):
-      value = value or (argv[i + 1] if i + 1 < len(argv) else "")
-      if value != "cla_jax":
-        raise UserError(
-            f"--model {value}: this command evaluates cla_jax workdirs; use lm-eval itself for other "
-            "models, or drop --model."
-        )
-  added = [] if any(a.split("=")[0] in ("--model", "-M") for a in argv) else ["--model", "cla_jax"]
-  if not any(a.split("=")[0] in ("--batch_size", "-b") for a in argv):
-    added += ["--batch_size", "auto"]
-  return ["run", *added, *argv]
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  """`python -m cla_jax.harness ARGS`: `lm-eval run --model cla_jax ARGS` with this model registered."""
-  from lm_eval.__main__ import cli_evaluate  # pylint: disable=g-import-not-at-top
-
-  argv = sys.argv[1:] if argv is None else argv
-  try:
-    sharding.maybe_initialize_distributed()
-    sys.argv = ["python -m cla_jax.harness", *harness_argv(argv)]
-    cli_evaluate()
-  except UserError as e:
-    sys.stderr.write(f"error: {e}\n")
-    sys.exit(2)
-  except ValueError as e:
-    if not str(e).startswith("Tasks not found"):  # the harness's one bad-input ValueError; others are bugs
-      raise
-    sys.stderr.write(
-        f"error: {str(e).splitlines()[0].replace('Tasks not found', 'unknown task(s)')}; list the tasks with "
-        "`python -m cla_jax.harness ls tasks`.\n"
-    )
-    sys.exit(2)
-
-
-if __name__ == "__main__":
-  main()
+  command.entry()

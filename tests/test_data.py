@@ -618,10 +618,10 @@ def test_workers_run_every_task_and_reraise_a_failure(text_config, tmp_path, num
     out = tmp_path / "out"
     out.mkdir()
     tasks = [{"path": str(out / f"{i}.txt"), "text": str(i)} for i in range(20)]
-    workers.run(write_text_task, tasks, uses_state=False)
+    workers.map(write_text_task, tasks, uses_state=False)
     assert sorted(int(p.read_text()) for p in out.iterdir()) == list(range(20))
     with pytest.raises(RuntimeError, match="task 3 failed"):
-      workers.run(fail_on_task_3, [{"task": i} for i in range(8)])
+      workers.map(fail_on_task_3, [{"task": i} for i in range(8)])
   finally:
     workers.close()
 

@@ -346,10 +346,10 @@ def test_bad_command_lines_exit_2_with_one_line_and_no_side_effects(tmp_path, tr
 
 
 def _python_cli(code: str, *args: str):
-  """Runs `code` (defining main(argv)) under cli.run in a fresh Python, as a command would: its real stderr."""
+  """Runs `code` (defining main(argv)) under cli.start in a fresh Python, as a command would: its real stderr."""
   import subprocess  # pylint: disable=g-import-not-at-top
 
-  program = f"import sys\nfrom cla_jax import cli\n{code}\ncli.run(main)\n"
+  program = f"import sys\nfrom cla_jax import cli\n{code}\ncli.start(main)\n"
   return subprocess.run(
       [th.sys.executable, "-c", program, *args],
       cwd=th.REPO_ROOT,

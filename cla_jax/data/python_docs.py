@@ -202,17 +202,7 @@ def verify(b: CLAPythonDocs) -> None:
     )
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  b = prepare(_DATA_DIR.value)
-  splits = {name: info.num_examples for name, info in b.info.splits.items()}
-  print(f"{NAME} ready in {b.data_dir}: {splits} files, checksum {b.info.metadata['checksum'][:16]}")
+if __name__ == "__main__":  # `python -m cla_jax.data.python_docs` still works; the command: cla_jax/cli/python_docs.py
+  from cla_jax.cli import python_docs as command  # pylint: disable=g-import-not-at-top
 
-
-if __name__ == "__main__":
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  from cla_jax import cli  # pylint: disable=g-import-not-at-top
-
-  _DATA_DIR = flags.DEFINE_string("data_dir", "~/.cache/cla_jax", "TFDS data dir (same as config.data.data_dir).")
-  cli.run(main)
+  command.entry()

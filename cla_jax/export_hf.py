@@ -7,15 +7,7 @@ plain `LlamaForCausalLM`. Any other model is written with this package's `config
 `modeling_cla.py` (a Llama-style decoder whose KV cache holds one entry per layer group), loaded with
 `AutoModelForCausalLM.from_pretrained(HF_DIR, trust_remote_code=True)`. See docs/export_hf.md.
 
-Weight mapping (cla_jax [in, ...] matmul operands become HF [out, in] matrices; convert_hf's, reversed):
-  embed [v, d]                    -> model.embed_tokens.weight [v, d]
-  layer.query [d, n, h]           -> model.layers.i.self_attn.q_proj.weight [n*h, d]
-  kv.key/value [d, k, h]          -> model.layers.i.self_attn.k_proj/v_proj.weight [k*h, d]  (group's first layer)
-  kv.norm                         -> model.layers.i.kv_layernorm.weight  (CLA format; Llama: == input_layernorm)
-  layer.out [n, h, d]             -> model.layers.i.self_attn.o_proj.weight [d, n*h]
-  layer.gate/up [d, f], down [f, d] -> model.layers.i.mlp.gate_proj/up_proj [f, d], down_proj [d, f]
-  layer.attn_norm, mlp_norm       -> model.layers.i.input_layernorm, post_attention_layernorm
-  final_norm                      -> model.norm;   lm_head [d, v] -> lm_head.weight [v, d] (untied only)
+The weight mapping is the table in cla_jax/hf_layout.py, shared with `convert_hf`.
 """
 
 from __future__ import annotations
@@ -31,8 +23,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from cla_jax import hf_layout, paths, patterns
 from cla_jax import model as model_lib
-from cla_jax import paths, patterns
 from cla_jax.errors import UserError
 
 DTYPES = ("bfloat16", "float32")
@@ -75,30 +67,18 @@ def is_plain_llama(params: dict, cfg: model_lib.ModelConfig) -> bool:
 
 def hf_tensors(params: dict, cfg: model_lib.ModelConfig, llama: bool) -> dict[str, np.ndarray]:
   """The float32 tensors of the export under Hugging Face names and layouts (KV norms only when not `llama`)."""
-  d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   params = jax.tree.map(np.asarray, params)
-  tensors = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["final_norm"]["scale"]}
-  if not cfg.tie_embeddings:
-    tensors["lm_head.weight"] = params["lm_head"].T
+  top = (hf_layout.EMBED, hf_layout.FINAL_NORM) + (() if cfg.tie_embeddings else (hf_layout.LM_HEAD,))
+  tensors = {t.hf_name: hf_layout.to_hf(t, hf_layout.get(params, t)) for t in top}
+  kv_tensors = hf_layout.KV + (() if llama else (hf_layout.KV_NORM,))
   for layers, group in zip(patterns.layer_groups(cfg.group_sizes), _per_group(params, cfg)):
     for j, i in enumerate(layers):
-      layer, p = group[f"layer_{j}"], f"model.layers.{i}."
+      p = hf_layout.layer_prefix(i)
       tensors.update(
-          {
-              p + "input_layernorm.weight": layer["attn_norm"]["scale"],
-              p + "self_attn.q_proj.weight": layer["query"].reshape(d, n * h).T,
-              p + "self_attn.o_proj.weight": layer["out"].reshape(n * h, d).T,
-              p + "post_attention_layernorm.weight": layer["mlp_norm"]["scale"],
-              p + "mlp.gate_proj.weight": layer["gate"].T,
-              p + "mlp.up_proj.weight": layer["up"].T,
-              p + "mlp.down_proj.weight": layer["down"].T,
-          }
+          {p + t.hf_name: hf_layout.to_hf(t, hf_layout.get(group[f"layer_{j}"], t)) for t in hf_layout.LAYER}
       )
-      if j == 0:
-        tensors[p + "self_attn.k_proj.weight"] = group["kv"]["key"].reshape(d, k * h).T
-        tensors[p + "self_attn.v_proj.weight"] = group["kv"]["value"].reshape(d, k * h).T
-        if not llama:
-          tensors[p + "kv_layernorm.weight"] = group["kv"]["norm"]["scale"]
+      if j == 0:  # the group's K/V live with its first layer
+        tensors.update({p + t.hf_name: hf_layout.to_hf(t, hf_layout.get(group["kv"], t)) for t in kv_tensors})
   return {name: np.ascontiguousarray(t, dtype=np.float32) for name, t in tensors.items()}
 
 

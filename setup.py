@@ -62,10 +62,10 @@ setup(
             "lm_eval==0.4.13",
             "ruff",
             "pyink",
-            # libtpu: compile-only TPU devices for `python -m cla_jax.aot` and its tests on a CPU-only machine.
+            # libtpu: compile-only TPU devices for `python -m cla_jax.cli.aot` and its tests on a CPU-only machine.
             "jax[tpu]==0.10.2",
         ],
-        # LM-Eval-Harness: python -m cla_jax.harness (docs/eval.md).
+        # LM-Eval-Harness: python -m cla_jax.cli.harness (docs/eval.md).
         "eval": ["lm_eval==0.4.13"],
         "gpu": ["jax[cuda12]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],

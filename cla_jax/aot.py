@@ -39,11 +39,6 @@ def _batch_spec(batch_size: int, seq_len: int, packing: bool, mesh: jax.sharding
   return batch
 
 
-def build_mesh(config: ml_collections.ConfigDict, devices: list[Any]) -> jax.sharding.Mesh:
-  """The trainer's (data, fsdp, tensor) mesh laid over the target's devices (MeshError if it cannot be)."""
-  return sharding.make_mesh(config.mesh, devices)
-
-
 def _memory(compiled: Any) -> dict[str, int]:
   stats = compiled.memory_analysis()
   return {
@@ -115,7 +110,7 @@ def compile_steps(
   allocations, instead of raising.
   """
   config_lib.check_values(config)
-  mesh = build_mesh(config, devices)
+  mesh = sharding.make_mesh(config.mesh, devices)  # the trainer's mesh over the target's devices
   from cla_jax import trainer  # pylint: disable=g-import-not-at-top  (heavy: orbax, data)
 
   trainer.check_train_config(config, mesh)
@@ -327,9 +322,3 @@ def table(result: dict[str, Any]) -> str:
   rows.append(("fits", "yes" if result["fits"] else f"NO (limit {FIT_FRACTION:.0%} of HBM)"))
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-if __name__ == "__main__":  # `python -m cla_jax.aot` still works; the command is cla_jax/cli/aot.py
-  from cla_jax.cli import aot as command  # pylint: disable=g-import-not-at-top
-
-  command.entry()

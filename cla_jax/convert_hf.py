@@ -618,9 +618,3 @@ def describe_report(report: dict) -> Iterator[str]:
         f"data.tokenizer={report['tokenizer']!r}; the model only makes sense with its own tokenizer: pass "
         "--config.data.tokenizer=PATH (tokenizer.json or .model)."
     )
-
-
-if __name__ == "__main__":  # `python -m cla_jax.convert_hf` still works; the command is cla_jax/cli/convert_hf.py
-  from cla_jax.cli import convert_hf as command  # pylint: disable=g-import-not-at-top
-
-  command.entry()

@@ -46,9 +46,3 @@ def describe(cfg: ModelConfig) -> dict[str, Any]:
 
 def _segment_index(name: str) -> tuple[int, ...]:
   return tuple(int(n) for n in re.findall(r"\d+", name))
-
-
-if __name__ == "__main__":  # `python -m cla_jax.describe` still works; the command is cla_jax/cli/describe.py
-  from cla_jax.cli import describe as command  # pylint: disable=g-import-not-at-top
-
-  command.entry()

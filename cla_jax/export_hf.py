@@ -248,11 +248,11 @@ def export(
 
   if dtype not in DTYPES:
     raise ExportError(f"--dtype={dtype!r} is not one of {DTYPES}.")
-  workdir_arg = os.fspath(workdir)  # as given: restore_params also reads gs:// workdirs
+  workdir_arg = os.fspath(workdir)  # as given: workdir.open also reads gs:// workdirs
   workdir, out = pathlib.Path(workdir), pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(out))))
   _check_out(workdir, out, overwrite)
-  params, config, restored_step = workdir_lib.restore_params(workdir_arg, step=step)
-  cfg = model_lib.ModelConfig.from_config(config.model)
+  opened = workdir_lib.open(workdir_arg, step=step, mesh=None)  # replicated: the export reads every array whole
+  params, config, restored_step, cfg = opened.params, opened.config, opened.step, opened.model_config
   if cfg.norm != "rmsnorm":
     raise ExportError(
         f"model.norm={cfg.norm!r} cannot be exported: Llama and the CLA modeling file use RMSNorm "
@@ -319,9 +319,3 @@ def describe_export(summary: dict) -> Iterator[str]:
     yield f"tokenizer: {summary['tokenizer']}"
   else:
     yield "warning: no tokenizer found in the workdir (tokenizer.model/tokenizer.json) or data.tokenizer; none written"
-
-
-if __name__ == "__main__":  # `python -m cla_jax.export_hf` still works; the command is cla_jax/cli/export_hf.py
-  from cla_jax.cli import export_hf as command  # pylint: disable=g-import-not-at-top
-
-  command.entry()

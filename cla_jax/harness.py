@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -361,10 +360,3 @@ def _counted(batches: Iterable[Any], bar: tqdm.tqdm) -> Iterable[Any]:
   for batch in batches:
     yield batch
     bar.update(1)
-
-
-if __name__ == "__main__":  # `python -m cla_jax.harness` still works; the command is cla_jax/cli/harness.py
-  sys.modules[__spec__.name] = sys.modules[__name__]  # one copy of this module: lm_eval registers the model once
-  from cla_jax.cli import harness as command  # pylint: disable=g-import-not-at-top
-
-  command.entry()

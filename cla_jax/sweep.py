@@ -104,7 +104,7 @@ def _call_get_runs(path: pathlib.Path, get_runs: Any, seeds: int | None) -> list
         "cla_jax.sweep.Run."
     )
   runs = list(runs)
-  # By fields, not isinstance: under `python -m cla_jax.sweep` the file's Run is another module's class.
+  # By fields, not isinstance: a sweep file may hold another copy of Run (e.g. one run as __main__).
   bad = [r for r in runs if not (dataclasses.is_dataclass(r) and hasattr(r, "name") and hasattr(r, "config"))]
   if bad:
     raise UserError(
@@ -404,9 +404,3 @@ def format_dry_run(runner: Runner) -> str:
           f"{run.config} seed={run.seed} {overrides}"
       )
   return "\n".join(lines)
-
-
-if __name__ == "__main__":  # `python -m cla_jax.sweep` still works; the command is cla_jax/cli/sweep.py
-  from cla_jax.cli import sweep as command  # pylint: disable=g-import-not-at-top
-
-  command.entry()

@@ -182,7 +182,7 @@ def test_harness_without_workdir_or_with_an_unknown_task(monkeypatch, capsys):
   assert exit_info.value.code == 2
   lines = capsys.readouterr().err.strip().splitlines()
   assert lines[-1] == (
-      "error: unknown task(s): no_such_task; list the tasks with `python -m cla_jax.harness ls tasks`."
+      "error: unknown task(s): no_such_task; list the tasks with `python -m cla_jax.cli.harness ls tasks`."
   )
 
 

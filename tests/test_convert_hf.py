@@ -302,7 +302,7 @@ def _word_tokenizer(path: pathlib.Path, text: str) -> None:
 
 @pytest.fixture(scope="module")
 def cli_workdir(gqa_model, tmp_path_factory):
-  """`python -m cla_jax.convert_hf --pattern=cla2` on a checkpoint with a tokenizer.json."""
+  """`python -m cla_jax.cli.convert_hf --pattern=cla2` on a checkpoint with a tokenizer.json."""
   root = tmp_path_factory.mktemp("cli")
   hf_dir = _save(gqa_model, root / "hf")
   text = " ".join(f"word{i % 40} alpha beta gamma delta" for i in range(400))
@@ -315,7 +315,7 @@ def cli_workdir(gqa_model, tmp_path_factory):
       [
           sys.executable,
           "-m",
-          "cla_jax.convert_hf",
+          "cla_jax.cli.convert_hf",
           f"--hf_dir={hf_dir}",
           f"--workdir={root / 'work'}",
           "--pattern=cla2",
@@ -352,9 +352,9 @@ def test_cli_reports_dropped_kv_and_references_tokenizer(cli_workdir):
 
 
 def _convert_cli(*flags: str) -> subprocess.CompletedProcess:
-  """`python -m cla_jax.convert_hf FLAGS` on CPU, output captured."""
+  """`python -m cla_jax.cli.convert_hf FLAGS` on CPU, output captured."""
   return subprocess.run(
-      [sys.executable, "-m", "cla_jax.convert_hf", *flags],
+      [sys.executable, "-m", "cla_jax.cli.convert_hf", *flags],
       cwd=REPO_ROOT,
       env=dict(os.environ, JAX_PLATFORMS="cpu"),
       capture_output=True,
@@ -415,7 +415,7 @@ def test_truncated_safetensors_is_one_line_and_nan_weights_are_refused(gqa_dir, 
   (weights,) = truncated.glob("*.safetensors")
   weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
   result = subprocess.run(
-      [sys.executable, "-m", "cla_jax.convert_hf", f"--hf_dir={truncated}", f"--workdir={tmp_path / 'w1'}"],
+      [sys.executable, "-m", "cla_jax.cli.convert_hf", f"--hf_dir={truncated}", f"--workdir={tmp_path / 'w1'}"],
       cwd=REPO_ROOT,
       env=dict(os.environ, JAX_PLATFORMS="cpu"),
       capture_output=True,

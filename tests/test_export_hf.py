@@ -363,7 +363,13 @@ def test_errors_are_one_clear_line(tmp_path, keep_ends_workdir):
 
 def test_cli_writes_and_refuses_in_one_line(tmp_path, keep_ends_workdir):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  command = [sys.executable, "-m", "cla_jax.export_hf", f"--workdir={keep_ends_workdir}", f"--out={tmp_path / 'hf'}"]
+  command = [
+      sys.executable,
+      "-m",
+      "cla_jax.cli.export_hf",
+      f"--workdir={keep_ends_workdir}",
+      f"--out={tmp_path / 'hf'}",
+  ]
   result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
   assert "cla" in result.stdout and (tmp_path / "hf" / "modeling_cla.py").is_file()

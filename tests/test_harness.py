@@ -263,7 +263,7 @@ def test_cli_gives_the_same_accuracy_and_one_line_errors(setup, tmp_path, monkey
   cmd = [
       sys.executable,
       "-m",
-      "cla_jax.harness",
+      "cla_jax.cli.harness",
       "--model_args",
       f"workdir={setup['workdir']},max_length={MAX_LENGTH}",
       "--tasks",

@@ -302,7 +302,7 @@ def test_bad_command_lines_exit_2_with_one_line_and_no_side_effects(tmp_path, tr
       ([*ev, "--batch_size=0"], "--batch_size=0 must be at least 1", None),
       ([*ev, "--config.model.x=3"], "--config.model.x: no such config field", None),
       ([*ev, f"--text_file={binary}"], "is not UTF-8 text", None),
-      (["-m", "cla_jax.describe", "--config=configs/nope.py"], "configs/nope.py' not found", None),
+      (["-m", "cla_jax.cli.describe", "--config=configs/nope.py"], "configs/nope.py' not found", None),
       # Issue 27: the newer commands, and config errors that used to leave files behind or read badly.
       (["generate.py", f"--workdir={good}", f"--prompt_file={binary}"], "is not UTF-8 text", None),
       (
@@ -315,11 +315,15 @@ def test_bad_command_lines_exit_2_with_one_line_and_no_side_effects(tmp_path, tr
           '(did you mean "num_layers"?)',
           "w7",
       ),
-      (["-m", "cla_jax.sweep", f"--sweep={bad_sweep}", f"--workdir={tmp_path / 'w8'}"], "line 1: invalid syntax", "w8"),
-      (["-m", "cla_jax.sweep", f"--sweep={good_sweep}", f"--workdir={a_file}"], "is a file, not a directory", None),
-      (["-m", "cla_jax.data.prepare", f"--output={a_file}", *ok], "--output=", None),
+      (
+          ["-m", "cla_jax.cli.sweep", f"--sweep={bad_sweep}", f"--workdir={tmp_path / 'w8'}"],
+          "line 1: invalid syntax",
+          "w8",
+      ),
+      (["-m", "cla_jax.cli.sweep", f"--sweep={good_sweep}", f"--workdir={a_file}"], "is a file, not a directory", None),
+      (["-m", "cla_jax.cli.prepare", f"--output={a_file}", *ok], "--output=", None),
       *(
-          [(["-m", "cla_jax.export_hf", f"--workdir={good}", f"--out={read_only}/hf"], "not writable", None)]
+          [(["-m", "cla_jax.cli.export_hf", f"--workdir={good}", f"--out={read_only}/hf"], "not writable", None)]
           if mounted
           else []
       ),

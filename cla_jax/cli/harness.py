@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
   try:
     sharding.maybe_initialize_distributed()
-    sys.argv = ["python -m cla_jax.harness", *harness_argv(argv)]
+    sys.argv = ["python -m cla_jax.cli.harness", *harness_argv(argv)]
     cli_evaluate()
   except cli.UserError as e:
     sys.stderr.write(f"error: {e}\n")
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       raise
     sys.stderr.write(
         f"error: {str(e).splitlines()[0].replace('Tasks not found', 'unknown task(s)')}; list the tasks with "
-        "`python -m cla_jax.harness ls tasks`.\n"
+        "`python -m cla_jax.cli.harness ls tasks`.\n"
     )
     sys.exit(2)
 

@@ -7,6 +7,6 @@ Modules, each importing only those above it (no circle):
   sources      documents of a split from the default corpus, any TFDS dataset, or local .txt / .jsonl files
   tokenizer    sentencepiece (trained on the data and cached) or a Hugging Face tokenizer.json
   prepared     the prepared-split format: ArrayRecord shards of windows + index.json, read at random
-  prepare      the prepare step (parallel, resumable; `python -m cla_jax.data.prepare`) and `open_split`
+  prepare      the prepare step (parallel, resumable; `python -m cla_jax.cli.prepare`) and `open_split`
   batches      TrainBatches (step-indexed, per host, prefetched) and eval_batches
 """

@@ -395,7 +395,7 @@ def open_split(
     if prepared.read_index(directory) is None:
       raise UserError(
           f"data.prepared_dir={prepared_dir!r} has no prepared {split!r} split ({directory}/index.json "
-          f"missing); prepare it with `python -m cla_jax.data.prepare --config=... "
+          f"missing); prepare it with `python -m cla_jax.cli.prepare --config=... "
           f"--output={prepared_dir}`."
       )
   else:
@@ -500,9 +500,3 @@ def _fetch(config: ml_collections.ConfigDict) -> None:
         ) from None
   elif config.data.source == "python_docs" and not python_docs.builder(sources.data_dir_of(config)).is_prepared():
     python_docs.fetch_sources(sources.data_dir_of(config))
-
-
-if __name__ == "__main__":  # `python -m cla_jax.data.prepare` still works; the command is cla_jax/cli/prepare.py
-  from cla_jax.cli import prepare as command  # pylint: disable=g-import-not-at-top
-
-  command.entry()

@@ -6,7 +6,7 @@ builder, so the corpus goes through the same path as every TFDS dataset (prepare
 tensorflow-datasets reads without tensorflow). The train/validation split is fixed at the file level and
 the sha256 of the source tree is recorded in the dataset's metadata and checked on every load.
 
-  python -m cla_jax.data.python_docs [--data_dir=~/.cache/cla_jax]   # make sure the corpus is ready (idempotent)
+  python -m cla_jax.cli.python_docs [--data_dir=~/.cache/cla_jax]   # make sure the corpus is ready (idempotent)
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class CLAPythonDocs(tfds.core.GeneratorBasedBuilder):
     found = find_sources(str(self._data_dir_root))
     if found is None:
       raise UserError(
-          f"{PACKAGE} not found; run " f"`python -m cla_jax.data.python_docs --data_dir={self._data_dir_root}`."
+          f"{PACKAGE} not found; run " f"`python -m cla_jax.cli.python_docs --data_dir={self._data_dir_root}`."
       )
     return found
 
@@ -198,11 +198,5 @@ def verify(b: CLAPythonDocs) -> None:
   if current != recorded:
     raise UserError(
         f"{NAME} in {b.data_dir} was built from a different {source_dir} (checksum {recorded[:12]}, "
-        f"now {current[:12]}); delete {b.data_dir} and run `python -m cla_jax.data.python_docs`."
+        f"now {current[:12]}); delete {b.data_dir} and run `python -m cla_jax.cli.python_docs`."
     )
-
-
-if __name__ == "__main__":  # `python -m cla_jax.data.python_docs` still works; the command: cla_jax/cli/python_docs.py
-  from cla_jax.cli import python_docs as command  # pylint: disable=g-import-not-at-top
-
-  command.entry()

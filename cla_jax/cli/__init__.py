@@ -2,7 +2,8 @@
 
 Every command module here holds `define_flags()` (absl flags, defined on demand so that importing it adds
 no global flags), `main(argv)` (check the flags, then one call into the library) and `entry()` (the
-console script `cla-*`; also what `python -m cla_jax.cli.<command>` runs). Only this package imports absl:
+console script `cla-*`; also what `python -m cla_jax.cli.<command>` runs); `harness` alone has no flags of
+its own, as it hands its arguments to lm_eval's command line. Only this package imports absl:
 the library modules under cla_jax/ take arguments and raise `UserError`, which `start` prints as one line.
 
   train, eval, generate            cla-train, cla-eval, cla-generate (and train.py, eval.py, generate.py)

@@ -151,7 +151,7 @@ def test_tfds_source_by_name(tiny_config, tmp_path):
   tiny_config.data.update(
       source="tfds", tfds_name="cla_test_toy_text", data_dir=str(tmp_path), text_key="body", eval_split="test"
   )
-  with pytest.raises(UserError, match=r"not prepared.*python -m cla_jax\.data\.prepare"):
+  with pytest.raises(UserError, match=r"not prepared.*python -m cla_jax\.cli\.prepare"):
     sources.get_source(tiny_config)
   tfds.display_progress_bar(False)
   ClaTestToyText(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()

@@ -1,9 +1,9 @@
 """Generates text from a workdir's model with the KV cache: `python generate.py --workdir=DIR --prompt="..."`.
 
-The same command as `cla-generate` (cla_jax/generate_cli.py, flags and all). See the README's "Generate" section.
+The same command as `cla-generate` (cla_jax/cli/generate.py, flags and all). See the README's "Generate" section.
 """
 
-from cla_jax import generate_cli
+from cla_jax.cli import generate as generate_command
 
 if __name__ == "__main__":
-  generate_cli.run()
+  generate_command.entry()

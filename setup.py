@@ -15,13 +15,18 @@ setup(
     package_dir={"cla_jax.configs": "configs"},
     entry_points={
         "console_scripts": [
-            "cla-train=cla_jax.train_cli:run",
-            "cla-eval=cla_jax.eval_cli:run",
-            "cla-describe=cla_jax.describe:run",
-            "cla-convert-hf=cla_jax.convert_hf:run",
-            "cla-generate=cla_jax.generate_cli:run",
-            "cla-export-hf=cla_jax.export_hf:run",
-            "cla-aot=cla_jax.aot:run",
+            # One module per command under cla_jax/cli/, each with the same entry().
+            "cla-train=cla_jax.cli.train:entry",
+            "cla-eval=cla_jax.cli.eval:entry",
+            "cla-generate=cla_jax.cli.generate:entry",
+            "cla-describe=cla_jax.cli.describe:entry",
+            "cla-convert-hf=cla_jax.cli.convert_hf:entry",
+            "cla-export-hf=cla_jax.cli.export_hf:entry",
+            "cla-harness=cla_jax.cli.harness:entry",
+            "cla-prepare=cla_jax.cli.prepare:entry",
+            "cla-python-docs=cla_jax.cli.python_docs:entry",
+            "cla-sweep=cla_jax.cli.sweep:entry",
+            "cla-aot=cla_jax.cli.aot:entry",
         ],
     },
     # The transformers modeling files that cla_jax.export_hf copies into every CLA export.
@@ -57,10 +62,10 @@ setup(
             "lm_eval==0.4.13",
             "ruff",
             "pyink",
-            # libtpu: compile-only TPU devices for `python -m cla_jax.aot` and its tests on a CPU-only machine.
+            # libtpu: compile-only TPU devices for `python -m cla_jax.cli.aot` and its tests on a CPU-only machine.
             "jax[tpu]==0.10.2",
         ],
-        # LM-Eval-Harness: python -m cla_jax.harness (docs/eval.md).
+        # LM-Eval-Harness: python -m cla_jax.cli.harness (docs/eval.md).
         "eval": ["lm_eval==0.4.13"],
         "gpu": ["jax[cuda12]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],

@@ -1,10 +1,10 @@
 """Trains a CLA transformer: `python train.py --config=configs/default.py --workdir=DIR [--config.x=y ...]`.
 
-The same command as `cla-train` (cla_jax/train_cli.py, flags and all). Rerunning the same command on the same
+The same command as `cla-train` (cla_jax/cli/train.py, flags and all). Rerunning the same command on the same
 workdir resumes from its newest checkpoint. See docs/training.md.
 """
 
-from cla_jax import train_cli
+from cla_jax.cli import train as train_command
 
 if __name__ == "__main__":
-  train_cli.run()
+  train_command.entry()

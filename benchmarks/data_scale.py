@@ -5,7 +5,7 @@ of ~1M tokens vs one `--scale` times larger, and input throughput against the tr
       [--measure=prepare,startup,throughput] [--prepare_repeats=1]
 
 Generates a corpus of synthetic English-like sentences under --root (deleted at the end), trains one
-sentencepiece tokenizer on it, prepares the large corpus with `python -m cla_jax.data.prepare` at
+sentencepiece tokenizer on it, prepares the large corpus with `python -m cla_jax.cli.prepare` at
 --num_workers=1 and 2 (checking both give the same bytes), then runs `train.py` for one step on each
 prepared corpus (`--config.data.prepared_dir`), recording wall time from process start to exit (start-up,
 compilation, one step, one checkpoint) and the child's peak RSS (wait4). Prints one JSON line per measurement
@@ -120,7 +120,7 @@ def _measure(root: pathlib.Path) -> None:
   config = config_lib.load(config_lib.DEFAULT_CONFIG)
   config.data.update(source="text", text_glob=str(root / "small" / "*.txt"), cache_dir=str(root / "cache"))
   tokenizer = str(tokenizer_lib.get_tokenizer(config).save(root / "tokenizer"))
-  prepare = [py, "-m", "cla_jax.data.prepare", "--config=configs/default.py"]
+  prepare = [py, "-m", "cla_jax.cli.prepare", "--config=configs/default.py"]
 
   def prepare_large(workers: int, output: pathlib.Path) -> tuple[float, float, int]:
     shutil.rmtree(output, ignore_errors=True)
@@ -213,4 +213,4 @@ def _measure(root: pathlib.Path) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.start(main)

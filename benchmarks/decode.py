@@ -134,7 +134,7 @@ class RowBench:
       param_dtype: object = jnp.float32,
   ):
     self.cfg, self.steps, self.kv_cache_dtype = cfg, steps, kv_cache_dtype
-    self.decoder = decode.Decoder(cfg, mesh or decode.single_device_mesh(), decode.Sampling(), kv_cache_dtype)
+    self.decoder = decode.Decoder(cfg, mesh or sharding.single_device_mesh(), decode.Sampling(), kv_cache_dtype)
     if abstract_params:
       shapes = nn.meta.unbox(model_lib.abstract_params(cfg))
       self.params = jax.tree.map(
@@ -435,4 +435,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.start(main)

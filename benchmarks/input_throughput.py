@@ -93,4 +93,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.start(main)

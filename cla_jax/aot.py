@@ -10,23 +10,17 @@ choices resolve for TPU, not for this host. Prints a table, then one JSON line (
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from absl import flags
-from ml_collections import config_flags
 
-from cla_jax import cli, config_lib, hlo_stats, optim, sharding, topology
+from cla_jax import config_lib, hlo_stats, optim, sharding, topology
 from cla_jax import metrics as metrics_lib
 from cla_jax import model as model_lib
 from cla_jax import train_step as train_step_lib
-from cla_jax.errors import UserError
 
 FIT_FRACTION = 0.9  # fits: total HBM <= 90% of a chip (XLA and the runtime keep some for themselves)
 
@@ -43,11 +37,6 @@ def _batch_spec(batch_size: int, seq_len: int, packing: bool, mesh: jax.sharding
   if packing:
     batch["positions"], batch["segment_ids"] = ints(), ints()
   return batch
-
-
-def build_mesh(config: ml_collections.ConfigDict, devices: list[Any]) -> jax.sharding.Mesh:
-  """The trainer's (data, fsdp, tensor) mesh laid over the target's devices (MeshError if it cannot be)."""
-  return sharding.make_mesh(config.mesh, devices)
 
 
 def _memory(compiled: Any) -> dict[str, int]:
@@ -121,7 +110,7 @@ def compile_steps(
   allocations, instead of raising.
   """
   config_lib.check_values(config)
-  mesh = build_mesh(config, devices)
+  mesh = sharding.make_mesh(config.mesh, devices)  # the trainer's mesh over the target's devices
   from cla_jax import trainer  # pylint: disable=g-import-not-at-top  (heavy: orbax, data)
 
   trainer.check_train_config(config, mesh)
@@ -333,64 +322,3 @@ def table(result: dict[str, Any]) -> str:
   rows.append(("fits", "yes" if result["fits"] else f"NO (limit {FIT_FRACTION:.0%} of HBM)"))
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def _json_safe(x: Any) -> Any:
-  if isinstance(x, (np.integer, np.floating)):
-    return x.item()
-  return x
-
-
-def define_flags() -> None:
-  """The command's flags; defined on demand, so importing this module adds no global flags."""
-  config_flags.DEFINE_config_file(
-      "config", config_lib.DEFAULT_CONFIG, "Experiment config (path[:row]).", lock_config=True
-  )
-  flags.DEFINE_string("topology", None, "TPU slice: v5e-16, v5e-256, v5p-64, v5p-128, v4-32, v6e-8, or v5e:4x4.")
-  flags.DEFINE_integer("num_slices", 1, "Slices joined by DCN (multi-slice; mesh.data spans them).")
-  flags.DEFINE_bool("max_batch", False, "Also search the largest per-chip batch that fits (several compiles).")
-  flags.DEFINE_bool(
-      "remat_search",
-      False,
-      "Also compile each remat policy, least recomputation first, and name the cheapest that fits "
-      "(done anyway when the config's own policy does not fit).",
-  )
-  flags.mark_flags_as_required(["topology"])
-
-
-def main(argv: list[str]) -> None:
-  """Prints the fit table of `--config` on `--topology`, then its JSON line."""
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments {argv[1:]}; use --config.<field>=<value> for overrides.")
-  f = flags.FLAGS
-  topology.parse(f.topology, f.num_slices)  # bad names fail before anything compiles
-  result = check(f.config, f.topology, f.num_slices)
-  search = None
-  if f.remat_search:
-    search = cheapest_remat(f.config, f.topology, f.num_slices)
-  elif not result["fits"] and result["remat"] != REMAT_ORDER[-1]:
-    # Only policies that recompute more than this one can fit where it does not.
-    search = cheapest_remat(f.config, f.topology, f.num_slices, REMAT_ORDER[REMAT_ORDER.index(result["remat"]) + 1])
-  if search is not None:
-    result["remat_search"] = search["tried"]
-    result["advice"] = advice(result, search)
-  if f.max_batch:
-    found = max_batch(f.config, f.topology, f.num_slices)
-    result["max_batch_per_chip"] = found["max_batch_per_chip"]
-  print(table(result))
-  if "max_batch_per_chip" in result:
-    print(f"largest batch that fits: {result['max_batch_per_chip']} sequences per chip")
-  if result.get("advice"):
-    print(result["advice"])
-  sys.stdout.flush()
-  print(json.dumps(jax.tree.map(_json_safe, result), sort_keys=True))
-
-
-def run() -> None:
-  """Console-script entry point (`cla-aot`)."""
-  define_flags()
-  cli.run(main)
-
-
-if __name__ == "__main__":
-  run()

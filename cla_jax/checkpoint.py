@@ -1,14 +1,10 @@
-"""Orbax checkpoints of a workdir: save, restore onto any mesh, fall back past unreadable ones.
+"""Orbax checkpoints: save, restore onto any mesh, fall back past unreadable ones, set steps aside.
 
-Workdir layout (shared by train.py, eval.py and the HF converter):
-  DIR/config.json              the resolved config (config_lib.to_json)
-  DIR/checkpoints/<step>/      one orbax CheckpointManager step with items
-                                 params     unboxed fp32 param tree
-                                 opt_state  optax state (absent in params-only checkpoints)
-                                 meta       JSON: {"step": int, "params_only": bool, "fingerprints": ...}
-  DIR/checkpoints_corrupt/     unreadable checkpoints moved aside by a resuming run (never deleted)
-  DIR/checkpoints_diverged/    checkpoints saved before a divergence was detected, moved aside (never deleted)
-  DIR/verified_step.json       {"step": K}: the newest checkpoint whose next step passed the health check
+Beneath cla_jax.workdir, which names the directory (DIR/checkpoints) and everything else in a workdir.
+Each step of a CheckpointManager holds three items:
+  params     unboxed fp32 param tree
+  opt_state  optax state (absent in params-only checkpoints)
+  meta       JSON: {"step": int, "params_only": bool, "fingerprints": ...}
 
 Every array's fingerprint (a position-weighted uint32 sum of its bits, computed by a jitted reduction
 where the array lives) is stored in meta and checked on restore: a flipped byte makes the checkpoint
@@ -21,7 +17,6 @@ on object stores) only when complete, so a crash mid-save leaves the previous ch
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -30,24 +25,12 @@ import time
 import traceback
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from cla_jax import config_lib, paths, sharding
-from cla_jax import model as model_lib
 from cla_jax.errors import UserError
-
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-CORRUPT_DIR = "checkpoints_corrupt"
-DIVERGED_DIR = "checkpoints_diverged"
-VERIFIED_FILE = "verified_step.json"
 
 
 class CheckpointError(UserError):
@@ -92,36 +75,6 @@ class Restored:
   params: Any
   opt_state: Any | None
   meta: dict
-
-
-def _path(workdir: str | os.PathLike) -> epath.Path:
-  """The workdir as an absolute path (orbax refuses relative ones); bucket URLs (gs://...) as given."""
-  path = os.fspath(workdir)
-  return epath.Path(path if paths.is_remote(path) else os.path.abspath(os.path.expanduser(path)))
-
-
-def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
-  """Writes DIR/config.json (process 0 only), creating the workdir."""
-  if jax.process_index() != 0:
-    return
-  path = _path(workdir)
-  path.mkdir(parents=True, exist_ok=True)
-  tmp = path / (CONFIG_FILE + ".tmp")
-  tmp.write_text(config_lib.to_json(config))
-  tmp.replace(path / CONFIG_FILE)  # atomic replace: a reader never sees half a config
-
-
-def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The resolved config a workdir was trained with, or CheckpointError."""
-  path = _path(workdir)
-  if not path.exists():
-    raise CheckpointError(f"workdir {os.fspath(workdir)!r} does not exist; pass the --workdir of a training run.")
-  if not (path / CONFIG_FILE).exists():
-    raise CheckpointError(
-        f"{os.fspath(workdir)!r} has no {CONFIG_FILE}; it is not a cla_jax workdir "
-        f"(train.py or the HF converter writes one)."
-    )
-  return config_lib.from_json((path / CONFIG_FILE).read_text())
 
 
 @dataclasses.dataclass
@@ -209,13 +162,14 @@ def _quiet_orbax_errors() -> None:
 
 
 def make_manager(
-    workdir: str | os.PathLike,
+    directory: str | os.PathLike,
     keep: int | None = None,
     async_save: bool = True,
     read_only: bool = False,
     policy: KeepNewestAndVerified | None = None,
 ) -> ocp.CheckpointManager:
-  """An orbax CheckpointManager on DIR/checkpoints keeping the newest `keep` steps (None: all) or per `policy`."""
+  """An orbax CheckpointManager on `directory` (absolute or a bucket URL) keeping the newest `keep` steps
+  (None: all) or per `policy`; cla_jax.workdir.checkpoint_manager opens the one of a workdir."""
   _quiet_orbax_errors()
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy or KeepNewestAndVerified(keep),
@@ -230,7 +184,7 @@ def make_manager(
       "opt_state": ocp.StandardCheckpointHandler(),
       "meta": ocp.JsonCheckpointHandler(),
   }
-  return ocp.CheckpointManager(_path(workdir) / CHECKPOINT_DIR, options=options, item_handlers=handlers)
+  return ocp.CheckpointManager(epath.Path(directory), options=options, item_handlers=handlers)
 
 
 def _array_fingerprint(x: jax.Array) -> jax.Array:
@@ -346,14 +300,14 @@ def restore(
     abstract_params: Any,
     abstract_opt_state: Any | None = None,
     step: int | None = None,
-    quarantine: bool = False,
+    quarantine: str | None = None,
 ) -> Restored | None:
   """Restores `step` (default: the newest readable one) onto the shardings carried by the abstract trees.
 
   With `step=None`, an unreadable checkpoint is reported and the next older one is tried; with
-  `quarantine=True` (a resuming trainer, process 0 acts) the unreadable one is moved to
-  DIR/checkpoints_corrupt/ so that new saves can reuse its step number. Nothing is ever deleted.
-  Returns None when the workdir has no checkpoint at all.
+  `quarantine` (a folder beside the manager's directory; a resuming trainer, process 0 acts) the unreadable
+  one is moved there so that new saves can reuse its step number. Nothing is ever deleted.
+  Returns None when the directory has no checkpoint at all.
   """
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None:
@@ -380,13 +334,13 @@ def restore(
       message = (
           f"checkpoint step {candidate} in {manager.directory} is unreadable "
           f"({type(e).__name__}: {_first_line(e)}); trying the previous one"
-          f"{f' (this one goes to {CORRUPT_DIR}/)' if quarantine else ''}."
+          f"{f' (this one goes to {quarantine}/)' if quarantine else ''}."
       )
       print(f"warning: {message}", file=sys.stderr, flush=True)  # one line per unreadable step
       failures.append(candidate)
       continue
     if failures and quarantine:
-      _quarantine(manager, failures)
+      set_aside(manager, failures, quarantine, "")  # each was warned about above
     return restored
   if failures:
     raise CheckpointError(
@@ -402,13 +356,9 @@ def _first_line(e: BaseException) -> str:
   return text[0][:200] if text else ""
 
 
-def _quarantine(manager: ocp.CheckpointManager, steps: list[int]) -> None:
-  """Moves unreadable step directories aside (kept for inspection) so their step numbers can be reused."""
-  set_aside(manager, steps, CORRUPT_DIR, "")  # restore() already warned about each
-
-
 def set_aside(manager: ocp.CheckpointManager, steps: list[int], folder: str, why: str) -> str:
-  """Moves step directories to DIR/<folder>/<step>-<time> (process 0 acts; never deletes); returns the folder."""
+  """Moves step directories to <folder>/<step>-<time> beside the manager's directory (process 0 acts; never
+  deletes); returns the folder."""
   root = epath.Path(manager.directory)
   target_root = root.parent / folder
   if jax.process_index() == 0 and steps:
@@ -423,81 +373,3 @@ def set_aside(manager: ocp.CheckpointManager, steps: list[int], folder: str, why
     sync(f"cla_jax_set_aside_{folder}")
   manager.reload()
   return os.fspath(target_root)
-
-
-def read_verified_step(workdir: str | os.PathLike) -> int | None:
-  """The step DIR/verified_step.json names (the newest checkpoint that passed the health check), or None."""
-  path = _path(workdir) / VERIFIED_FILE
-  try:
-    return int(json.loads(path.read_text())["step"])
-  except (OSError, ValueError, KeyError, TypeError):
-    return None
-
-
-def write_verified_step(workdir: str | os.PathLike, step: int) -> None:
-  """Records `step` as the newest verified checkpoint (process 0, atomic replace)."""
-  if jax.process_index() != 0:
-    return
-  path = _path(workdir)
-  tmp = path / (VERIFIED_FILE + ".tmp")
-  tmp.write_text(json.dumps({"step": int(step)}) + "\n")
-  tmp.replace(path / VERIFIED_FILE)
-
-
-def _replicated_mesh():
-  return jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def restore_params(
-    workdir: str | os.PathLike, step: int | None = None, mesh: jax.sharding.Mesh | None = None
-) -> tuple[Any, ml_collections.ConfigDict, int]:
-  """Loads (params, config, step) from a workdir: the newest readable step unless `step` is given.
-
-  Params land sharded by the rule table on `mesh`, or replicated on all devices when mesh is None,
-  whatever mesh they were trained on.
-  """
-  config = read_config(workdir)
-  cfg = config_lib.model_config(config)
-  boxed = model_lib.abstract_params(cfg)
-  if mesh is None:
-    everywhere = NamedSharding(_replicated_mesh(), P())
-    shardings = jax.tree.map(lambda _: everywhere, nn.meta.unbox(boxed))
-  else:
-    sharding.check_model_fits(cfg, mesh)
-    shardings = sharding.logical_shardings(boxed, mesh)
-  abstract = sharding.shardings_like(nn.meta.unbox(boxed), shardings)
-  if not (_path(workdir) / CHECKPOINT_DIR).exists():
-    raise CheckpointError(f"{os.fspath(workdir)!r} has no checkpoints/ directory; train first or convert a model.")
-  manager = make_manager(workdir, read_only=True)
-  try:
-    restored = restore(manager, abstract, None, step=step)
-  finally:
-    manager.close()
-  if restored is None:
-    raise CheckpointError(f"no checkpoint in {os.fspath(workdir)}/{CHECKPOINT_DIR}; train first or convert a model.")
-  return restored.params, config, restored.step
-
-
-def save_params_only(workdir: str | os.PathLike, params: Any, config: ml_collections.ConfigDict, step: int = 0) -> None:
-  """Writes DIR/config.json and a params-only checkpoint (e.g. a converted HF model); waits until done."""
-  config_lib.model_config(config)  # validate before writing anything
-  write_config(workdir, config)
-  manager = make_manager(workdir, async_save=False)
-  try:
-    if step in manager.all_steps():
-      raise CheckpointError(f"{os.fspath(workdir)} already has a checkpoint at step {step}; use a new workdir.")
-    save(manager, step, params, None, {"source": "params_only"})
-    manager.wait_until_finished()
-  finally:
-    manager.close()
-
-
-def latest_step(workdir: str | os.PathLike) -> int | None:
-  """The newest complete checkpoint step of a workdir (not checked for readability), or None."""
-  if not (_path(workdir) / CHECKPOINT_DIR).exists():
-    return None
-  manager = make_manager(workdir, read_only=True)
-  try:
-    return manager.latest_step()
-  finally:
-    manager.close()

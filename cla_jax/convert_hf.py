@@ -1,23 +1,14 @@
 """Imports a Hugging Face `LlamaForCausalLM` checkpoint as a CLA workdir.
 
-    cla-convert-hf --hf_dir=DIR --workdir=OUT [--pattern=cla2] [--config.train.lr=3e-4 ...]
-    (or python -m cla_jax.convert_hf ...)
+    cla-convert-hf --hf_dir=DIR --workdir=OUT [--pattern=cla2] [...]     (the command: cla_jax/cli/convert_hf.py)
 
 With `--pattern=none` (the default) the converted model computes the same function as the original.
 With sharing, each KV group keeps the K/V projections of its first layer and initialises its KV norm
 from that layer's pre-attention norm (`input_layernorm`); the other layers' K/V weights are dropped
 and listed in OUT/convert_report.json. See docs/convert_hf.md.
 
-Weight mapping (HF [out, in] matrices become [in, ...] matmul operands):
-  model.embed_tokens [v, d]              -> embed [v, d]
-  layers.i.self_attn.q_proj [n*h, d]     -> layer.query [d, n, h]
-  layers.i.self_attn.k_proj/v_proj [k*h, d] -> kv.key/value [d, k, h]   (group's first layer only)
-  layers.i.self_attn.o_proj [d, n*h]     -> layer.out [n, h, d]
-  layers.i.mlp.gate_proj/up_proj [f, d]  -> layer.gate/up [d, f]
-  layers.i.mlp.down_proj [d, f]          -> layer.down [f, d]
-  layers.i.input_layernorm               -> layer.attn_norm (and kv.norm for a group's first layer)
-  layers.i.post_attention_layernorm      -> layer.mlp_norm
-  model.norm                             -> final_norm;  lm_head [v, d] -> lm_head [d, v] (untied only)
+The weight mapping is the table in cla_jax/hf_layout.py, shared with `export_hf`; a Llama layer's
+`input_layernorm` also starts its group's KV norm.
 """
 
 from __future__ import annotations
@@ -34,16 +25,14 @@ import flax.linen as nn
 import ml_collections
 import ml_dtypes  # noqa: F401  (registers numpy's 'bfloat16' dtype, which safetensors needs for BF16 tensors)
 import numpy as np
-from absl import flags
-from ml_collections import config_flags
 from safetensors import safe_open
 
-from cla_jax import cli, config_lib, patterns
+from cla_jax import config_lib, hf_layout, patterns
 from cla_jax import kv_init as kv_init_lib
 from cla_jax import model as model_lib
+from cla_jax import workdir as workdir_lib
 from cla_jax.errors import UserError
 
-REPORT_FILE = "convert_report.json"
 ROPE_LAYOUTS = ("half", "interleaved")
 # Buffers some older exports saved next to the weights; recomputed from rope_theta, so safe to skip.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -320,71 +309,55 @@ def _check_shape(reader: SafetensorsReader, name: str, shape: tuple[int, ...], f
     )
 
 
-def _expect(reader: SafetensorsReader, name: str, shape: tuple[int, ...], field: str) -> np.ndarray:
-  _check_shape(reader, name, shape, field)
-  return reader.get(name)
+def _read(reader: SafetensorsReader, prefix: str, tensor: hf_layout.Tensor, sizes: dict[str, int]) -> np.ndarray:
+  """Tensor `prefix + tensor.hf_name`, shape-checked, in cla_jax's layout."""
+  name = prefix + tensor.hf_name
+  _check_shape(reader, name, hf_layout.hf_shape(tensor, sizes), tensor.fields)
+  return hf_layout.from_hf(tensor, reader.get(name), sizes)
 
 
 def _layer_tensors(
     reader: SafetensorsReader, arch: LlamaArch, i: int, rope_layout: str, with_kv: bool
 ) -> tuple[dict, dict | None]:
   """(layer params, kv params or None) of HF layer i in cla_jax's layout."""
-  d, n, k, h, f = arch.d_model, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.mlp_dim
-  p = f"model.layers.{i}."
-  heads = "num_attention_heads x head_dim, hidden_size"
-  query = _expect(reader, p + "self_attn.q_proj.weight", (n * h, d), heads).T.reshape(d, n, h)
-  out = _expect(reader, p + "self_attn.o_proj.weight", (d, n * h), heads).T.reshape(n, h, d)
-  attn_norm = _expect(reader, p + "input_layernorm.weight", (d,), "hidden_size")
+  sizes, p = hf_layout.dims(arch), hf_layout.layer_prefix(i)
+  layer: dict[str, Any] = {}
+  for t in hf_layout.LAYER:
+    hf_layout.put(layer, t, _read(reader, p, t, sizes))
   if rope_layout == "interleaved":
-    query = interleaved_to_half(query)
-  layer = {
-      "attn_norm": {"scale": attn_norm},
-      "query": query,
-      "out": out,
-      "mlp_norm": {"scale": _expect(reader, p + "post_attention_layernorm.weight", (d,), "hidden_size")},
-      "gate": _expect(reader, p + "mlp.gate_proj.weight", (f, d), "intermediate_size, hidden_size").T,
-      "up": _expect(reader, p + "mlp.up_proj.weight", (f, d), "intermediate_size, hidden_size").T,
-      "down": _expect(reader, p + "mlp.down_proj.weight", (d, f), "hidden_size, intermediate_size").T,
-  }
-  kv_heads = "num_key_value_heads x head_dim, hidden_size"
+    layer["query"] = interleaved_to_half(layer["query"])
   if not with_kv and not has_per_layer_kv(arch):
     return layer, None  # a shared exported CLA model's non-first layers have no K/V
   if not with_kv:
     # Dropped, but still shape-checked so that a malformed file never converts silently.
-    for w in ("k", "v"):
-      _check_shape(reader, p + f"self_attn.{w}_proj.weight", (k * h, d), kv_heads)
+    for t in hf_layout.KV:
+      _check_shape(reader, p + t.hf_name, hf_layout.hf_shape(t, sizes), t.fields)
     return layer, None
-  key = _expect(reader, p + "self_attn.k_proj.weight", (k * h, d), kv_heads).T.reshape(d, k, h)
-  value = _expect(reader, p + "self_attn.v_proj.weight", (k * h, d), kv_heads).T.reshape(d, k, h)
+  kv: dict[str, Any] = {}
+  for t in hf_layout.KV:
+    hf_layout.put(kv, t, _read(reader, p, t, sizes))
   if rope_layout == "interleaved":
-    key = interleaved_to_half(key)  # values are not rotated, so they keep their layout
-  kv_norm = attn_norm.copy()
+    kv["key"] = interleaved_to_half(kv["key"])  # values are not rotated, so they keep their layout
   if arch.kv_group_sizes is not None:  # an exported CLA model keeps each group's own KV norm
-    kv_norm = _expect(reader, p + "kv_layernorm.weight", (d,), "hidden_size")
-  return layer, {"norm": {"scale": kv_norm}, "key": key, "value": value}
+    hf_layout.put(kv, hf_layout.KV_NORM, _read(reader, p, hf_layout.KV_NORM, sizes))
+  else:  # a Llama layer computes its K/V from its attention norm
+    kv["norm"] = {"scale": layer["attn_norm"]["scale"].copy()}
+  return layer, kv
 
 
 def _check_unused(reader: SafetensorsReader, arch: LlamaArch) -> None:
   """Rejects tensors the mapping does not know (biases, extra modules) rather than silently dropping them."""
-  known = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+  known = {t.hf_name for t in (hf_layout.EMBED, hf_layout.FINAL_NORM, hf_layout.LM_HEAD)}
   producers = set(range(arch.num_layers))
+  kv_tensors = hf_layout.KV
   if arch.kv_group_sizes is not None:
     producers = {layers[0] for layers in patterns.layer_groups(arch.kv_group_sizes)}
+    kv_tensors += (hf_layout.KV_NORM,)
   for i in range(arch.num_layers):
-    for suffix in (
-        "self_attn.q_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-        "input_layernorm",
-        "post_attention_layernorm",
-    ):
-      known.add(f"model.layers.{i}.{suffix}.weight")
+    p = hf_layout.layer_prefix(i)
+    known.update(p + t.hf_name for t in hf_layout.LAYER)
     if i in producers:
-      known.update(f"model.layers.{i}.self_attn.{w}_proj.weight" for w in ("k", "v"))
-      if arch.kv_group_sizes is not None:
-        known.add(f"model.layers.{i}.kv_layernorm.weight")
+      known.update(p + t.hf_name for t in kv_tensors)
   unknown = [n for n in reader.names if n not in known and not n.endswith(_IGNORED_SUFFIXES)]
   if unknown:
     more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
@@ -420,11 +393,10 @@ def convert_params(
         f"model.pattern={cfg.pattern!r} gives KV groups {list(cfg.group_sizes)} but the exported CLA "
         f"model has {list(arch.kv_group_sizes)}; an exported CLA model keeps its grouping."
     )
-  d, v = arch.d_model, arch.vocab_size
-  params: dict[str, Any] = {
-      "embed": _expect(reader, "model.embed_tokens.weight", (v, d), "vocab_size, hidden_size"),
-      "final_norm": {"scale": _expect(reader, "model.norm.weight", (d,), "hidden_size")},
-  }
+  sizes = hf_layout.dims(arch)
+  params: dict[str, Any] = {}
+  for t in (hf_layout.EMBED, hf_layout.FINAL_NORM):
+    hf_layout.put(params, t, _read(reader, "", t, sizes))
   ignored = [n for n in reader.names if n.endswith(_IGNORED_SUFFIXES)]
   if arch.tie_embeddings and "lm_head.weight" in reader:
     ignored.append("lm_head.weight")  # transformers also ties it to the embedding on load, ignoring the file's
@@ -434,7 +406,7 @@ def convert_params(
           "tensor 'lm_head.weight' is missing but config.json tie_word_embeddings is false; "
           "set tie_word_embeddings=true if the head shares the embedding."
       )
-    params["lm_head"] = _expect(reader, "lm_head.weight", (v, d), "vocab_size, hidden_size").T
+    hf_layout.put(params, hf_layout.LM_HEAD, _read(reader, "", hf_layout.LM_HEAD, sizes))
 
   groups = patterns.layer_groups(cfg.group_sizes)
   dropped = []
@@ -454,7 +426,7 @@ def convert_params(
       if kv is not None:
         originals.append(kv)
       if j > 0 and has_per_layer_kv(arch):  # a shared exported CLA model has no K/V here to drop
-        names = [f"model.layers.{i}.self_attn.{w}_proj.weight" for w in ("k", "v")]
+        names = [hf_layout.layer_prefix(i) + t.hf_name for t in hf_layout.KV]
         dropped.append({"layer": i, "kv_from_layer": layers[0], "tensors": names})
     inputs = None if layer_inputs is None or not read_all else [layer_inputs[i] for i in layers]
     group["kv"], errors = kv_init_lib.init_group(originals, kv_init, arch.norm_eps, inputs)
@@ -534,15 +506,13 @@ def convert(
     kv_init: str = "first",
     calib_tokens: np.ndarray | None = None,
 ) -> dict:
-  """Converts `hf_dir` into a params-only CLA workdir; returns the report also written to REPORT_FILE.
+  """Converts `hf_dir` into a params-only CLA workdir; returns the report also written to DIR/convert_report.json.
 
   `kv_init` builds each shared group's K/V block (cla_jax.kv_init); `calib_tokens` [b, t] (e.g.
   `calibration_tokens(...)`) is the batch 'lsq' fits on and the report's K/V errors are measured on.
   """
-  from cla_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax is slow to import)
-
   hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
-  ckpt_dir = workdir / "checkpoints"
+  ckpt_dir = workdir / workdir_lib.CHECKPOINT_DIR
   if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
     raise ConvertError(f"{workdir} already holds checkpoints; pass an empty or new --workdir.")
   hf = read_hf_config(hf_dir)
@@ -562,13 +532,13 @@ def convert(
   check_against_model(params, cfg)
 
   workdir.mkdir(parents=True, exist_ok=True)
-  tokenizer = checkpoint_tokenizer(hf_dir)
+  tokenizer = _checkpoint_tokenizer(hf_dir)
   if tokenizer:
     # A copy keeps the workdir self-contained; the config points at the copy.
     shutil.copyfile(tokenizer, workdir / tokenizer.name)
     config.data.tokenizer = str((workdir / tokenizer.name).resolve())
   config.lock()
-  checkpoint.save_params_only(str(workdir), params, config, step=0)
+  workdir_lib.save_params_only(str(workdir), params, config, step=0)
 
   report = dict(
       report,
@@ -579,16 +549,14 @@ def convert(
       max_position_embeddings=arch.max_position_embeddings,
       calibration_tokens=None if inputs is None else list(np.shape(calib_tokens)),
   )
-  (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+  (workdir / workdir_lib.CONVERT_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
   return report
 
 
-def checkpoint_tokenizer(hf_dir: pathlib.Path) -> pathlib.Path | None:
+def _checkpoint_tokenizer(hf_dir: pathlib.Path) -> pathlib.Path | None:
   """The checkpoint's tokenizer file: tokenizer.json, else a sentencepiece tokenizer.model (cla_jax's exports)."""
-  for name in ("tokenizer.json", "tokenizer.model"):
-    if (hf_dir / name).is_file():
-      return hf_dir / name
-  return None
+  # Hugging Face's Llama directories ship both; tokenizer.json is what transformers itself reads.
+  return workdir_lib.tokenizer_file(hf_dir, names=tuple(reversed(workdir_lib.TOKENIZER_FILES)))
 
 
 def original_layer_inputs(
@@ -618,7 +586,7 @@ def calibration_tokens(hf_dir: str | pathlib.Path, config: ml_collections.Config
   from cla_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   config = ml_collections.ConfigDict(config.to_dict())
-  tokenizer_file = checkpoint_tokenizer(pathlib.Path(hf_dir))
+  tokenizer_file = _checkpoint_tokenizer(pathlib.Path(hf_dir))
   if tokenizer_file and config.data.tokenizer == "sentencepiece":
     config.data.tokenizer = str(tokenizer_file.resolve())
   tokenizer = tokenizer_lib.get_tokenizer(config)
@@ -650,81 +618,3 @@ def describe_report(report: dict) -> Iterator[str]:
         f"data.tokenizer={report['tokenizer']!r}; the model only makes sense with its own tokenizer: pass "
         "--config.data.tokenizer=PATH (tokenizer.json or .model)."
     )
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def define_flags() -> None:
-  """The CLI flags; defined on demand so importing this module as a library adds no global flags."""
-  flags.DEFINE_string("hf_dir", None, "Hugging Face LlamaForCausalLM directory (config.json + *.safetensors).")
-  flags.DEFINE_string("workdir", None, "Output workdir (new or empty).")
-  flags.DEFINE_string(
-      "pattern",
-      "none",
-      "KV sharing pattern of the converted model, e.g. none, cla2, keep_ends, "
-      "'1,2,1'; 'none' keeps the original function exactly.",
-  )
-  flags.DEFINE_enum(
-      "rope_layout",
-      "half",
-      ROPE_LAYOUTS,
-      "Q/K RoPE layout of the checkpoint: 'half' for Hugging " "Face exports, 'interleaved' for Meta-layout weights.",
-  )
-  flags.DEFINE_string(
-      "kv_init",
-      "first",
-      "How a shared group's K/V block is initialised: first (its first layer's), mean (the mean of its layers' "
-      "projections, norm gains folded in) or lsq (least-squares fit of the layers' K/V on a calibration batch).",
-  )
-  flags.DEFINE_integer(
-      "calib_sequences",
-      8,
-      "Training sequences (of train.seq_len tokens, from --config's data) that 'lsq' fits on and the report's "
-      "K/V errors are measured on; 0: no calibration (then no errors in the report).",
-  )
-  config_flags.DEFINE_config_file(
-      "config",
-      config_lib.DEFAULT_CONFIG,
-      "Base config for the workdir (training "
-      "and eval settings; the model architecture comes from the checkpoint), e.g. --config.train.lr=3e-4.",
-  )
-
-
-def main(argv: list[str]) -> None:
-  """CLI entry point."""
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments {argv[1:]}; use --hf_dir=DIR --workdir=OUT.")
-  args = flags.FLAGS
-  if not args.hf_dir or not args.workdir:
-    raise UserError("--hf_dir and --workdir are required, e.g. --hf_dir=llama-hf --workdir=runs/llama_cla2.")
-  if args.calib_sequences < 0:
-    raise UserError(f"--calib_sequences={args.calib_sequences} must be >= 0 (0: no calibration batch).")
-  if args.kv_init not in kv_init_lib.KV_INITS:
-    raise UserError(f"--kv_init={args.kv_init!r} is not one of {kv_init_lib.KV_INITS}; see docs/convert_hf.md.")
-  tokens = None
-  if args.calib_sequences and args.pattern != "none":
-    read_hf_config(args.hf_dir)  # a missing checkpoint is named before any data is prepared
-    tokens = calibration_tokens(args.hf_dir, args.config, args.calib_sequences)
-  report = convert(
-      args.hf_dir,
-      args.workdir,
-      pattern=args.pattern,
-      config=args.config,
-      rope_layout=args.rope_layout,
-      kv_init=args.kv_init,
-      calib_tokens=tokens,
-  )
-  for line in describe_report(report):
-    print(line)
-  print(f"wrote {args.workdir} (report: {pathlib.Path(args.workdir) / REPORT_FILE})")
-
-
-def run() -> None:
-  """Console-script entry point (`cla-convert-hf`)."""
-  define_flags()
-  cli.run(main)
-
-
-if __name__ == "__main__":
-  run()

@@ -31,13 +31,16 @@ from cla_jax.model import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-  """How the next token is drawn: greedy when temperature is 0, else softmax(logits / T) cut by top-k/top-p."""
+  """How the next token is drawn: greedy when temperature is 0, else softmax(logits / T) cut by top-k/top-p.
+
+  Checked once, when built: a Sampling that exists is valid.
+  """
 
   temperature: float = 0.0
   top_k: int = 0  # 0: no top-k cut
   top_p: float = 1.0  # 1.0: no nucleus cut
 
-  def validate(self) -> None:
+  def __post_init__(self) -> None:
     """Raises UserError naming the bad setting."""
     if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
       raise UserError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature!r}.")
@@ -191,7 +194,6 @@ class Decoder:
   """
 
   def __init__(self, cfg: ModelConfig, mesh: Mesh, sampling: Sampling = Sampling(), kv_cache_dtype: str = "auto"):
-    sampling.validate()
     self.kv_cache_dtype = kv_quant.check_kv_cache_dtype(kv_cache_dtype)
     self.cfg, self.mesh, self.sampling = cfg, mesh, sampling
     self.param_shardings = sharding.logical_shardings(model_lib.abstract_params(cfg), mesh)
@@ -272,13 +274,6 @@ class Decoder:
 def cached_decoder(cfg: ModelConfig, mesh: Mesh, sampling: Sampling, kv_cache_dtype: str = "auto") -> Decoder:
   """One Decoder (and so one set of compiled programs) per model, mesh, sampling setting and cache dtype."""
   return Decoder(cfg, mesh, sampling, kv_cache_dtype)
-
-
-@functools.lru_cache(maxsize=1)
-def single_device_mesh() -> Mesh:
-  """A (data, fsdp, tensor) = (1, 1, 1) mesh on the first device."""
-  devices = np.asarray(jax.devices()[:1]).reshape(1, 1, 1)
-  return Mesh(devices, sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
@@ -371,9 +366,8 @@ def generate(
   prompts = check_prompts(prompts, cfg.vocab_size)
   needed = check_length(prompts, max_new_tokens, max_length)
   sampling = Sampling(temperature, top_k, top_p)
-  sampling.validate()
   if decoder is None or decoder.sampling != sampling or decoder.kv_cache_dtype != kv_cache_dtype:
-    decoder = cached_decoder(cfg, mesh or single_device_mesh(), sampling, kv_cache_dtype)
+    decoder = cached_decoder(cfg, mesh or sharding.single_device_mesh(), sampling, kv_cache_dtype)
   tokens, lengths = pad_prompts(prompts, decoder.batch_multiple())
   cache_length = max(needed, tokens.shape[1])
   new = decoder(

@@ -1,24 +1,19 @@
 """What a config builds: its KV groups, KV layers, KV-cache bytes per token and parameter count.
 
-    cla-describe --config=configs/paper_1b.py:H128-MQA-CLA2      # or: python -m cla_jax.describe ...
+    cla-describe --config=configs/paper_1b.py:H128-MQA-CLA2      # the command: cla_jax/cli/describe.py
 
 Everything is read off the built model's parameter shapes (`jax.eval_shape`, nothing allocated).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Any
 
 import jax
-from absl import flags
-from ml_collections import config_flags
 
-from cla_jax import cli, config_lib
 from cla_jax import model as model_lib
-from cla_jax.errors import UserError
 from cla_jax.model import ModelConfig
 
 KV_BYTES_PER_ELEMENT = 2  # the paper reports 16-bit caches
@@ -51,30 +46,3 @@ def describe(cfg: ModelConfig) -> dict[str, Any]:
 
 def _segment_index(name: str) -> tuple[int, ...]:
   return tuple(int(n) for n in re.findall(r"\d+", name))
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def define_flags() -> None:
-  """The command's flags; defined on demand, so importing this module as a library adds no global flags."""
-  config_flags.DEFINE_config_file(
-      "config", config_lib.DEFAULT_CONFIG, "Experiment config (path[:row]).", lock_config=True
-  )
-
-
-def main(argv: list[str]) -> None:
-  """Prints `describe` of `--config` as one JSON line."""
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments {argv[1:]}; use --config=PATH[:ROW] and --config.<field>=<value>.")
-  print(json.dumps(describe(config_lib.model_config(flags.FLAGS.config))))
-
-
-def run() -> None:
-  """Console-script entry point (`cla-describe`)."""
-  define_flags()
-  cli.run(main)
-
-
-if __name__ == "__main__":
-  run()

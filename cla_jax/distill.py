@@ -28,6 +28,7 @@ import optax
 
 from cla_jax import model as model_lib
 from cla_jax import sharding
+from cla_jax import workdir as workdir_lib
 from cla_jax.errors import UserError
 
 Batch = dict[str, jax.Array]
@@ -75,7 +76,7 @@ def _teacher_kind(path: pathlib.Path) -> str:
   """'hf' (config.json with a model_type) or 'workdir' (config.json + checkpoints/), else DistillError."""
   if not path.exists():
     raise DistillError(f"train.teacher={str(path)!r} does not exist; pass a trained workdir or a Hugging Face dir.")
-  config_file = path / "config.json"
+  config_file = path / workdir_lib.CONFIG_FILE  # a Hugging Face model directory has one too
   if path.is_dir() and config_file.is_file():
     try:
       fields = json.loads(config_file.read_text())
@@ -83,7 +84,7 @@ def _teacher_kind(path: pathlib.Path) -> str:
       fields = {}
     if isinstance(fields, dict) and "model_type" in fields:
       return "hf"
-    if (path / "checkpoints").is_dir():
+    if (path / workdir_lib.CHECKPOINT_DIR).is_dir():
       return "workdir"
   raise DistillError(
       f"train.teacher={str(path)!r} is neither a cla_jax workdir (config.json + checkpoints/) nor a Hugging Face "
@@ -95,9 +96,9 @@ def _tokenizer_file(path: pathlib.Path, config: ml_collections.ConfigDict | None
   """The teacher's tokenizer (its directory's tokenizer.model / tokenizer.json, else its config's), or None."""
   from cla_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
-  for name in ("tokenizer.model", "tokenizer.json"):
-    if (path / name).is_file():
-      return tokenizer_lib.from_file_bytes((path / name).read_bytes(), str(path / name))
+  found = workdir_lib.tokenizer_file(path)
+  if found is not None:
+    return tokenizer_lib.from_file_bytes(found.read_bytes(), str(found))
   if config is not None and os.path.isfile(os.path.expanduser(str(config.data.tokenizer))):
     return tokenizer_lib.get_tokenizer(config)
   return None
@@ -145,9 +146,7 @@ def load_teacher(
     cfg = _teacher_model_config(convert_hf.build_config(arch, pattern).model.to_dict())
     teacher_tokenizer = _tokenizer_file(path, None)
   else:
-    from cla_jax import checkpoint  # pylint: disable=g-import-not-at-top
-
-    teacher_config = checkpoint.read_config(path)
+    teacher_config = workdir_lib.read_config(path)
     cfg = _teacher_model_config(teacher_config.model.to_dict())
     teacher_tokenizer = _tokenizer_file(path, teacher_config)
   if cfg.vocab_size != student.vocab_size:
@@ -163,7 +162,7 @@ def load_teacher(
       params, _ = convert_hf.convert_params(convert_hf.SafetensorsReader(path, stack), arch, cfg)
     params = jax.device_put(params, shardings)
   else:
-    params, _, _ = checkpoint.restore_params(path, mesh=mesh)
+    params, _, _ = workdir_lib.restore_params(path, mesh=mesh)
   return Teacher(
       model_lib.Transformer(cfg),
       params,

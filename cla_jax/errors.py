@@ -1,7 +1,7 @@
 """The one error type users see: bad input (config, data, checkpoint) named with its fix.
 
 Kept free of absl and jax so that any module (model, patterns, sharding) can raise it without
-pulling in command-line machinery; `cli.run` turns it into one `error: ...` line and exit 2.
+pulling in command-line machinery; `cli.start` turns it into one `error: ...` line and exit 2.
 """
 
 

@@ -29,16 +29,14 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from cla_jax import checkpoint, config_lib, sharding, train_step
+from cla_jax import config_lib, sharding, train_step
 from cla_jax import metrics as metrics_lib
 from cla_jax import model as model_lib
+from cla_jax import workdir as workdir_lib
 from cla_jax.data import batches as batches_lib
 from cla_jax.data import prepare, splits
-from cla_jax.data import tokenizer as tokenizer_lib
 from cla_jax.errors import UserError
 
-# Fields of a workdir's config that evaluation may change: what to read and how to run, never the weights.
-OVERRIDABLE = ("data.", "eval.", "mesh.", "train.seq_len", "model.dtype", "model.attention_impl", "model.remat")
 TEXT_FORMATS = ("wikitext", "plain")
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,61 +188,6 @@ def format_table(metrics: dict[str, Any]) -> str:
       value = f"{value:.4f}" if abs(value) < 1e6 else f"{value:.4e}"
     lines.append(f"{key:<{width}}  {value}")
   return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Workdir, config, mesh.
-# ---------------------------------------------------------------------------------------------------------
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any] | None) -> ml_collections.ConfigDict:
-  """A copy of `config` with `{"data.source": "text", ...}` applied; only fields in OVERRIDABLE may change."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  for key, value in (overrides or {}).items():
-    if not any(key == f or (f.endswith(".") and key.startswith(f)) for f in OVERRIDABLE):
-      raise UserError(
-          f"--config.{key} cannot be changed at evaluation (it is fixed by the checkpoint); "
-          f"evaluation may override {', '.join(f + '*' if f.endswith('.') else f for f in OVERRIDABLE)}."
-      )
-    section, _, name = key.rpartition(".")
-    node = config
-    for part in section.split("."):
-      node = node[part]
-    if name not in node:
-      raise UserError(f"--config.{key}: the workdir's config has no such field.")
-    node[name] = value
-  config.lock()
-  return config
-
-
-def make_eval_mesh(config: ml_collections.ConfigDict, num_devices: int | None = None) -> jax.sharding.Mesh:
-  """The config's mesh when it fits the devices present, else pure data parallelism over all of them."""
-  mesh_config = dict(config.mesh.to_dict())
-  if num_devices is not None:
-    mesh_config = {"data": -1, "fsdp": 1, "tensor": 1, "num_devices": num_devices}
-  try:
-    mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_config))
-    sharding.check_model_fits(config_lib.model_config(config), mesh)
-    return mesh
-  except sharding.MeshError as e:
-    # A checkpoint trained on a pod must still evaluate on one host: fall back to data parallelism.
-    print(f"note: {e} Evaluating with pure data parallelism instead.", file=sys.stderr, flush=True)
-    return sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
-
-
-def load_tokenizer(workdir: str, config: ml_collections.ConfigDict):
-  """The tokenizer the model was trained with: a copy kept in the workdir, else the saved config's."""
-  for name in ("tokenizer.model", "tokenizer.json"):
-    path = pathlib.Path(workdir) / name
-    if path.exists():
-      config = ml_collections.ConfigDict(config.to_dict())
-      config.data.tokenizer = str(path)
-      break
-  tokenizer = tokenizer_lib.get_tokenizer(config)
-  tokenizer_lib.check_vocab_covers(
-      tokenizer, config.model.vocab_size, "evaluate with the tokenizer the model was trained with."
-  )
-  return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -407,13 +350,9 @@ def run(
       text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
       raise UserError(f"--text_file={text_file} is not UTF-8 text (a binary file?); pass a plain-text file.") from None
-  saved = checkpoint.read_config(workdir)
-  config = apply_overrides(saved, overrides)
-  config_lib.model_config(config)  # a clear error for a bad model section before anything is restored
-  mesh = make_eval_mesh(config, num_devices)
-  params, _, step = checkpoint.restore_params(workdir, step=step, mesh=mesh)
-  tokenizer = load_tokenizer(workdir, saved)
-  scorer = Scorer(params, config, mesh)
+  opened = workdir_lib.open(workdir, step=step, overrides=overrides, num_devices=num_devices)
+  config, step, tokenizer = opened.config, opened.step, opened.tokenizer
+  scorer = Scorer(opened.params, config, opened.mesh)
   batch_size = scorer.round_batch_size(int(config.eval.batch_size if batch_size is None else batch_size))
 
   if path is not None:
@@ -439,7 +378,7 @@ def run(
 
   result = {**source, **metrics, "step": int(step), "workdir": workdir}
   if write and jax.process_index() == 0:
-    out = pathlib.Path(workdir) / "eval"
+    out = pathlib.Path(workdir) / workdir_lib.EVAL_DIR
     try:
       out.mkdir(parents=True, exist_ok=True)
       (out / f"{name}_step{step}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -1,21 +1,13 @@
 """Exports a cla_jax workdir as a Hugging Face model directory (the inverse of `convert_hf`).
 
-    python -m cla_jax.export_hf --workdir=DIR --out=HF_DIR [--step=N] [--dtype=bfloat16|float32] [--overwrite]
+    cla-export-hf --workdir=DIR --out=HF_DIR [--step=N] [--dtype=bfloat16|float32] [--overwrite]
 
 A model with no KV sharing whose KV norms equal its attention norms (e.g. an imported Llama) is written as a
 plain `LlamaForCausalLM`. Any other model is written with this package's `configuration_cla.py` and
 `modeling_cla.py` (a Llama-style decoder whose KV cache holds one entry per layer group), loaded with
 `AutoModelForCausalLM.from_pretrained(HF_DIR, trust_remote_code=True)`. See docs/export_hf.md.
 
-Weight mapping (cla_jax [in, ...] matmul operands become HF [out, in] matrices; convert_hf's, reversed):
-  embed [v, d]                    -> model.embed_tokens.weight [v, d]
-  layer.query [d, n, h]           -> model.layers.i.self_attn.q_proj.weight [n*h, d]
-  kv.key/value [d, k, h]          -> model.layers.i.self_attn.k_proj/v_proj.weight [k*h, d]  (group's first layer)
-  kv.norm                         -> model.layers.i.kv_layernorm.weight  (CLA format; Llama: == input_layernorm)
-  layer.out [n, h, d]             -> model.layers.i.self_attn.o_proj.weight [d, n*h]
-  layer.gate/up [d, f], down [f, d] -> model.layers.i.mlp.gate_proj/up_proj [f, d], down_proj [d, f]
-  layer.attn_norm, mlp_norm       -> model.layers.i.input_layernorm, post_attention_layernorm
-  final_norm                      -> model.norm;   lm_head [d, v] -> lm_head.weight [v, d] (untied only)
+The weight mapping is the table in cla_jax/hf_layout.py, shared with `convert_hf`.
 """
 
 from __future__ import annotations
@@ -30,9 +22,8 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
-from absl import flags
 
-from cla_jax import cli, paths, patterns
+from cla_jax import hf_layout, paths, patterns
 from cla_jax import model as model_lib
 from cla_jax.errors import UserError
 
@@ -43,7 +34,6 @@ MODELING_DIR = pathlib.Path(__file__).resolve().parent / "hf"
 MODELING_FILES = ("configuration_cla.py", "modeling_cla.py")
 TOKENIZER_FILE = "tokenization_cla.py"  # shipped with every sentencepiece tokenizer
 INDEX_FILE = "model.safetensors.index.json"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>", "<eos>")
 
 
@@ -77,30 +67,18 @@ def is_plain_llama(params: dict, cfg: model_lib.ModelConfig) -> bool:
 
 def hf_tensors(params: dict, cfg: model_lib.ModelConfig, llama: bool) -> dict[str, np.ndarray]:
   """The float32 tensors of the export under Hugging Face names and layouts (KV norms only when not `llama`)."""
-  d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   params = jax.tree.map(np.asarray, params)
-  tensors = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["final_norm"]["scale"]}
-  if not cfg.tie_embeddings:
-    tensors["lm_head.weight"] = params["lm_head"].T
+  top = (hf_layout.EMBED, hf_layout.FINAL_NORM) + (() if cfg.tie_embeddings else (hf_layout.LM_HEAD,))
+  tensors = {t.hf_name: hf_layout.to_hf(t, hf_layout.get(params, t)) for t in top}
+  kv_tensors = hf_layout.KV + (() if llama else (hf_layout.KV_NORM,))
   for layers, group in zip(patterns.layer_groups(cfg.group_sizes), _per_group(params, cfg)):
     for j, i in enumerate(layers):
-      layer, p = group[f"layer_{j}"], f"model.layers.{i}."
+      p = hf_layout.layer_prefix(i)
       tensors.update(
-          {
-              p + "input_layernorm.weight": layer["attn_norm"]["scale"],
-              p + "self_attn.q_proj.weight": layer["query"].reshape(d, n * h).T,
-              p + "self_attn.o_proj.weight": layer["out"].reshape(n * h, d).T,
-              p + "post_attention_layernorm.weight": layer["mlp_norm"]["scale"],
-              p + "mlp.gate_proj.weight": layer["gate"].T,
-              p + "mlp.up_proj.weight": layer["up"].T,
-              p + "mlp.down_proj.weight": layer["down"].T,
-          }
+          {p + t.hf_name: hf_layout.to_hf(t, hf_layout.get(group[f"layer_{j}"], t)) for t in hf_layout.LAYER}
       )
-      if j == 0:
-        tensors[p + "self_attn.k_proj.weight"] = group["kv"]["key"].reshape(d, k * h).T
-        tensors[p + "self_attn.v_proj.weight"] = group["kv"]["value"].reshape(d, k * h).T
-        if not llama:
-          tensors[p + "kv_layernorm.weight"] = group["kv"]["norm"]["scale"]
+      if j == 0:  # the group's K/V live with its first layer
+        tensors.update({p + t.hf_name: hf_layout.to_hf(t, hf_layout.get(group["kv"], t)) for t in kv_tensors})
   return {name: np.ascontiguousarray(t, dtype=np.float32) for name, t in tensors.items()}
 
 
@@ -177,15 +155,6 @@ def hf_config(
       "cla_pattern": cfg.pattern,
       **config,
   }
-
-
-def find_tokenizer(workdir: pathlib.Path, config: Any) -> pathlib.Path | None:
-  """The tokenizer file the model was trained with: the workdir's copy, else `data.tokenizer` if it is a file."""
-  for name in _TOKENIZER_FILES:
-    if (workdir / name).is_file():
-      return workdir / name
-  path = pathlib.Path(os.path.expanduser(str(config.data.tokenizer)))
-  return path if path.suffix in (".json", ".model") and path.is_file() else None
 
 
 def _tokenizer_json_without_specials(path: pathlib.Path, out: pathlib.Path) -> None:
@@ -275,15 +244,15 @@ def export(
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> dict:
   """Writes workdir's newest (or `step`'s) params as a Hugging Face model directory `out`; returns a summary."""
-  from cla_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax is slow to import)
+  from cla_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top  (orbax is slow to import)
 
   if dtype not in DTYPES:
     raise ExportError(f"--dtype={dtype!r} is not one of {DTYPES}.")
-  workdir_arg = os.fspath(workdir)  # as given: restore_params also reads gs:// workdirs
+  workdir_arg = os.fspath(workdir)  # as given: workdir.open also reads gs:// workdirs
   workdir, out = pathlib.Path(workdir), pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(out))))
   _check_out(workdir, out, overwrite)
-  params, config, restored_step = checkpoint.restore_params(workdir_arg, step=step)
-  cfg = model_lib.ModelConfig.from_config(config.model)
+  opened = workdir_lib.open(workdir_arg, step=step, mesh=None)  # replicated: the export reads every array whole
+  params, config, restored_step, cfg = opened.params, opened.config, opened.step, opened.model_config
   if cfg.norm != "rmsnorm":
     raise ExportError(
         f"model.norm={cfg.norm!r} cannot be exported: Llama and the CLA modeling file use RMSNorm "
@@ -299,7 +268,7 @@ def export(
   tmp.mkdir(parents=True)
   try:
     files = write_safetensors(tensors, tmp, dtype, max_shard_bytes)
-    tokenizer = find_tokenizer(workdir, config)
+    tokenizer = workdir_lib.tokenizer_file(workdir, config)
     special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tokenizer:
       special = write_tokenizer(tokenizer, tmp)
@@ -350,37 +319,3 @@ def describe_export(summary: dict) -> Iterator[str]:
     yield f"tokenizer: {summary['tokenizer']}"
   else:
     yield "warning: no tokenizer found in the workdir (tokenizer.model/tokenizer.json) or data.tokenizer; none written"
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def define_flags() -> None:
-  """The CLI flags; defined on demand so importing this module as a library adds no global flags."""
-  flags.DEFINE_string("workdir", None, "cla_jax workdir to export (trained or converted).")
-  flags.DEFINE_string("out", None, "Output Hugging Face model directory (new or empty, unless --overwrite).")
-  flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
-  flags.DEFINE_enum("dtype", "bfloat16", DTYPES, "dtype of the exported weights.")
-  flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out directory.")
-
-
-def main(argv: list[str]) -> None:
-  """CLI entry point."""
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments {argv[1:]}; use --workdir=DIR --out=HF_DIR.")
-  args = flags.FLAGS
-  if not args.workdir or not args.out:
-    raise UserError("--workdir and --out are required, e.g. --workdir=runs/default --out=runs/default-hf.")
-  summary = export(args.workdir, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite)
-  for line in describe_export(summary):
-    print(line)
-
-
-def run() -> None:
-  """Console-script entry point."""
-  define_flags()
-  cli.run(main)
-
-
-if __name__ == "__main__":
-  run()

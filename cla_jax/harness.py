@@ -1,6 +1,6 @@
 """EleutherAI's LM-Eval-Harness on a cla_jax workdir: the `cla_jax` harness model and a wrapper CLI.
 
-    python -m cla_jax.harness --model_args workdir=DIR[,step=N] --tasks hellaswag,piqa [--num_fewshot K ...]
+    cla-harness --model_args workdir=DIR[,step=N] --tasks hellaswag,piqa [--num_fewshot K ...]
 
     import lm_eval, cla_jax.harness
     lm_eval.simple_evaluate(model=cla_jax.harness.CLAHarnessLM(workdir=DIR), tasks=["piqa"])
@@ -9,15 +9,14 @@
 the data-parallel devices, params sharded by the rule table; every process runs every request and feeds its rows):
 `loglikelihood` and `loglikelihood_rolling` score fixed-shape batches of token windows (the rolling ones are
 eval.py's own `rolling_windows`), `generate_until` goes through the model's KV-cached `generate`.
-lm-eval 0.4.13 has no plugin entry point for models, hence the wrapper CLI: it registers the model, then hands
-every flag to the harness's own CLI. See docs/eval.md.
+lm-eval 0.4.13 has no plugin entry point for models, hence the wrapper command (cla_jax/cli/harness.py): it
+imports this module, which registers the model, then hands every flag to the harness's own CLI. See docs/eval.md.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -39,8 +38,9 @@ import tqdm
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cla_jax import checkpoint, config_lib, evaluate, sharding
+from cla_jax import config_lib, evaluate, sharding
 from cla_jax import model as model_lib
+from cla_jax import workdir as workdir_lib
 from cla_jax.errors import UserError
 from cla_jax.load import LoadedModel
 
@@ -151,12 +151,12 @@ class CLAHarnessLM(TemplateLM):
     rows = None if batch_size in (None, "", "auto") else _int_arg("batch_size", batch_size, 1)
     max_length = None if max_length in (None, "") else _int_arg("max_length", max_length, 1)
 
-    saved = checkpoint.read_config(workdir)
-    config = evaluate.apply_overrides(saved, {"model.dtype": str(dtype)} if dtype else None)
-    config_lib.model_config(config)  # a bad dtype is refused here, before anything is restored
-    self._mesh = evaluate.make_eval_mesh(config, num_devices)
-    params, _, self.step = checkpoint.restore_params(workdir, step=step, mesh=self._mesh)
-    self.tokenizer_ = evaluate.load_tokenizer(workdir, saved)
+    # A bad dtype is refused before anything is restored.
+    opened = workdir_lib.open(
+        workdir, step=step, overrides={"model.dtype": str(dtype)} if dtype else None, num_devices=num_devices
+    )
+    config, params, self._mesh, self.step = opened.config, opened.params, opened.mesh, opened.step
+    self.tokenizer_ = opened.tokenizer
     self._scorer = RowScorer(params, config, self._mesh)
     self.model = LoadedModel(config, params, self.step)  # generation, and anyone who wants the logits
     self.batch_size = self._scorer.round_batch_size(int(config.eval.batch_size if rows is None else rows))
@@ -359,59 +359,3 @@ def _counted(batches: Iterable[Any], bar: tqdm.tqdm) -> Iterable[Any]:
   for batch in batches:
     yield batch
     bar.update(1)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Command line: the harness's own, with the model registered and chosen.
-# ---------------------------------------------------------------------------------------------------------
-
-_SUBCOMMANDS = ("run", "ls", "validate")
-
-
-def harness_argv(argv: Sequence[str]) -> list[str]:
-  """The harness CLI's arguments for ours: `--model cla_jax` added, and `--batch_size auto` (the workdir's
-  eval.batch_size) unless a batch size is given; `ls` / `validate` pass through untouched."""
-  argv = list(argv)
-  if argv and argv[0] in ("ls", "validate", "-h", "--help"):
-    return argv
-  if argv and argv[0] == "run":
-    argv = argv[1:]
-  for i, arg in enumerate(argv):
-    name, _, value = arg.partition("=")
-    if name in ("--model", "-M"):
-      value = value or (argv[i + 1] if i + 1 < len(argv) else "")
-      if value != "cla_jax":
-        raise UserError(
-            f"--model {value}: this command evaluates cla_jax workdirs; use lm-eval itself for other "
-            "models, or drop --model."
-        )
-  added = [] if any(a.split("=")[0] in ("--model", "-M") for a in argv) else ["--model", "cla_jax"]
-  if not any(a.split("=")[0] in ("--batch_size", "-b") for a in argv):
-    added += ["--batch_size", "auto"]
-  return ["run", *added, *argv]
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  """`python -m cla_jax.harness ARGS`: `lm-eval run --model cla_jax ARGS` with this model registered."""
-  from lm_eval.__main__ import cli_evaluate  # pylint: disable=g-import-not-at-top
-
-  argv = sys.argv[1:] if argv is None else argv
-  try:
-    sharding.maybe_initialize_distributed()
-    sys.argv = ["python -m cla_jax.harness", *harness_argv(argv)]
-    cli_evaluate()
-  except UserError as e:
-    sys.stderr.write(f"error: {e}\n")
-    sys.exit(2)
-  except ValueError as e:
-    if not str(e).startswith("Tasks not found"):  # the harness's one bad-input ValueError; others are bugs
-      raise
-    sys.stderr.write(
-        f"error: {str(e).splitlines()[0].replace('Tasks not found', 'unknown task(s)')}; list the tasks with "
-        "`python -m cla_jax.harness ls tasks`.\n"
-    )
-    sys.exit(2)
-
-
-if __name__ == "__main__":
-  main()

@@ -49,12 +49,12 @@ def layer_inputs(params: Any, cfg: model_lib.ModelConfig, tokens: np.ndarray) ->
   flat = dataclasses.replace(cfg, scan_layers=False, remat="none", dtype="float32")
   unstacked = model_lib.unstack_params(params, flat)
 
-  def run(p, t):
+  def capture(p, t):
     is_layer = lambda module, _: isinstance(module, model_lib.DecoderLayer)  # noqa: E731
     _, state = model_lib.Transformer(flat).apply({"params": p}, t, capture_intermediates=is_layer, mutable=True)
     return state["intermediates"]
 
-  captured = jax.jit(run)(unstacked, jnp.asarray(tokens, jnp.int32))
+  captured = jax.jit(capture)(unstacked, jnp.asarray(tokens, jnp.int32))
   d = cfg.d_model
   inputs = [np.asarray(params["embed"], np.float32)[np.asarray(tokens)].reshape(-1, d)]
   for s, (_, num_groups) in enumerate(flat.segments):

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cla_jax import checkpoint, config_lib, kv_quant, sharding
+from cla_jax import config_lib, kv_quant, sharding
 from cla_jax import model as model_lib
+from cla_jax import workdir as workdir_lib
 from cla_jax.errors import UserError
 
 
@@ -49,18 +50,16 @@ class LoadedModel:
 
   def _mesh(self) -> jax.sharding.Mesh:
     if self._decode_mesh is None:
-      self._decode_mesh = decode_mesh(self.config)
+      self._decode_mesh = sharding.fitting_mesh(self.config.mesh, self.model_config)
     return self._decode_mesh
 
   @property
   def tokenizer(self) -> Any:
     """The workdir's tokenizer (the one the model was trained with), loaded on first use."""
     if self._tokenizer is None:
-      from cla_jax import evaluate  # pylint: disable=g-import-not-at-top  (heavy; only text generation needs it)
-
       if self.workdir is None:
         raise UserError("this model was built without a workdir, so it has no tokenizer; pass token ids.")
-      self._tokenizer = evaluate.load_tokenizer(os.fspath(self.workdir), self.config)
+      self._tokenizer = workdir_lib.load_tokenizer(os.fspath(self.workdir), self.config)
     return self._tokenizer
 
   @property
@@ -111,7 +110,6 @@ class LoadedModel:
       if self.workdir is not None:
         eos_id = self.tokenizer.eos_id
     sampling = decode.Sampling(temperature, top_k, top_p)
-    sampling.validate()
     key = (sampling, kv_cache_dtype)
     if key not in self._decoders:
       self._decoders[key] = decode.Decoder(self.model_config, self._mesh(), sampling, kv_cache_dtype)
@@ -218,19 +216,7 @@ def load_model(
   is `generate`'s default cache dtype.
   """
   kv_cache_dtype = kv_quant.check_kv_cache_dtype(kv_cache_dtype)
-  params, config, restored_step = checkpoint.restore_params(workdir, step=step, mesh=mesh)
-  if dtype is not None:
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.model.dtype = dtype
-    config.lock()
-  return LoadedModel(config, params, restored_step, workdir=workdir, mesh=mesh, kv_cache_dtype=kv_cache_dtype)
-
-
-def decode_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """The workdir's training mesh when it fits the devices and the model here, else data parallelism."""
-  try:
-    mesh = sharding.make_mesh(config.mesh)
-    sharding.check_model_fits(config_lib.model_config(config), mesh)
-    return mesh
-  except sharding.MeshError:
-    return sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
+  opened = workdir_lib.open(workdir, step=step, overrides=None if dtype is None else {"model.dtype": dtype}, mesh=mesh)
+  return LoadedModel(
+      opened.config, opened.params, opened.step, workdir=workdir, mesh=mesh, kv_cache_dtype=kv_cache_dtype
+  )

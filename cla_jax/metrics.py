@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cla_jax import model as model_lib
+from cla_jax import workdir as workdir_lib
 
 # Dense bf16 peak FLOP/s per device (chip), from vendor spec sheets; matched by substring of
 # `device.device_kind`, most specific first.
@@ -234,8 +235,8 @@ class MetricWriter:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
       os.makedirs(workdir, exist_ok=True)
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
-      path = os.path.join(workdir, "metrics.jsonl")
+      self._tb = SummaryWriter(os.path.join(workdir, workdir_lib.TENSORBOARD_DIR), flush_secs=30)
+      path = os.path.join(workdir, workdir_lib.METRICS_FILE)
       self._jsonl = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
       if self._jsonl.tell() and not _ends_with_newline(path):
         self._jsonl.write("\n")  # a crash mid-write left a partial line: start this run's records on a new one

@@ -12,8 +12,10 @@ not supported by linen's logical constraints.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -273,3 +275,43 @@ def describe(mesh: Mesh) -> str:
   axes = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
   platform = mesh.devices.flat[0].platform
   return f"{axes} ({mesh.devices.size} {platform} devices, {jax.process_count()} process(es))"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Meshes for restoring a workdir here: fallbacks when the training mesh does not fit.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def data_parallel_config(num_devices: int | None = None) -> dict[str, int]:
+  """A mesh config of pure data parallelism over all devices, or the first `num_devices`."""
+  config = {"data": -1, "fsdp": 1, "tensor": 1}
+  if num_devices is not None:
+    config["num_devices"] = num_devices
+  return config
+
+
+def fitting_mesh(mesh_config: Any, model_cfg: Any, note: bool = False) -> Mesh:
+  """`mesh_config`'s mesh when it fits the devices present and the model, else pure data parallelism.
+
+  A checkpoint trained on a pod must still evaluate and decode on one host. `note` prints why to stderr.
+  """
+  try:
+    mesh = make_mesh(mesh_config)
+    check_model_fits(model_cfg, mesh)
+    return mesh
+  except MeshError as e:
+    if note:
+      print(f"note: {e} Evaluating with pure data parallelism instead.", file=sys.stderr, flush=True)
+    return make_mesh(data_parallel_config())
+
+
+def replicated_mesh() -> Mesh:
+  """A one-axis ('data') mesh over every device: params placed on it with P() are replicated everywhere."""
+  return jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(AxisType.Auto,))
+
+
+@functools.lru_cache(maxsize=1)
+def single_device_mesh() -> Mesh:
+  """A (data, fsdp, tensor) = (1, 1, 1) mesh on the first device."""
+  devices = np.asarray(jax.devices()[:1]).reshape(1, 1, 1)
+  return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * 3)

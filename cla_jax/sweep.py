@@ -1,13 +1,13 @@
 """Runs a sweep of training runs and reports the accuracy / KV-cache trade-off.
 
-    python -m cla_jax.sweep --sweep=configs/sweeps/tiny_pareto.py --workdir=DIR [--parallel=N] [--only=REGEX]
+    cla-sweep --sweep=configs/sweeps/tiny_pareto.py --workdir=DIR [--parallel=N] [--only=REGEX]
         [--seeds=N] [--dry_run] [--config.train.steps=600 ...]
 
 A sweep file is plain Python with `get_runs(seeds: int = ...) -> list[Run]`. Each run trains in its own
 `DIR/<run name>/` with the project's trainer and is evaluated with eval.py's code, in a child process
-(`cla_jax.sweep_worker`). After every finished run, DIR/results.csv, results.jsonl, results.md, pareto.png and
-lr_sweep.png are rewritten. Rerunning skips finished runs, resumes interrupted ones from their checkpoints and
-retries failed ones. See docs/sweep.md.
+(`cla_jax.cli.sweep_worker`, which calls `cla_jax.sweep_worker`). After every finished run, DIR/results.csv,
+results.jsonl, results.md, pareto.png and lr_sweep.png are rewritten. Rerunning skips finished runs, resumes
+interrupted ones from their checkpoints and retries failed ones. See docs/sweep.md.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 import ml_collections
 
-from cla_jax import config_lib, paths, sweep_report
+from cla_jax import config_lib, sweep_report
 from cla_jax.errors import UserError
 from cla_jax.sweep_worker import RESULT_FILE, RUN_FILE
 
@@ -104,7 +104,7 @@ def _call_get_runs(path: pathlib.Path, get_runs: Any, seeds: int | None) -> list
         "cla_jax.sweep.Run."
     )
   runs = list(runs)
-  # By fields, not isinstance: under `python -m cla_jax.sweep` the file's Run is another module's class.
+  # By fields, not isinstance: a sweep file may hold another copy of Run (e.g. one run as __main__).
   bad = [r for r in runs if not (dataclasses.is_dataclass(r) and hasattr(r, "name") and hasattr(r, "config"))]
   if bad:
     raise UserError(
@@ -304,7 +304,7 @@ class Runner:
         if self.stopping:
           return False
         child = subprocess.Popen(
-            [sys.executable, "-m", "cla_jax.sweep_worker", f"--run_file={run_dir / RUN_FILE}"],
+            [sys.executable, "-m", "cla_jax.cli.sweep_worker", f"--run_file={run_dir / RUN_FILE}"],
             cwd=config_lib.REPO_ROOT,
             env=env,
             stdout=log,
@@ -404,65 +404,3 @@ def format_dry_run(runner: Runner) -> str:
           f"{run.config} seed={run.seed} {overrides}"
       )
   return "\n".join(lines)
-
-
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments {argv[1:]}; flags are written --name=value.")
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  f = flags.FLAGS
-  check_parallel(f.parallel)
-  paths.check_output_dir(f.workdir, "--workdir")
-  import jax  # pylint: disable=g-import-not-at-top
-
-  jax.config.update("jax_platforms", "cpu")  # describe() here needs shapes only; the workers own the accelerators
-  runs = load_sweep(f.sweep, f.seeds)
-  if f.only:
-    try:
-      pattern = re.compile(f.only)
-    except re.error as e:
-      raise UserError(f"--only={f.only!r} is not a regular expression: {e}.") from None
-    runs = [r for r in runs if pattern.search(r.name)]
-    if not runs:
-      raise UserError(f"--only={f.only!r} matches no run of {f.sweep}; --dry_run lists their names.")
-  overrides = dict(config_flags.get_override_values(f["config"]))
-  runner = Runner(runs, f.workdir, overrides, f.parallel, title=pathlib.Path(f.sweep).stem)
-  if f.dry_run:
-    print(format_dry_run(runner), flush=True)
-    return
-  results = runner.run(log=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True))
-  counts = {s: sum(r["status"] == s for r in results) for s in ("done", "failed", "pending")}
-  print(
-      f"sweep {'stopped' if runner.stopping else 'finished'}: {counts['done']} done, {counts['failed']} failed, "
-      f"{counts['pending']} pending; reports in {runner.workdir}",
-      flush=True,
-  )
-  if runner.stopping:
-    sys.exit(1)
-
-
-def _define_flags() -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  from cla_jax import cli  # pylint: disable=g-import-not-at-top
-
-  flags.DEFINE_string("sweep", None, "Sweep file, e.g. configs/sweeps/tiny_pareto.py.", required=True)
-  flags.DEFINE_string("workdir", None, "Sweep directory: DIR/<run>/ per run, results and plots in DIR.", required=True)
-  flags.DEFINE_integer("parallel", 1, "Runs trained at once, as separate processes (GPUs are split evenly).")
-  flags.DEFINE_string("only", None, "Regular expression: train/list only runs whose name it matches.")
-  flags.DEFINE_integer("seeds", None, "Seeds per row and learning rate (default: the sweep file's).")
-  flags.DEFINE_bool("dry_run", False, "List the runs (name, row, KV bytes, params, overrides) and exit.")
-  cli.define_config_dict(
-      "config",
-      config_lib.load(config_lib.DEFAULT_CONFIG),
-      "Only as --config.<field>=value overrides applied to every run, e.g. --config.train.steps=600.",
-  )
-
-
-if __name__ == "__main__":
-  from cla_jax import cli  # pylint: disable=g-import-not-at-top
-
-  _define_flags()
-  cli.run(main)

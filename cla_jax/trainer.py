@@ -23,6 +23,7 @@ from cla_jax import checkpoint, config_lib, distill, health, optim, paths, shard
 from cla_jax import metrics as metrics_lib
 from cla_jax import model as model_lib
 from cla_jax import train_step as train_step_lib
+from cla_jax import workdir as workdir_lib
 from cla_jax.data import batches as batches_lib
 from cla_jax.data import prepare
 from cla_jax.data import tokenizer as tokenizer_lib
@@ -102,9 +103,9 @@ def _model_from_workdir(workdir: str, config: ml_collections.ConfigDict, explici
   weights is refused; remat/dtype/attention_impl may change. Updates `config.model` in place and returns
   the fields taken from the workdir that differ from `config`.
   """
-  if not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
+  if not workdir_lib.has_config(workdir):
     return []
-  saved = checkpoint.read_config(workdir).model.to_dict()
+  saved = workdir_lib.read_config(workdir).model.to_dict()
   asked = config.model.to_dict()
   explicit = set(asked) if explicit is None else set(explicit)
   merged = {k: asked[k] if k in explicit else saved[k] for k in asked}  # read_config gave saved every field
@@ -184,9 +185,9 @@ class Trainer:
   def _set_up(self, from_workdir: list[str]) -> None:
     """Writes the workdir's config and tokenizer; builds model, optimizer, writer and checkpoint manager."""
     config = self.config
-    checkpoint.write_config(self.workdir, config)
+    workdir_lib.write_config(self.workdir, config)
     if jax.process_index() == 0:
-      # A copy in the workdir keeps eval.py independent of the tokenizer cache (evaluate.load_tokenizer).
+      # A copy in the workdir keeps eval.py independent of the tokenizer cache (workdir.load_tokenizer).
       self.tokenizer.save(self.workdir)
     self._scorer = None  # built at the first validation
 
@@ -203,8 +204,10 @@ class Trainer:
     self.writer = metrics_lib.MetricWriter(self.workdir, config.train.steps)
     self.health = health.HealthCheck(config.train, self.model_config.vocab_size)
     self.policy = checkpoint.KeepNewestAndVerified(keep=config.checkpoint.keep)
-    self._verified_on_disk = checkpoint.read_verified_step(self.workdir)
-    self.manager = checkpoint.make_manager(self.workdir, async_save=config.checkpoint.async_save, policy=self.policy)
+    self._verified_on_disk = workdir_lib.read_verified_step(self.workdir)
+    self.manager = workdir_lib.checkpoint_manager(
+        self.workdir, async_save=config.checkpoint.async_save, policy=self.policy
+    )
     if from_workdir:
       self.writer.message(f"continuing {self.workdir}: model fields {from_workdir} come from its config.json")
     self.flops_per_step = metrics_lib.flops_per_token(self.model_config, config.train.seq_len) * (
@@ -222,8 +225,10 @@ class Trainer:
 
   def restore_or_init(self) -> tuple[int, Any, Any]:
     """(start step, params, opt_state) from the newest readable checkpoint, or freshly initialised."""
-    restored = checkpoint.restore(self.manager, self.abstract_params, self.abstract_opt_state, quarantine=True)
-    verified = checkpoint.read_verified_step(self.workdir)
+    restored = checkpoint.restore(
+        self.manager, self.abstract_params, self.abstract_opt_state, quarantine=workdir_lib.CORRUPT_DIR
+    )
+    verified = workdir_lib.read_verified_step(self.workdir)
     if (
         restored is not None
         and verified is not None
@@ -391,7 +396,7 @@ class Trainer:
     if step is None or step == self._verified_on_disk or self.manager.is_saving_in_progress():
       return
     if step in self.manager.all_steps():
-      checkpoint.write_verified_step(self.workdir, step)
+      workdir_lib.write_verified_step(self.workdir, step)
       self._verified_on_disk = step
 
   def _stop_diverged(self, problem: str, step: int, start: int) -> None:
@@ -399,7 +404,7 @@ class Trainer:
     self.manager.wait_until_finished()
     good = self.policy.verified
     suspect = [s for s in self.manager.all_steps() if s > max(start, -1 if good is None else good)]
-    moved = checkpoint.set_aside(self.manager, suspect, checkpoint.DIVERGED_DIR, "unverified") if suspect else ""
+    moved = checkpoint.set_aside(self.manager, suspect, workdir_lib.DIVERGED_DIR, "unverified") if suspect else ""
     aside = f"; checkpoints {sorted(suspect)} saved since were moved to {moved}" if suspect else ""
     if good is not None:
       where = f"The newest checkpoint that passed the health check is step {good} in {self.manager.directory}{aside}"

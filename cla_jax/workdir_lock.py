@@ -16,8 +16,7 @@ import time
 import jax
 
 from cla_jax.errors import UserError
-
-LOCK_FILE = "lock"
+from cla_jax.workdir import LOCK_FILE
 
 
 class WorkdirBusyError(UserError):

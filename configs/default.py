@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.data_dir = "~/.cache/cla_jax"  # TFDS data dir and default cache dir (a gs:// path works for TFDS on pods)
   data.cache_dir = ""  # tokenizers and auto-prepared splits; "" = data_dir (~/.cache/cla_jax if remote)
   data.max_cache_tokens = 0  # cap on tokens prepared per split (0: whole split); bounds disk/time for big TFDS sets
-  data.prepared_dir = ""  # `python -m cla_jax.data.prepare --output` dir (or gs://); "": prepare in cache_dir
+  data.prepared_dir = ""  # `python -m cla_jax.cli.prepare --output` dir (or gs://); "": prepare in cache_dir
   data.tokenizer = (
       "sentencepiece"  # sentencepiece (trained on the train split) | path to .model | path to tokenizer.json
   )

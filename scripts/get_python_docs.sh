@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-exec "$PYTHON" -m cla_jax.data.python_docs --data_dir="${1:-$HOME/.cache/cla_jax}"
+exec "$PYTHON" -m cla_jax.cli.python_docs --data_dir="${1:-$HOME/.cache/cla_jax}"

@@ -89,7 +89,7 @@ def export(teacher: pathlib.Path, hf_dir: pathlib.Path) -> None:
   """The teacher as a Hugging Face directory (fp32)."""
   if (hf_dir / "config.json").is_file() and list(hf_dir.glob("*.safetensors")):
     return
-  cmd = [sys.executable, "-m", "cla_jax.export_hf", f"--workdir={teacher}", f"--out={hf_dir}", "--dtype=float32"]
+  cmd = [sys.executable, "-m", "cla_jax.cli.export_hf", f"--workdir={teacher}", f"--out={hf_dir}", "--dtype=float32"]
   _run(cmd + ["--overwrite"], hf_dir.parent / "export.log")
 
 
@@ -106,7 +106,7 @@ def convert(hf_dir: pathlib.Path, workdir: pathlib.Path, kv_init: str) -> None:
   if (workdir / "convert_report.json").is_file():
     return
   shutil.rmtree(workdir, ignore_errors=True)
-  cmd = [sys.executable, "-m", "cla_jax.convert_hf", f"--hf_dir={hf_dir}", f"--workdir={workdir}", "--pattern=cla2"]
+  cmd = [sys.executable, "-m", "cla_jax.cli.convert_hf", f"--hf_dir={hf_dir}", f"--workdir={workdir}", "--pattern=cla2"]
   cmd += [f"--kv_init={kv_init}", "--calib_sequences=16", f"--config.data.tokenizer={tokenizer_of(hf_dir)}"]
   _run(cmd, workdir.parent / f"{workdir.name}.log")
 

@@ -34,7 +34,7 @@ def test_paper_1b_row_at_the_paper_batch_per_chip_stays_within_its_bound():
 def _cli(*args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run(
-      [sys.executable, "-m", "cla_jax.aot", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=600
+      [sys.executable, "-m", "cla_jax.cli.aot", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=600
   )
 
 

@@ -1,6 +1,6 @@
 """Bad input on every surface is one UserError line naming the problem and its fix (issue 27's inputs).
 
-In-process, so each case costs milliseconds; test_reliability's command-line table checks that `cli.run`
+In-process, so each case costs milliseconds; test_reliability's command-line table checks that `cli.start`
 prints such an error as one `error:` line with exit status 2.
 """
 
@@ -83,7 +83,7 @@ def test_an_error_inside_sentencepiece_training_keeps_its_own_message():
 
 
 def test_generate_prompt_file_that_is_not_text(tmp_path):
-  from cla_jax import generate_cli  # pylint: disable=g-import-not-at-top
+  from cla_jax.cli import generate as generate_cli  # pylint: disable=g-import-not-at-top
 
   prompts = tmp_path / "prompts.txt"
   prompts.write_bytes(bytes(range(128, 256)))
@@ -169,6 +169,7 @@ def test_harness_without_workdir_or_with_an_unknown_task(monkeypatch, capsys):
   from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
 
   from cla_jax import harness  # pylint: disable=g-import-not-at-top
+  from cla_jax.cli import harness as harness_command  # pylint: disable=g-import-not-at-top
 
   with pytest.raises(UserError) as err:
     harness.CLAHarnessLM.create_from_arg_string("step=6", {"batch_size": 1})
@@ -177,11 +178,11 @@ def test_harness_without_workdir_or_with_an_unknown_task(monkeypatch, capsys):
   monkeypatch.setattr(TaskManager, "__init__", functools.partialmethod(TaskManager.__init__, include_defaults=False))
   monkeypatch.setattr(sys, "argv", sys.argv[:])
   with pytest.raises(SystemExit) as exit_info:
-    harness.main(["--model_args", "workdir=/nonexistent", "--tasks", "no_such_task"])
+    harness_command.main(["--model_args", "workdir=/nonexistent", "--tasks", "no_such_task"])
   assert exit_info.value.code == 2
   lines = capsys.readouterr().err.strip().splitlines()
   assert lines[-1] == (
-      "error: unknown task(s): no_such_task; list the tasks with `python -m cla_jax.harness ls tasks`."
+      "error: unknown task(s): no_such_task; list the tasks with `python -m cla_jax.cli.harness ls tasks`."
   )
 
 

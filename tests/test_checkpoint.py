@@ -9,6 +9,7 @@ import pytest
 
 from cla_jax import checkpoint, config_lib, trainer
 from cla_jax import model as model_lib
+from cla_jax import workdir as workdir_lib
 from tests import train_helpers as th
 
 
@@ -31,18 +32,18 @@ def _assert_tree_equal(a, b):
 def test_params_only_roundtrip_and_fallback(tmp_path, tiny_config, capfd):
   workdir = tmp_path / "run"
   p0, p1 = _params(tiny_config, 0), _params(tiny_config, 1)
-  checkpoint.save_params_only(workdir, p0, tiny_config, step=5)
-  manager = checkpoint.make_manager(workdir, async_save=False)
+  workdir_lib.save_params_only(workdir, p0, tiny_config, step=5)
+  manager = workdir_lib.checkpoint_manager(workdir, async_save=False)
   checkpoint.save(manager, 9, p1, None, {})
   manager.wait_until_finished()
   manager.close()
-  params, config, step = checkpoint.restore_params(workdir)
+  params, config, step = workdir_lib.restore_params(workdir)
   assert step == 9 and config.model.to_dict() == tiny_config.model.to_dict()
   _assert_tree_equal(params, p1)
 
   _corrupt(workdir / "checkpoints" / "9")
   capfd.readouterr()
-  params, _, step = checkpoint.restore_params(workdir)  # falls back, warns, deletes nothing
+  params, _, step = workdir_lib.restore_params(workdir)  # falls back, warns, deletes nothing
   assert step == 5
   err = capfd.readouterr().err
   warnings = [line for line in err.splitlines() if line.startswith("warning:")]
@@ -50,24 +51,24 @@ def test_params_only_roundtrip_and_fallback(tmp_path, tiny_config, capfd):
   _assert_tree_equal(params, p0)
   assert sorted(os.listdir(workdir / "checkpoints")) == ["5", "9"]
   with pytest.raises(checkpoint.CheckpointError, match="checkpoint step 9 .* is unreadable"):
-    checkpoint.restore_params(workdir, step=9)
+    workdir_lib.restore_params(workdir, step=9)
 
 
 def test_clear_errors(tmp_path, tiny_config):
   with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
-    checkpoint.restore_params(tmp_path / "missing")
-  checkpoint.write_config(tmp_path, tiny_config)
+    workdir_lib.restore_params(tmp_path / "missing")
+  workdir_lib.write_config(tmp_path, tiny_config)
   with pytest.raises(checkpoint.CheckpointError, match="no checkpoints/ directory"):
-    checkpoint.restore_params(tmp_path)
-  checkpoint.save_params_only(tmp_path / "run", _params(tiny_config, 0), tiny_config)
+    workdir_lib.restore_params(tmp_path)
+  workdir_lib.save_params_only(tmp_path / "run", _params(tiny_config, 0), tiny_config)
   with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint for step 3 .* available steps: \[0\]"):
-    checkpoint.restore_params(tmp_path / "run", step=3)
+    workdir_lib.restore_params(tmp_path / "run", step=3)
   # A config.json whose model no longer matches the stored params.
   bigger = tiny_config.copy_and_resolve_references()
   bigger.model.d_model = 96
-  checkpoint.write_config(tmp_path / "run", bigger)
+  workdir_lib.write_config(tmp_path / "run", bigger)
   with pytest.raises(checkpoint.CheckpointError, match="does not match the model config"):
-    checkpoint.restore_params(tmp_path / "run")
+    workdir_lib.restore_params(tmp_path / "run")
 
 
 def test_trainer_resumes_past_a_corrupted_latest_checkpoint(tmp_path_factory, tiny_config):
@@ -84,15 +85,15 @@ def test_trainer_resumes_past_a_corrupted_latest_checkpoint(tmp_path_factory, ti
   again = th.losses(workdir)
   assert [again[s] for s in (3, 4)] == [first[s] for s in (3, 4)]
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
-  (moved,) = os.listdir(workdir / checkpoint.CORRUPT_DIR)
-  assert moved.startswith("4-") and (workdir / checkpoint.CORRUPT_DIR / moved / "params").is_dir()
+  (moved,) = os.listdir(workdir / workdir_lib.CORRUPT_DIR)
+  assert moved.startswith("4-") and (workdir / workdir_lib.CORRUPT_DIR / moved / "params").is_dir()
 
 
 def test_relative_workdir_restores(tmp_path, tiny_config, monkeypatch):
   """`eval.py --workdir=runs/default` (the README's quick start) passes a relative path."""
   monkeypatch.chdir(tmp_path)
   params = _params(tiny_config, 0)
-  checkpoint.save_params_only("runs/rel", params, tiny_config, step=3)
-  restored, _, step = checkpoint.restore_params("runs/rel")
+  workdir_lib.save_params_only("runs/rel", params, tiny_config, step=3)
+  restored, _, step = workdir_lib.restore_params("runs/rel")
   assert step == 3
   _assert_tree_equal(restored, params)

@@ -20,6 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import cla_jax  # noqa: E402
 from cla_jax import convert_hf  # noqa: E402
+from cla_jax import workdir as workdir_lib  # noqa: E402
 from cla_jax.errors import UserError  # noqa: E402
 from tests import numpy_reference  # noqa: E402
 
@@ -113,7 +114,10 @@ def test_share_factor_2_keeps_first_layer_kv_and_matches_numpy(gqa_model, gqa_di
   assert report["groups"] == [[0, 1], [2, 3]]
   assert [d["layer"] for d in report["dropped_kv"]] == [1, 3]
   assert report["dropped_parameters"] == 2 * 2 * D_MODEL * 2 * HEAD_DIM  # 2 layers x (K + V) x [d, k*h]
-  assert json.loads((tmp_path / "work" / convert_hf.REPORT_FILE).read_text())["dropped_kv"] == report["dropped_kv"]
+  assert (
+      json.loads((tmp_path / "work" / workdir_lib.CONVERT_REPORT_FILE).read_text())["dropped_kv"]
+      == report["dropped_kv"]
+  )
 
   loaded = cla_jax.load_model(tmp_path / "work", dtype="float32")
   kv = loaded.params["segment_0"]["kv"]
@@ -298,7 +302,7 @@ def _word_tokenizer(path: pathlib.Path, text: str) -> None:
 
 @pytest.fixture(scope="module")
 def cli_workdir(gqa_model, tmp_path_factory):
-  """`python -m cla_jax.convert_hf --pattern=cla2` on a checkpoint with a tokenizer.json."""
+  """`python -m cla_jax.cli.convert_hf --pattern=cla2` on a checkpoint with a tokenizer.json."""
   root = tmp_path_factory.mktemp("cli")
   hf_dir = _save(gqa_model, root / "hf")
   text = " ".join(f"word{i % 40} alpha beta gamma delta" for i in range(400))
@@ -311,7 +315,7 @@ def cli_workdir(gqa_model, tmp_path_factory):
       [
           sys.executable,
           "-m",
-          "cla_jax.convert_hf",
+          "cla_jax.cli.convert_hf",
           f"--hf_dir={hf_dir}",
           f"--workdir={root / 'work'}",
           "--pattern=cla2",
@@ -338,7 +342,7 @@ def test_cli_reports_dropped_kv_and_references_tokenizer(cli_workdir):
   root, stdout = cli_workdir
   assert "dropped K/V projections of layers [1, 3]" in stdout
   assert "group [0, 1] (lsq): K/V relative error per layer" in stdout
-  report = json.loads((root / "work" / convert_hf.REPORT_FILE).read_text())
+  report = json.loads((root / "work" / workdir_lib.CONVERT_REPORT_FILE).read_text())
   assert report["kv_init"] == "lsq" and report["calibration_tokens"] == [4, 16]
   assert [g["layers"] for g in report["kv_relative_errors"]] == [[0, 1], [2, 3]]
   config = json.loads((root / "work" / "config.json").read_text())
@@ -348,9 +352,9 @@ def test_cli_reports_dropped_kv_and_references_tokenizer(cli_workdir):
 
 
 def _convert_cli(*flags: str) -> subprocess.CompletedProcess:
-  """`python -m cla_jax.convert_hf FLAGS` on CPU, output captured."""
+  """`python -m cla_jax.cli.convert_hf FLAGS` on CPU, output captured."""
   return subprocess.run(
-      [sys.executable, "-m", "cla_jax.convert_hf", *flags],
+      [sys.executable, "-m", "cla_jax.cli.convert_hf", *flags],
       cwd=REPO_ROOT,
       env=dict(os.environ, JAX_PLATFORMS="cpu"),
       capture_output=True,
@@ -368,11 +372,10 @@ def test_cli_error_is_one_line(gqa_dir, tmp_path):
 
 def test_continued_training_from_converted_workdir(cli_workdir):
   trainer = pytest.importorskip("cla_jax.trainer")
-  from cla_jax import checkpoint  # pylint: disable=g-import-not-at-top
 
   root, _ = cli_workdir
   workdir = root / "work"
-  before, config, step = checkpoint.restore_params(workdir)
+  before, config, step = workdir_lib.restore_params(workdir)
   assert step == 0
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.update(
@@ -382,7 +385,7 @@ def test_continued_training_from_converted_workdir(cli_workdir):
   config.checkpoint.update(every_steps=2, async_save=False)
   config.lock()
   trainer.run(config, str(workdir))
-  after, _, step = checkpoint.restore_params(workdir)
+  after, _, step = workdir_lib.restore_params(workdir)
   assert step == 2
   moved = np.abs(np.asarray(after["embed"]) - np.asarray(before["embed"])).max()
   assert 0 < moved < 0.1  # started from the converted weights (init_std-scale noise would differ far more)
@@ -412,7 +415,7 @@ def test_truncated_safetensors_is_one_line_and_nan_weights_are_refused(gqa_dir, 
   (weights,) = truncated.glob("*.safetensors")
   weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
   result = subprocess.run(
-      [sys.executable, "-m", "cla_jax.convert_hf", f"--hf_dir={truncated}", f"--workdir={tmp_path / 'w1'}"],
+      [sys.executable, "-m", "cla_jax.cli.convert_hf", f"--hf_dir={truncated}", f"--workdir={tmp_path / 'w1'}"],
       cwd=REPO_ROOT,
       env=dict(os.environ, JAX_PLATFORMS="cpu"),
       capture_output=True,
@@ -441,12 +444,12 @@ def test_truncated_safetensors_is_one_line_and_nan_weights_are_refused(gqa_dir, 
 def test_converted_workdir_continues_with_the_default_config(cli_workdir, tmp_path):
   """train.py --config=configs/default.py on a converted workdir: the model comes from its config.json."""
   trainer = pytest.importorskip("cla_jax.trainer")
-  from cla_jax import checkpoint, config_lib  # pylint: disable=g-import-not-at-top
+  from cla_jax import config_lib  # pylint: disable=g-import-not-at-top
 
   root, _ = cli_workdir
   workdir = tmp_path / "work"
   shutil.copytree(root / "work", workdir)
-  saved = checkpoint.read_config(workdir)
+  saved = workdir_lib.read_config(workdir)
   config = config_lib.load("configs/default.py")
   assert config.model.d_model != saved.model.d_model
   config.data.update(
@@ -457,7 +460,7 @@ def test_converted_workdir_continues_with_the_default_config(cli_workdir, tmp_pa
       tokenizer=saved.data.tokenizer,
   )
   config.train.update(
-      steps=max(2, (checkpoint.latest_step(workdir) or 0) + 1),
+      steps=max(2, (workdir_lib.latest_step(workdir) or 0) + 1),
       batch_size=8,
       seq_len=16,
       log_every=1,
@@ -467,7 +470,7 @@ def test_converted_workdir_continues_with_the_default_config(cli_workdir, tmp_pa
   config.checkpoint.update(every_steps=100, async_save=False)
   config.model.remat = "full"  # allowed on resume: it does not change the weights
   trainer.run(config, str(workdir), explicit_model_fields=["remat"])
-  resumed = checkpoint.read_config(workdir)
+  resumed = workdir_lib.read_config(workdir)
   assert resumed.model.d_model == saved.model.d_model and resumed.model.remat == "full"
   config.model.d_model = saved.model.d_model * 2  # an explicit weight-changing override is refused
   with pytest.raises(trainer.TrainConfigError, match=r"different model config \(fields \['d_model'\]\)"):

@@ -157,7 +157,7 @@ def test_tfds_source_by_name(tiny_config, tmp_path):
   tiny_config.data.update(
       source="tfds", tfds_name="cla_test_toy_text", data_dir=str(tmp_path), text_key="body", eval_split="test"
   )
-  with pytest.raises(UserError, match=r"not prepared.*python -m cla_jax\.data\.prepare"):
+  with pytest.raises(UserError, match=r"not prepared.*python -m cla_jax\.cli\.prepare"):
     sources.get_source(tiny_config)
   tfds.display_progress_bar(False)
   ClaTestToyText(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
@@ -659,10 +659,10 @@ def test_workers_run_every_task_and_reraise_a_failure(text_config, tmp_path, num
     out = tmp_path / "out"
     out.mkdir()
     tasks = [{"path": str(out / f"{i}.txt"), "text": str(i)} for i in range(20)]
-    workers.run(write_text_task, tasks, uses_state=False)
+    workers.map(write_text_task, tasks, uses_state=False)
     assert sorted(int(p.read_text()) for p in out.iterdir()) == list(range(20))
     with pytest.raises(RuntimeError, match="task 3 failed"):
-      workers.run(fail_on_task_3, [{"task": i} for i in range(8)])
+      workers.map(fail_on_task_3, [{"task": i} for i in range(8)])
   finally:
     workers.close()
 

@@ -119,7 +119,7 @@ def test_every_shipped_config_and_row_builds(spec):
 
 def _cli(*args, cwd=config_lib.REPO_ROOT):
   return subprocess.run(
-      [sys.executable, "-m", "cla_jax.describe", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+      [sys.executable, "-m", "cla_jax.cli.describe", *args], capture_output=True, text=True, cwd=cwd, timeout=120
   )
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from cla_jax import checkpoint, config_lib, distill, trainer
 from cla_jax import model as model_lib
+from cla_jax import workdir as workdir_lib
 from cla_jax.errors import UserError
 from tests import train_helpers as th
 
@@ -85,21 +86,21 @@ def test_objective_matches_numpy_and_is_zero_with_zero_gradient_for_an_identical
 
 
 def test_teacher_is_never_updated_nor_saved(tmp_path, corpus, teacher_dir):
-  teacher_before, _, _ = checkpoint.restore_params(teacher_dir)
+  teacher_before, _, _ = workdir_lib.restore_params(teacher_dir)
   config = th.config_on(corpus, steps=6, teacher=str(teacher_dir), distill_weight=0.5, distill_temperature=2.0)
   config.checkpoint.update(every_steps=3)
   workdir = tmp_path / "student"
   trainer.run(config, str(workdir))
 
-  teacher_after, _, _ = checkpoint.restore_params(teacher_dir)
+  teacher_after, _, _ = workdir_lib.restore_params(teacher_dir)
   for a, b in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(teacher_after)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert checkpoint.latest_step(teacher_dir) == 10
+  assert workdir_lib.latest_step(teacher_dir) == 10
   # The student's checkpoints hold exactly the student's params (cla2: 2 groups), optimizer state and meta.
   for step in (3, 6):
     items = sorted(p.name for p in (workdir / "checkpoints" / str(step)).iterdir() if p.is_dir())
     assert items == ["meta", "opt_state", "params"]
-  params, _, _ = checkpoint.restore_params(workdir)
+  params, _, _ = workdir_lib.restore_params(workdir)
   expected = jax.eval_shape(lambda: model_lib.init_params(config_lib.model_config(config), jax.random.key(0)))
   assert checkpoint.shape_differences(params, expected) == []
   records = th.losses(workdir)

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from cla_jax import checkpoint, config_lib, evaluate
+from cla_jax import config_lib, evaluate
+from cla_jax import workdir as workdir_lib
 from cla_jax.data import batches as batches_lib
 from cla_jax.data import prepare
 from cla_jax.data import tokenizer as tokenizer_lib
@@ -78,7 +79,7 @@ def setup(tiny_config, tmp_path):
   config.eval.update(batch_size=4, max_tokens=200)
   params = _random_params(config)
   workdir = str(tmp_path / "run")
-  checkpoint.save_params_only(workdir, params, config, step=7)
+  workdir_lib.save_params_only(workdir, params, config, step=7)
   wiki = tmp_path / "wiki.test.raw"
   wiki.write_text(WIKI)
   return workdir, config, params, str(wiki)
@@ -185,7 +186,7 @@ def test_bad_workdir_step_and_config_errors(setup, tmp_path):
   with pytest.raises(UserError, match="cannot be changed at evaluation"):
     evaluate.run(workdir, overrides={"model.d_model": 128})
   empty = tmp_path / "empty"
-  checkpoint.write_config(empty, config)
+  workdir_lib.write_config(empty, config)
   with pytest.raises(UserError, match="no checkpoints"):
     evaluate.run(str(empty))
   # A config.json that no longer matches the checkpoint's shapes.

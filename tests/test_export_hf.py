@@ -16,15 +16,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import cla_jax  # noqa: E402
-from cla_jax import (  # noqa: E402
-    checkpoint,
-    config_lib,  # noqa: E402
-    convert_hf,  # noqa: E402
-    decode,
-    describe,  # noqa: E402
-    export_hf,  # noqa: E402
-)
+from cla_jax import config_lib, convert_hf, decode, describe, export_hf  # noqa: E402
 from cla_jax import model as model_lib  # noqa: E402
+from cla_jax import workdir as workdir_lib  # noqa: E402
 from cla_jax.errors import UserError  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -88,7 +82,7 @@ def _workdir(
   if llama_norms:
     for s in range(len(cfg.segments)):
       params[f"segment_{s}"]["kv"]["norm"]["scale"] = params[f"segment_{s}"]["layer_0"]["attn_norm"]["scale"].copy()
-  checkpoint.save_params_only(path, params, config)
+  workdir_lib.save_params_only(path, params, config)
   return path
 
 
@@ -190,7 +184,7 @@ def keep_ends_workdir(tmp_path_factory):
 
 
 def _restored(workdir):
-  params, config, _ = checkpoint.restore_params(workdir)
+  params, config, _ = workdir_lib.restore_params(workdir)
   return jax.tree.map(np.asarray, params), config
 
 
@@ -310,13 +304,13 @@ def test_tokenizers_export_and_encode_like_cla_jax(tmp_path, keep_ends_workdir):
     _word_tokenizer(files[name], words, bos=bos)
 
   for name, path in files.items():
-    config = ml_collections.ConfigDict(checkpoint.read_config(keep_ends_workdir).to_dict())
+    config = ml_collections.ConfigDict(workdir_lib.read_config(keep_ends_workdir).to_dict())
     config.data.tokenizer = str(path)
     ours = tokenizer_lib.get_tokenizer(config)
     work = tmp_path / f"work_{name}"
     work.mkdir()
     (work / "checkpoints").symlink_to(keep_ends_workdir / "checkpoints", target_is_directory=True)
-    checkpoint.write_config(work, config)
+    workdir_lib.write_config(work, config)
     summary = export_hf.export(work, tmp_path / f"hf_{name}")
     assert summary["tokenizer"] == str(path), name
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / f"hf_{name}"), trust_remote_code=True)
@@ -331,7 +325,7 @@ def test_tokenizers_export_and_encode_like_cla_jax(tmp_path, keep_ends_workdir):
     assert generation["eos_token_id"] == ours.eos_id, name
     # convert_hf takes the tokenizer back: the workdir's copy encodes like the original.
     report = convert_hf.convert(tmp_path / f"hf_{name}", tmp_path / f"back_{name}")
-    back = tokenizer_lib.get_tokenizer(checkpoint.read_config(tmp_path / f"back_{name}"))
+    back = tokenizer_lib.get_tokenizer(workdir_lib.read_config(tmp_path / f"back_{name}"))
     assert report["tokenizer"].startswith(str((tmp_path / f"back_{name}").resolve())), name
     assert back.encode(test_text[0]) == ours.encode(test_text[0]), name
 
@@ -369,7 +363,13 @@ def test_errors_are_one_clear_line(tmp_path, keep_ends_workdir):
 
 def test_cli_writes_and_refuses_in_one_line(tmp_path, keep_ends_workdir):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  command = [sys.executable, "-m", "cla_jax.export_hf", f"--workdir={keep_ends_workdir}", f"--out={tmp_path / 'hf'}"]
+  command = [
+      sys.executable,
+      "-m",
+      "cla_jax.cli.export_hf",
+      f"--workdir={keep_ends_workdir}",
+      f"--out={tmp_path / 'hf'}",
+  ]
   result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
   assert "cla" in result.stdout and (tmp_path / "hf" / "modeling_cla.py").is_file()

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from test_model import ATTENTION, PATTERNS, random_params, small_config
 
-from cla_jax import checkpoint, decode, describe, kv_cache, sharding
+from cla_jax import decode, describe, kv_cache, sharding
 from cla_jax import model as model_lib
+from cla_jax import workdir as workdir_lib
 from cla_jax.data import tokenizer as tokenizer_lib
 from cla_jax.errors import UserError
 from cla_jax.model import ModelConfig
@@ -128,7 +129,7 @@ def test_teacher_forced_perplexity_through_the_cache():
 
 def _decode_loop_bytes(cfg, batch, length):
   """Bytes of the compiled decode loop (arguments + outputs - aliases + temporaries) on one device."""
-  decoder = decode.Decoder(cfg, decode.single_device_mesh())
+  decoder = decode.Decoder(cfg, sharding.single_device_mesh())
   abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
   params = jax.tree.map(abstract, flax.linen.meta.unbox(model_lib.abstract_params(cfg)))
   rows = jax.ShapeDtypeStruct((batch,), np.int32)
@@ -298,7 +299,7 @@ def workdir(tmp_path_factory):
   config.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
   cfg = model_lib.ModelConfig.from_config(config.model)
   path = str(root / "run")
-  checkpoint.save_params_only(path, random_params(cfg, seed=2), config, step=3)
+  workdir_lib.save_params_only(path, random_params(cfg, seed=2), config, step=3)
   tokenizer_lib.get_tokenizer(config).save(path)
   return path
 

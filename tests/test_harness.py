@@ -17,8 +17,10 @@ lm_eval = pytest.importorskip("lm_eval")
 
 import cla_jax  # noqa: E402
 import cla_jax.load  # noqa: E402
-from cla_jax import checkpoint, config_lib, evaluate  # noqa: E402
+from cla_jax import config_lib, evaluate  # noqa: E402
 from cla_jax import model as model_lib  # noqa: E402
+from cla_jax import workdir as workdir_lib  # noqa: E402
+from cla_jax.cli import harness as harness_command  # noqa: E402
 from cla_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from cla_jax.errors import UserError  # noqa: E402
 
@@ -111,7 +113,7 @@ def setup(tmp_path_factory):
       shapes,
   )
   workdir = str(tmp / "run")
-  checkpoint.save_params_only(workdir, params, config, step=3)
+  workdir_lib.save_params_only(workdir, params, config, step=3)
   from cla_jax import harness  # pylint: disable=g-import-not-at-top
 
   lm = harness.CLAHarnessLM(workdir=workdir, max_length=MAX_LENGTH, progress=False)
@@ -256,14 +258,12 @@ def test_local_tasks_through_simple_evaluate(setup, tmp_path):
 
 
 def test_cli_gives_the_same_accuracy_and_one_line_errors(setup, tmp_path, monkeypatch, capsys):
-  from cla_jax import harness  # pylint: disable=g-import-not-at-top
-
   env = {**os.environ, **OFFLINE, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
   out = tmp_path / "out"
   cmd = [
       sys.executable,
       "-m",
-      "cla_jax.harness",
+      "cla_jax.cli.harness",
       "--model_args",
       f"workdir={setup['workdir']},max_length={MAX_LENGTH}",
       "--tasks",
@@ -287,7 +287,7 @@ def test_cli_gives_the_same_accuracy_and_one_line_errors(setup, tmp_path, monkey
   monkeypatch.setattr(TaskManager, "__init__", functools.partialmethod(TaskManager.__init__, include_defaults=False))
   monkeypatch.setattr(sys, "argv", sys.argv[:])
   with pytest.raises(SystemExit) as exit_info:
-    harness.main(
+    harness_command.main(
         [
             "--model_args",
             f"workdir={setup['workdir']},step=99",
@@ -354,7 +354,15 @@ def test_bad_model_args_are_one_line_errors(setup):
     make(f"workdir={setup['tmp']}/nope")
   # model_args win over the harness's --batch_size (default 1).
   assert make(f"workdir={setup['workdir']},batch_size=16,max_length={MAX_LENGTH}").batch_size == 16
-  assert harness.harness_argv(["--tasks", "x"]) == ["run", "--model", "cla_jax", "--batch_size", "auto", "--tasks", "x"]
-  assert harness.harness_argv(["ls", "tasks"]) == ["ls", "tasks"]
+  assert harness_command.harness_argv(["--tasks", "x"]) == [
+      "run",
+      "--model",
+      "cla_jax",
+      "--batch_size",
+      "auto",
+      "--tasks",
+      "x",
+  ]
+  assert harness_command.harness_argv(["ls", "tasks"]) == ["ls", "tasks"]
   with pytest.raises(UserError, match="--model hf"):
-    harness.harness_argv(["--model", "hf", "--tasks", "x"])
+    harness_command.harness_argv(["--model", "hf", "--tasks", "x"])

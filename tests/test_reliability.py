@@ -13,6 +13,7 @@ import pytest
 
 from cla_jax import checkpoint, config_lib, health, trainer
 from cla_jax import model as model_lib
+from cla_jax import workdir as workdir_lib
 from tests import train_helpers as th
 
 
@@ -59,10 +60,10 @@ def test_divergence_keeps_and_names_a_really_good_checkpoint(tmp_path, trained, 
   message = str(err.value)
   assert "\n" not in message and "passed the health check is step 6 " in message
   # Step 7 was saved from the update that ruined the model; it is moved aside, never named as good.
-  assert checkpoint.latest_step(workdir) == 6
-  assert [d.split("-")[0] for d in os.listdir(workdir / checkpoint.DIVERGED_DIR)] == ["7"]
-  params, _, _ = checkpoint.restore_params(workdir)
-  original, _, _ = checkpoint.restore_params(source, step=6)
+  assert workdir_lib.latest_step(workdir) == 6
+  assert [d.split("-")[0] for d in os.listdir(workdir / workdir_lib.DIVERGED_DIR)] == ["7"]
+  params, _, _ = workdir_lib.restore_params(workdir)
+  original, _, _ = workdir_lib.restore_params(source, step=6)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(original)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -94,8 +95,8 @@ def test_health_check_unit():
 
 def test_flipped_bytes_in_a_params_file_fall_back_with_one_warning(tmp_path, tiny_config, capfd):
   p1, p2 = (model_lib.init_params(config_lib.model_config(tiny_config), jax.random.key(s)) for s in (1, 2))
-  checkpoint.save_params_only(tmp_path, p1, tiny_config, step=1)
-  manager = checkpoint.make_manager(tmp_path, async_save=False)
+  workdir_lib.save_params_only(tmp_path, p1, tiny_config, step=1)
+  manager = workdir_lib.checkpoint_manager(tmp_path, async_save=False)
   checkpoint.save(manager, 2, p2, None, {})
   manager.wait_until_finished()
   manager.close()
@@ -107,7 +108,7 @@ def test_flipped_bytes_in_a_params_file_fall_back_with_one_warning(tmp_path, tin
   data[len(data) // 2 : len(data) // 2 + 8] = b"\x7f" * 8  # 8 bytes of bit rot inside the stored weights
   biggest.write_bytes(bytes(data))
   capfd.readouterr()
-  params, _, step = checkpoint.restore_params(tmp_path)
+  params, _, step = workdir_lib.restore_params(tmp_path)
   assert step == 1
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(p1)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -153,7 +154,7 @@ def test_second_trainer_on_a_live_workdir_refuses_and_a_dead_lock_does_not_block
     first.kill()  # SIGKILL: its lock file stays behind, but the kernel dropped the lock
     first.wait(timeout=60)
   assert (workdir / "lock").exists()
-  killed_at = checkpoint.latest_step(workdir)
+  killed_at = workdir_lib.latest_step(workdir)
   config.train.steps = killed_at + 2
   third = th.run(config, workdir)
   assert third.returncode == 0, third.stderr
@@ -199,7 +200,7 @@ def test_disk_full_is_one_line_and_keeps_earlier_checkpoints(tmp_path, corpus):
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: disk full: ") and "MiB free but checkpoint step 2 needs about" in line
     assert "checkpoints [1] are intact" in line
-    params, _, step = checkpoint.restore_params(small / "run")
+    params, _, step = workdir_lib.restore_params(small / "run")
     assert step == 1 and all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
 
 
@@ -301,7 +302,7 @@ def test_bad_command_lines_exit_2_with_one_line_and_no_side_effects(tmp_path, tr
       ([*ev, "--batch_size=0"], "--batch_size=0 must be at least 1", None),
       ([*ev, "--config.model.x=3"], "--config.model.x: no such config field", None),
       ([*ev, f"--text_file={binary}"], "is not UTF-8 text", None),
-      (["-m", "cla_jax.describe", "--config=configs/nope.py"], "configs/nope.py' not found", None),
+      (["-m", "cla_jax.cli.describe", "--config=configs/nope.py"], "configs/nope.py' not found", None),
       # Issue 27: the newer commands, and config errors that used to leave files behind or read badly.
       (["generate.py", f"--workdir={good}", f"--prompt_file={binary}"], "is not UTF-8 text", None),
       (
@@ -314,11 +315,15 @@ def test_bad_command_lines_exit_2_with_one_line_and_no_side_effects(tmp_path, tr
           '(did you mean "num_layers"?)',
           "w7",
       ),
-      (["-m", "cla_jax.sweep", f"--sweep={bad_sweep}", f"--workdir={tmp_path / 'w8'}"], "line 1: invalid syntax", "w8"),
-      (["-m", "cla_jax.sweep", f"--sweep={good_sweep}", f"--workdir={a_file}"], "is a file, not a directory", None),
-      (["-m", "cla_jax.data.prepare", f"--output={a_file}", *ok], "--output=", None),
+      (
+          ["-m", "cla_jax.cli.sweep", f"--sweep={bad_sweep}", f"--workdir={tmp_path / 'w8'}"],
+          "line 1: invalid syntax",
+          "w8",
+      ),
+      (["-m", "cla_jax.cli.sweep", f"--sweep={good_sweep}", f"--workdir={a_file}"], "is a file, not a directory", None),
+      (["-m", "cla_jax.cli.prepare", f"--output={a_file}", *ok], "--output=", None),
       *(
-          [(["-m", "cla_jax.export_hf", f"--workdir={good}", f"--out={read_only}/hf"], "not writable", None)]
+          [(["-m", "cla_jax.cli.export_hf", f"--workdir={good}", f"--out={read_only}/hf"], "not writable", None)]
           if mounted
           else []
       ),
@@ -345,10 +350,10 @@ def test_bad_command_lines_exit_2_with_one_line_and_no_side_effects(tmp_path, tr
 
 
 def _python_cli(code: str, *args: str):
-  """Runs `code` (defining main(argv)) under cli.run in a fresh Python, as a command would: its real stderr."""
+  """Runs `code` (defining main(argv)) under cli.start in a fresh Python, as a command would: its real stderr."""
   import subprocess  # pylint: disable=g-import-not-at-top
 
-  program = f"import sys\nfrom cla_jax import cli\n{code}\ncli.run(main)\n"
+  program = f"import sys\nfrom cla_jax import cli\n{code}\ncli.start(main)\n"
   return subprocess.run(
       [th.sys.executable, "-c", program, *args],
       cwd=th.REPO_ROOT,
@@ -373,7 +378,7 @@ def main(argv):
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = result.stderr.strip().splitlines()  # no orbax log, asyncio task or callback traceback before it
     assert line.startswith("error: disk full") and "checkpoints [1] are intact" in line, line
-    params, _, step = checkpoint.restore_params(small / "run")
+    params, _, step = workdir_lib.restore_params(small / "run")
     assert step == 1 and all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
 
 
@@ -387,9 +392,9 @@ def test_truncated_newest_checkpoint_falls_back_with_one_warning_line(tmp_path, 
   biggest = max(data_files, key=lambda p: p.stat().st_size)
   biggest.write_bytes(biggest.read_bytes()[:100])  # a copy or a disk that stopped part way
   code = """
-from cla_jax import checkpoint
+from cla_jax import workdir as workdir_lib
 def main(argv):
-  params, _, step = checkpoint.restore_params(sys.argv[1])
+  params, _, step = workdir_lib.restore_params(sys.argv[1])
   print(step)
 """
   result = _python_cli(code, str(workdir))
@@ -417,10 +422,10 @@ def test_verified_step_file_waits_for_its_checkpoint_to_commit(tmp_path):
   )
   fake._record_verified = types.MethodType(trainer.Trainer._record_verified, fake)  # pylint: disable=protected-access
   trainer.Trainer._mark_verified(fake, 5)  # step 6 passed; checkpoint 5 is still being written
-  assert fake.policy.verified == 5 and checkpoint.read_verified_step(tmp_path) is None
+  assert fake.policy.verified == 5 and workdir_lib.read_verified_step(tmp_path) is None
   fake.manager.saving = False  # committed? only once it is listed as a step
   fake._record_verified()  # pylint: disable=protected-access
-  assert checkpoint.read_verified_step(tmp_path) is None
+  assert workdir_lib.read_verified_step(tmp_path) is None
   fake.manager.steps = [4, 5]
   fake._record_verified()  # pylint: disable=protected-access
-  assert checkpoint.read_verified_step(tmp_path) == 5
+  assert workdir_lib.read_verified_step(tmp_path) == 5

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cla_jax import checkpoint, decode, sharding, train_step, trainer
 from cla_jax import model as model_lib
+from cla_jax import decode, sharding, train_step, trainer
+from cla_jax import workdir as workdir_lib
 from tests import train_helpers as th
 
 
@@ -99,11 +100,11 @@ def test_mesh_222_with_accumulation_matches_single_device(runs):
 
 @pytest.mark.parametrize("num_devices, shape", [(1, (1, 1, 1)), (4, (1, 2, 2))])
 def test_restore_onto_a_different_mesh(runs, num_devices, shape):
-  params, config, step = checkpoint.restore_params(
+  params, config, step = workdir_lib.restore_params(
       runs["sharded"][1],
       mesh=sharding.make_mesh(dict(data=shape[0], fsdp=shape[1], tensor=shape[2], num_devices=num_devices)),
   )
-  reference, _, _ = checkpoint.restore_params(runs["single"][1])
+  reference, _, _ = workdir_lib.restore_params(runs["single"][1])
   assert step == 4 and config.mesh.num_devices == 8
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
     assert got.sharding.mesh.devices.size == num_devices

@@ -179,7 +179,7 @@ def _write_sweep(path, base, runs):
 
 
 def _sweep_cmd(sweep_file, workdir, *flags):
-  return [sys.executable, "-m", "cla_jax.sweep", f"--sweep={sweep_file}", f"--workdir={workdir}", *flags]
+  return [sys.executable, "-m", "cla_jax.cli.sweep", f"--sweep={sweep_file}", f"--workdir={workdir}", *flags]
 
 
 def _run_sweep(sweep_file, workdir, *flags):

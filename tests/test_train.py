@@ -8,7 +8,8 @@ import signal
 import numpy as np
 import pytest
 
-from cla_jax import checkpoint, config_lib, metrics, trainer
+from cla_jax import config_lib, metrics, trainer
+from cla_jax import workdir as workdir_lib
 from tests import train_helpers as th
 
 
@@ -41,7 +42,7 @@ def test_loss_falls_on_default_config(tmp_path, corpus):
     assert (r["mfu"] == pytest.approx(expected, rel=1e-6)) if expected <= 1 else r["mfu"] == "nan", (r, expected)
   assert last["eval_loss"] < losses[0] - 1.0
   assert os.listdir(tmp_path / "tensorboard")
-  assert checkpoint.read_config(tmp_path).train.steps == 16
+  assert workdir_lib.read_config(tmp_path).train.steps == 16
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_sigterm_checkpoints_and_resumes(tmp_path, reference):
   log = open(f"{workdir}.log").read()
   assert proc.returncode == 0, log
   assert "preempted (SIGTERM): saved checkpoint step" in log
-  stopped_at = checkpoint.latest_step(workdir)
+  stopped_at = workdir_lib.latest_step(workdir)
   assert 7 <= stopped_at < 40 and max(th.losses(workdir)) == stopped_at
   result = th.run(config, workdir)
   assert result.returncode == 0, result.stderr
@@ -99,12 +100,12 @@ def test_non_finite_loss_stops_and_keeps_no_unverified_checkpoint(tmp_path, tiny
     trainer.run(config, str(tmp_path))
   bad_step = int(err.value.args[0].split(" at step ")[1].split(";")[0])
   # Checkpoint bad_step-1 holds the params that produced the bad loss: it is moved aside, not kept as "good".
-  saved = checkpoint.latest_step(tmp_path)
+  saved = workdir_lib.latest_step(tmp_path)
   assert saved is None or saved <= bad_step - 2
-  assert os.listdir(tmp_path / checkpoint.DIVERGED_DIR)[0].startswith(f"{bad_step - 1}-")
+  assert os.listdir(tmp_path / workdir_lib.DIVERGED_DIR)[0].startswith(f"{bad_step - 1}-")
   if saved is not None:
     assert f"passed the health check is step {saved} " in str(err.value)
-    params, _, step = checkpoint.restore_params(tmp_path)
+    params, _, step = workdir_lib.restore_params(tmp_path)
     import jax  # pylint: disable=g-import-not-at-top
 
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))

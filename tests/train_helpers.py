@@ -143,7 +143,7 @@ def kill_after_checkpoint(config, workdir, step: int) -> int:
   """Starts a run, SIGKILLs it once checkpoint `step` exists (no handler runs), returns the newest step left."""
   import signal  # pylint: disable=g-import-not-at-top
 
-  from cla_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from cla_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   proc = start(config, workdir)
   try:
@@ -154,7 +154,7 @@ def kill_after_checkpoint(config, workdir, step: int) -> int:
     if proc.poll() is None:
       proc.kill()
   assert proc.returncode == -signal.SIGKILL, open(f"{workdir}.log").read()
-  return checkpoint.latest_step(workdir)
+  return workdir_lib.latest_step(workdir)
 
 
 def losses(workdir) -> dict[int, float]:

@@ -8,6 +8,6 @@ Modules, each importing only those above it (no circle):
   reader       the prepared-split format (ArrayRecord shards of windows + index.json) and its reader
   writer       atomic files, window shards and shard sizes: what the prepare step writes with
   tokenizer    sentencepiece (trained on the data and cached) or a Hugging Face tokenizer.json
-  prepare      the prepare step (parallel, resumable; `python -m cla_jax.data.prepare`) and `open_split`
+  prepare      the prepare step (parallel, resumable; `python -m cla_jax.cli.prepare`) and `open_split`
   batches      TrainBatches (step-indexed, per host, prefetched) and eval_batches; reads through `reader` only
 """

@@ -1,6 +1,6 @@
 """The prepare step: tokenize a corpus once, in parallel, into prepared splits (format: `cla_jax.data.reader`).
 
-  python -m cla_jax.data.prepare --config=configs/paper_1b.py:H128-MQA-CLA2 --output=DIR_OR_BUCKET \
+  cla-prepare --config=configs/paper_1b.py:H128-MQA-CLA2 --output=DIR_OR_BUCKET \
       [--num_workers=N] [--shard=i --num_shards=k]
 
 Two phases, both split into independent tasks and both resumable (every file is written atomically and a
@@ -179,7 +179,7 @@ class Workers:
     self._state = {"source": source, "tokenizer": tokenizer}
     self._pool: concurrent.futures.ProcessPoolExecutor | None = None
 
-  def run(self, fn, tasks: list[dict], uses_state: bool = True) -> None:
+  def map(self, fn, tasks: list[dict], uses_state: bool = True) -> None:
     """Calls fn(**task) for every task, in any order and in parallel; re-raises the first error.
 
     `uses_state`: fn takes the source and tokenizer (a helper's own, or this process's).
@@ -291,7 +291,7 @@ def prepare_split(
           if not (work / _chunk_name(c)).with_suffix(".json").exists()
       ]
       logging.info("tokenizing %d chunks of %s %s into %s", len(todo), source.name, split, work)
-      workers.run(_tokenize_chunk, todo)
+      workers.map(_tokenize_chunk, todo)
       if max_tokens and sum(_done_prefix(work, num_chunks)) >= max_tokens:
         break  # the cap is reached: later chunks are never read
     counts = _done_prefix(work, num_chunks)
@@ -324,7 +324,7 @@ def prepare_split(
         for j in range(num_out)
         if j % num_shards == shard and not (directory / reader.shard_name(j, num_out)).exists()
     ]
-    workers.run(_write_window_shard, todo, uses_state=False)
+    workers.map(_write_window_shard, todo, uses_state=False)
     if not all((directory / reader.shard_name(j, num_out)).exists() for j in range(num_out)):
       print(f"{directory}: window shards of other hosts are missing; rerun once every shard's run has finished.")
       return None
@@ -400,7 +400,7 @@ def open_split(
     if reader.read_index(directory) is None:
       raise UserError(
           f"data.prepared_dir={prepared_dir!r} has no prepared {split!r} split ({directory}/index.json "
-          f"missing); prepare it with `python -m cla_jax.data.prepare --config=... "
+          f"missing); prepare it with `python -m cla_jax.cli.prepare --config=... "
           f"--output={prepared_dir}`."
       )
   else:
@@ -507,33 +507,3 @@ def _fetch(config: ml_collections.ConfigDict) -> None:
         ) from None
   elif config.data.source == "python_docs" and not python_docs.builder(sources.data_dir_of(config)).is_prepared():
     python_docs.fetch_sources(sources.data_dir_of(config))
-
-
-def main(argv: list[str]) -> None:
-  del argv
-  print(
-      json.dumps(prepare(_CONFIG.value, _OUTPUT.value, _NUM_WORKERS.value, _SHARD.value, _NUM_SHARDS.value), indent=1)
-  )
-
-
-if __name__ == "__main__":
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  from cla_jax import cli, config_lib  # pylint: disable=g-import-not-at-top
-
-  _CONFIG = config_flags.DEFINE_config_file(
-      "config", config_lib.DEFAULT_CONFIG, "Experiment config whose data to prepare."
-  )
-  _OUTPUT = flags.DEFINE_string(
-      "output",
-      "",
-      "Directory or bucket for the prepared splits (train with "
-      "--config.data.prepared_dir=OUTPUT); empty: the cache training uses by default.",
-  )
-  _NUM_WORKERS = flags.DEFINE_integer(
-      "num_workers", os.cpu_count() or 1, "Local processes tokenizing and writing shards (this one included)."
-  )
-  _SHARD = flags.DEFINE_integer("shard", 0, "This host's share of the tasks, in [0, num_shards).")
-  _NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Hosts preparing this corpus together.")
-  cli.run(main)

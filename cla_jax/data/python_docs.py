@@ -6,7 +6,7 @@ builder, so the corpus goes through the same path as every TFDS dataset (prepare
 tensorflow-datasets reads without tensorflow). The train/validation split is fixed at the file level and
 the sha256 of the source tree is recorded in the dataset's metadata and checked on every load.
 
-  python -m cla_jax.data.python_docs [--data_dir=~/.cache/cla_jax]   # make sure the corpus is ready (idempotent)
+  python -m cla_jax.cli.python_docs [--data_dir=~/.cache/cla_jax]   # make sure the corpus is ready (idempotent)
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class CLAPythonDocs(tfds.core.GeneratorBasedBuilder):
     found = find_sources(str(self._data_dir_root))
     if found is None:
       raise UserError(
-          f"{PACKAGE} not found; run " f"`python -m cla_jax.data.python_docs --data_dir={self._data_dir_root}`."
+          f"{PACKAGE} not found; run " f"`python -m cla_jax.cli.python_docs --data_dir={self._data_dir_root}`."
       )
     return found
 
@@ -198,21 +198,5 @@ def verify(b: CLAPythonDocs) -> None:
   if current != recorded:
     raise UserError(
         f"{NAME} in {b.data_dir} was built from a different {source_dir} (checksum {recorded[:12]}, "
-        f"now {current[:12]}); delete {b.data_dir} and run `python -m cla_jax.data.python_docs`."
+        f"now {current[:12]}); delete {b.data_dir} and run `python -m cla_jax.cli.python_docs`."
     )
-
-
-def main(argv: list[str]) -> None:
-  del argv
-  b = prepare(_DATA_DIR.value)
-  splits = {name: info.num_examples for name, info in b.info.splits.items()}
-  print(f"{NAME} ready in {b.data_dir}: {splits} files, checksum {b.info.metadata['checksum'][:16]}")
-
-
-if __name__ == "__main__":
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  from cla_jax import cli  # pylint: disable=g-import-not-at-top
-
-  _DATA_DIR = flags.DEFINE_string("data_dir", "~/.cache/cla_jax", "TFDS data dir (same as config.data.data_dir).")
-  cli.run(main)

@@ -67,7 +67,7 @@ class PreparedSplit:
     if index is None:
       raise UserError(
           f"{self.directory} holds no prepared split ({INDEX_FILE} missing); prepare it with "
-          "`python -m cla_jax.data.prepare --config=... --output=DIR`."
+          "`python -m cla_jax.cli.prepare --config=... --output=DIR`."
       )
     if index.get("format_version") != FORMAT_VERSION:
       raise UserError(

@@ -123,7 +123,7 @@ def _as_text(value) -> str:
 def prepare_command(name: str, data_dir) -> str:
   """The command that downloads and prepares TFDS dataset `name` (and tokenizes it)."""
   return (
-      f"python -m cla_jax.data.prepare --config.data.source=tfds --config.data.tfds_name={name} "
+      f"python -m cla_jax.cli.prepare --config.data.source=tfds --config.data.tfds_name={name} "
       f"--config.data.data_dir={data_dir}"
   )
 

@@ -254,14 +254,14 @@ def from_file_bytes(data: bytes, path: str, description: str = "") -> Tokenizer:
 
 
 def _prepared_tokenizer(prepared_dir: str) -> Tokenizer:
-  """The tokenizer file that `python -m cla_jax.data.prepare` saved in its output directory."""
+  """The tokenizer file that `python -m cla_jax.cli.prepare` saved in its output directory."""
   root = epath.Path(prepared_dir if paths.is_remote(prepared_dir) else os.path.expanduser(prepared_dir))
   for filename in ("tokenizer.model", "tokenizer.json"):
     if (root / filename).exists():
       return from_file_bytes((root / filename).read_bytes(), str(root / filename))
   raise UserError(
       f"data.prepared_dir={prepared_dir!r} holds no tokenizer.model / tokenizer.json; prepare it with "
-      f"`python -m cla_jax.data.prepare --config=... --output={prepared_dir}`."
+      f"`python -m cla_jax.cli.prepare --config=... --output={prepared_dir}`."
   )
 
 

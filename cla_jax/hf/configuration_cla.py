@@ -1,4 +1,4 @@
-"""Configuration of a Cross-Layer Attention (CLA) decoder exported by cla_jax (`python -m cla_jax.export_hf`).
+"""Configuration of a Cross-Layer Attention (CLA) decoder exported by cla_jax (`cla-export-hf`).
 
 A Llama-style decoder in which adjacent layers form KV groups: `kv_group_sizes` lists the groups' sizes from
 the first layer to the last (they sum to `num_hidden_layers`). Each group's first layer computes the group's

@@ -1,4 +1,4 @@
-"""A Cross-Layer Attention (CLA) decoder for transformers, exported by cla_jax (`python -m cla_jax.export_hf`).
+"""A Cross-Layer Attention (CLA) decoder for transformers, exported by cla_jax (`cla-export-hf`).
 
 Brandon et al. 2024, "Reducing Transformer Key-Value Cache Size with Cross-Layer Attention": adjacent
 layers form KV groups (`config.kv_group_sizes`). A group's first layer (the producer) normalises its

@@ -1,4 +1,4 @@
-"""The sentencepiece tokenizer of a cla_jax model for transformers, exported by cla_jax (`python -m cla_jax.export_hf`).
+"""The sentencepiece tokenizer of a cla_jax model for transformers, exported by cla_jax (`cla-export-hf`).
 
 Encoding and decoding call sentencepiece itself on the model's `tokenizer.model`, so transformers gives exactly
 the ids cla_jax trained on. A translation into a `tokenizer.json` cannot promise that: sentencepiece breaks ties

@@ -1,7 +1,7 @@
 """The paper's 1B design space (Table 1) at its learning-rate grid, for a pod: 20 rows x 7 learning rates.
 
-    python -m cla_jax.sweep --sweep=configs/sweeps/paper_1b.py --workdir=gs://BUCKET/paper_1b --dry_run
-    python -m cla_jax.sweep --sweep=configs/sweeps/paper_1b.py --workdir=DIR --only='^H128-MQA(-CLA2)?_'
+    python -m cla_jax.cli.sweep --sweep=configs/sweeps/paper_1b.py --workdir=gs://BUCKET/paper_1b --dry_run
+    python -m cla_jax.cli.sweep --sweep=configs/sweeps/paper_1b.py --workdir=DIR --only='^H128-MQA(-CLA2)?_'
 
 Each row is `configs/paper_1b.py:<ROW>` (20 layers, d_model 2048, 30B tokens of 2048 x 2048-token batches).
 The paper trains the design space at 3e-4 and tunes by stepping the learning rate up x1.5 from 3e-4 until

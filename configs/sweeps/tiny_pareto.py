@@ -1,6 +1,6 @@
 """The paper's Figure 1 on a 2-core CPU: MQA vs MQA+CLA2 at equal KV bytes, plus GQA and MHA points.
 
-    python -m cla_jax.sweep --sweep=configs/sweeps/tiny_pareto.py --workdir=runs/tiny_pareto [--seeds=3]
+    python -m cla_jax.cli.sweep --sweep=configs/sweeps/tiny_pareto.py --workdir=runs/tiny_pareto [--seeds=3]
         [--config.train.steps=400]
 
 Every row keeps the query width equal to d_model (heads x d_head = 128, as in the paper's Table 1), so rows

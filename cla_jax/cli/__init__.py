@@ -1,4 +1,17 @@
-"""Command-line entry points: absl flags, and user errors as one line instead of a traceback."""
+"""The commands: one module per command, each of the same shape, and what they share.
+
+Every command module here holds `define_flags()` (absl flags, defined on demand so that importing it adds
+no global flags), `main(argv)` (check the flags, then one call into the library) and `entry()` (the
+console script `cla-*`; also what `python -m cla_jax.cli.<command>` runs); `harness` alone has no flags of
+its own, as it hands its arguments to lm_eval's command line. Only this package imports absl:
+the library modules under cla_jax/ take arguments and raise `UserError`, which `start` prints as one line.
+
+  train, eval, generate            cla-train, cla-eval, cla-generate (and train.py, eval.py, generate.py)
+  describe, aot                    cla-describe, cla-aot: shapes and KV bytes; will it fit on a TPU slice?
+  convert_hf, export_hf, harness   cla-convert-hf, cla-export-hf, cla-harness
+  prepare, python_docs             cla-prepare (tokenize a corpus into shards), cla-python-docs (its TFDS build)
+  sweep, sweep_worker              cla-sweep (many runs, reports); one run of it in its own process
+"""
 
 from __future__ import annotations
 
@@ -75,7 +88,7 @@ def _with_shipped_config(arg: str) -> str:
   return "--config=" + spec
 
 
-def run(main: Callable[[list[str]], None]) -> None:
+def start(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)` that turns flag/config and UserError failures into `error: <one line>`, exit 2."""
 
   def parse_flags(argv: list[str]) -> list[str]:

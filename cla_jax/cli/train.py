@@ -32,11 +32,11 @@ def main(argv: list[str]) -> None:
   )
 
 
-def run() -> None:
+def entry() -> None:
   """Console-script entry point."""
   define_flags()
-  cli.run(main)
+  cli.start(main)
 
 
 if __name__ == "__main__":
-  run()
+  entry()

@@ -74,11 +74,11 @@ def main(argv: list[str]) -> None:
   print(json.dumps(result), flush=True)
 
 
-def run() -> None:
+def entry() -> None:
   """Console-script entry point."""
   define_flags()
-  cli.run(main)
+  cli.start(main)
 
 
 if __name__ == "__main__":
-  run()
+  entry()

@@ -74,7 +74,7 @@ def main(argv: list[str]) -> None:
   import cla_jax  # pylint: disable=g-import-not-at-top  (after flags: fast --help and flag errors)
   from cla_jax import decode, kv_quant  # pylint: disable=g-import-not-at-top
 
-  decode.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p).validate()  # before the slow restore
+  decode.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)  # checks the settings before the slow restore
   kv_quant.check_kv_cache_dtype(FLAGS.kv_cache_dtype)
   logging.set_verbosity(logging.ERROR)  # orbax logs warnings on every read-only restore
   model = cla_jax.load_model(FLAGS.workdir, step=FLAGS.step, kv_cache_dtype=FLAGS.kv_cache_dtype)
@@ -96,11 +96,11 @@ def main(argv: list[str]) -> None:
       print(f"{header}\n{prompt}{text}\n", flush=True)
 
 
-def run() -> None:
+def entry() -> None:
   """Console-script entry point."""
   define_flags()
-  cli.run(main)
+  cli.start(main)
 
 
 if __name__ == "__main__":
-  run()
+  entry()

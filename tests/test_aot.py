@@ -38,6 +38,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -55,6 +56,7 @@ def test_bad_input_is_one_error_line(args, message):
   assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_default_config_fits_a_v5e_2x2_with_tpu_choices_and_ends_with_the_json_line():
   # One compile of the train step and one of the eval step (the command as users run it), two layers: the
   # scan makes depth nearly free to compile, and the policy checks below do not depend on it.

@@ -70,6 +70,7 @@ def test_clear_errors(tmp_path, tiny_config):
     checkpoint.restore_params(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_trainer_resumes_past_a_corrupted_latest_checkpoint(tmp_path_factory, tiny_config):
   root = tmp_path_factory.mktemp("corrupt")
   th.enable_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache")

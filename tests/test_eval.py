@@ -193,6 +193,7 @@ def test_bad_workdir_step_and_config_errors(setup, tmp_path):
     evaluate.run(workdir)
 
 
+@pytest.mark.slow
 def test_cli_prints_table_then_json_and_one_line_errors(setup):
   workdir, _, _, wiki = setup
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}

@@ -333,6 +333,7 @@ def _cli(workdir, *flags):
   )
 
 
+@pytest.mark.slow
 def test_cli_prints_continuations(workdir, tmp_path):
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("the cat sat\n\nold dogs ran\n")  # blank lines are skipped
@@ -355,6 +356,7 @@ def test_cli_prints_continuations(workdir, tmp_path):
   assert text.returncode == 0 and text.stdout.startswith("[prompt 1]\ngreen hills"), text.stdout + text.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -394,6 +396,7 @@ def test_load_model_on_a_mesh_restores_shards_and_decodes_int8(workdir):
   assert model._sharded_params is model.params  # decoding uses the restored shards as they are
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -416,6 +419,7 @@ def test_decode_benchmark_one_line_errors(flags, message):
   assert message in out.stderr
 
 
+@pytest.mark.slow
 def test_cli_bad_workdir(tmp_path):
   out = _cli(tmp_path / "nothing", "--prompt=x")
   assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr

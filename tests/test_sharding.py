@@ -79,6 +79,7 @@ def runs(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 def test_mesh_222_with_accumulation_matches_single_device(runs):
   sharded, single = th.losses(runs["sharded"][1]), th.losses(runs["single"][1])
   assert sorted(sharded) == [1, 2, 3, 4]
@@ -86,6 +87,7 @@ def test_mesh_222_with_accumulation_matches_single_device(runs):
   assert sharded[4] < sharded[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_devices, shape", [(1, (1, 1, 1)), (4, (1, 2, 2))])
 def test_restore_onto_a_different_mesh(runs, num_devices, shape):
   params, config, step = checkpoint.restore_params(
@@ -101,6 +103,7 @@ def test_restore_onto_a_different_mesh(runs, num_devices, shape):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=5e-5)
 
 
+@pytest.mark.slow
 def test_resume_on_a_different_mesh_continues_the_run(runs, tmp_path):
   """Trained 2 steps on 8 devices, resumed on 1 device: steps 3-4 match the 1-device run."""
   import shutil  # pylint: disable=g-import-not-at-top
@@ -177,6 +180,7 @@ print("COMPILED control", file=sys.stderr, flush=True)
 _REMAT = "Involuntary full rematerialization"
 
 
+@pytest.mark.slow
 def test_train_step_compiles_without_involuntary_full_rematerialization():
   meshes = ["8,1,1", "1,8,1", "2,2,2", "2,2,1", "1,2,4"]
   env = {**th.env(), "TF_CPP_MIN_LOG_LEVEL": "0"}  # 8 CPU devices, as in this process

@@ -18,6 +18,7 @@ def _tiny(tiny_config, corpus, **train):
   return config
 
 
+@pytest.mark.slow
 def test_loss_falls_on_default_config(tmp_path, corpus):
   config = th.use_corpus(config_lib.load("configs/default.py"), corpus)
   # The default model and optimizer; a smaller batch and run so that it takes seconds on CPU.
@@ -54,6 +55,7 @@ def reference(tmp_path_factory, corpus):
   return config, th.losses(workdir)
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_with_identical_losses(tmp_path, reference):
   config, expected = reference
   workdir = tmp_path / "run"
@@ -67,6 +69,7 @@ def test_killed_process_resumes_with_identical_losses(tmp_path, reference):
   np.testing.assert_array_equal([got[s] for s in range(1, 41)], [expected[s] for s in range(1, 41)])
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resumes(tmp_path, reference):
   config, expected = reference
   workdir = tmp_path / "run"
@@ -92,6 +95,7 @@ def test_sigterm_checkpoints_and_resumes(tmp_path, reference):
   np.testing.assert_array_equal([got[s] for s in range(1, 41)], [expected[s] for s in range(1, 41)])
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_no_unverified_checkpoint(tmp_path, tiny_config, corpus):
   config = _tiny(tiny_config, corpus, steps=4, lr=1e30, warmup_frac=0.0)
   config.checkpoint.update(every_steps=1, keep=100)
@@ -129,6 +133,7 @@ def test_bad_values_are_one_line_errors_in_process(tmp_path, tiny_config, corpus
   assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_bad_mesh_from_the_command_line(tmp_path, tiny_config, corpus):
   config = th.use_corpus(tiny_config, corpus, num_devices=-1, mesh=(-1, 3, 1))
   result = th.run(config, tmp_path / "run")

@@ -287,7 +287,8 @@ def test_load_model_rejects_bad_tokens(gqa_dir, tmp_path):
 
 def _word_tokenizer(path: pathlib.Path, text: str) -> None:
   """A tiny word-level HF tokenizer.json covering `text`, with an end-of-text token."""
-  tokenizers = pytest.importorskip("tokenizers")
+  import tokenizers  # pylint: disable=g-import-not-at-top
+
   words = sorted(set(text.split()))
   vocab = {"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
@@ -334,6 +335,7 @@ def cli_workdir(gqa_model, tmp_path_factory):
   return root, result.stdout
 
 
+@pytest.mark.slow
 def test_cli_reports_dropped_kv_and_references_tokenizer(cli_workdir):
   root, stdout = cli_workdir
   assert "dropped K/V projections of layers [1, 3]" in stdout
@@ -359,6 +361,7 @@ def _convert_cli(*flags: str) -> subprocess.CompletedProcess:
   )
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line(gqa_dir, tmp_path):
   result = _convert_cli(f"--hf_dir={gqa_dir}", f"--workdir={tmp_path / 'w'}", "--pattern=bogus")
   assert result.returncode == 2
@@ -366,9 +369,9 @@ def test_cli_error_is_one_line(gqa_dir, tmp_path):
   assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_continued_training_from_converted_workdir(cli_workdir):
-  trainer = pytest.importorskip("cla_jax.trainer")
-  from cla_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from cla_jax import checkpoint, trainer  # pylint: disable=g-import-not-at-top
 
   root, _ = cli_workdir
   workdir = root / "work"
@@ -406,6 +409,7 @@ def test_a_norm_tensor_that_is_not_floating_point_is_refused(gqa_dir, tmp_path, 
   assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.slow
 def test_truncated_safetensors_is_one_line_and_nan_weights_are_refused(gqa_dir, tmp_path):
   truncated = tmp_path / "truncated"
   shutil.copytree(gqa_dir, truncated)
@@ -438,10 +442,10 @@ def test_truncated_safetensors_is_one_line_and_nan_weights_are_refused(gqa_dir, 
   assert not (tmp_path / "w2").exists()
 
 
+@pytest.mark.slow
 def test_converted_workdir_continues_with_the_default_config(cli_workdir, tmp_path):
   """train.py --config=configs/default.py on a converted workdir: the model comes from its config.json."""
-  trainer = pytest.importorskip("cla_jax.trainer")
-  from cla_jax import checkpoint, config_lib  # pylint: disable=g-import-not-at-top
+  from cla_jax import checkpoint, config_lib, trainer  # pylint: disable=g-import-not-at-top
 
   root, _ = cli_workdir
   workdir = tmp_path / "work"
@@ -557,6 +561,7 @@ def test_kv_init_with_pattern_none_keeps_the_function_and_singleton_groups_are_e
   assert min(errors[1]["key"]) > 0
 
 
+@pytest.mark.slow
 def test_bad_kv_init_inputs_are_one_line_errors(gqa_dir, tmp_path, calibration):
   with pytest.raises(UserError, match="kv_init='bogus' is not one of"):
     convert_hf.convert(gqa_dir, tmp_path / "a", pattern="cla2", kv_init="bogus")

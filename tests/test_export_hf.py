@@ -240,7 +240,8 @@ def test_sharded_bf16_export_loads_and_its_cache_is_describes_bytes(tmp_path, ke
 
 def _word_tokenizer(path: pathlib.Path, words: list[str], bos: bool = False) -> None:
   """A word-level tokenizer.json; with `bos`, its post-processor prepends <s> (as Llama-3's does)."""
-  tokenizers = pytest.importorskip("tokenizers")
+  import tokenizers  # pylint: disable=g-import-not-at-top
+
   vocab = {"[UNK]": 0, "</s>": 1, "<s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
   tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
@@ -367,6 +368,7 @@ def test_errors_are_one_clear_line(tmp_path, keep_ends_workdir):
   assert not (tmp_path / "hf_corrupt").exists()
 
 
+@pytest.mark.slow
 def test_cli_writes_and_refuses_in_one_line(tmp_path, keep_ends_workdir):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   command = [sys.executable, "-m", "cla_jax.export_hf", f"--workdir={keep_ends_workdir}", f"--out={tmp_path / 'hf'}"]

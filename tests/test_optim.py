@@ -9,20 +9,17 @@ import numpy as np
 import optax
 import pytest
 
-from cla_jax import config_lib, optim
 from cla_jax import model as model_lib
+from cla_jax import optim
 from tests.model_helpers import random_params, small_config, tokens_for
-
-
-def _train_config(**fields):
-  config = config_lib.load("configs/default.py")
-  config.train.update(**fields)
-  return config.train
+from tests.train_helpers import tiny_config
 
 
 def test_linear_warmup_over_5_percent_then_cosine_to_10_percent():
   peak, steps = 1e-3, 200
-  schedule = optim.learning_rate_schedule(_train_config(lr=peak, steps=steps, warmup_frac=0.05, min_lr_ratio=0.1))
+  schedule = optim.learning_rate_schedule(
+      tiny_config(train=dict(lr=peak, steps=steps, warmup_frac=0.05, min_lr_ratio=0.1)).train
+  )
   warmup = 10  # 5% of 200 steps
 
   def expected(step):  # the paper's schedule, written out
@@ -43,7 +40,7 @@ def test_weight_decay_skips_norms_and_biases():
   cfg = small_config(norm="layernorm", num_layers=2, pattern="cla2")  # layernorm: norms have scale and bias
   params = random_params(cfg)
   lr, decay = 1e-2, 0.1
-  tx = optim.make_optimizer(_train_config(lr=lr, weight_decay=decay, warmup_frac=0.0, steps=10))
+  tx = optim.make_optimizer(tiny_config(train=dict(lr=lr, weight_decay=decay, warmup_frac=0.0, steps=10)).train)
   updates, _ = jax.jit(tx.update)(jax.tree.map(np.zeros_like, params), jax.jit(tx.init)(params), params)
   names = []
   for path, update in jax.tree_util.tree_leaves_with_path(updates):
@@ -80,7 +77,9 @@ def test_adamw_with_real_gradients_and_clipping_matches_numpy():
   """Four steps on the model's own loss gradients, scaled so that some steps are clipped and some are not."""
   cfg = small_config(norm="layernorm", num_layers=2, pattern="cla2")
   params = random_params(cfg)
-  train = _train_config(lr=1e-2, weight_decay=0.1, warmup_frac=0.0, steps=8, min_lr_ratio=0.1, b1=0.9, b2=0.95)
+  train = tiny_config(
+      train=dict(lr=1e-2, weight_decay=0.1, warmup_frac=0.0, steps=8, min_lr_ratio=0.1, b1=0.9, b2=0.95)
+  ).train
 
   def loss(p, tokens):
     logits = model_lib.Transformer(cfg).apply({"params": p}, tokens[:, :-1])

@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from cla_jax import checkpoint, sharding, train_step, trainer
 from cla_jax import model as model_lib
 from tests import train_helpers as th
+from tests.model_helpers import small_config
 
 
 @pytest.mark.parametrize(
@@ -123,7 +124,7 @@ def test_resume_on_a_different_mesh_continues_the_run(runs, tmp_path):
 
 def test_bf16_compute_reduces_gradients_across_devices_in_fp32():
   """The paper's recipe: bf16 matmuls, but the data-parallel gradient all-reduce carries fp32."""
-  cfg = model_lib.ModelConfig(
+  cfg = small_config(
       num_layers=2, d_model=64, num_heads=4, num_kv_heads=1, head_dim=16, mlp_dim=128, vocab_size=256, dtype="bfloat16"
   )
   mesh = jax.make_mesh((8, 1, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)

@@ -38,6 +38,14 @@ def corpus(tmp_path_factory):
   return train_helpers.write_corpus(root / "text"), str(root / "cache")
 
 
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  """`fast_case(id)`: the other cases of that parametrized test are `slow` (each compiles its own model)."""
+  for item in items:
+    marker = item.get_closest_marker("fast_case")
+    if marker and item.callspec.id != marker.args[0]:
+      item.add_marker(pytest.mark.slow)
+
+
 # Skips that `--fail-on-unexpected-skips` (test.sh) accepts: no GPU on the machine, and no root to mount the
 # small disks of the disk-full tests. Any other skip (a missing extra, an import error turned into a skip)
 # would silently shrink the suite, so test.sh fails on it.

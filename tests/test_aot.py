@@ -12,6 +12,7 @@ from cla_jax import aot, config_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_paper_1b_row_at_the_paper_batch_per_chip_stays_within_its_bound():
   config = config_lib.load("configs/paper_1b.py:H128-MQA-CLA2")
   # One CLA2 group (2 layers) at the row's width, vocabulary and sequence; the paper's 8 sequences per chip,

@@ -43,6 +43,7 @@ def _batch(rng, vocab, b=2, t=12):
   return {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]), "weights": jnp.asarray(weights)}
 
 
+@pytest.mark.slow
 def test_objective_matches_numpy_and_is_zero_with_zero_gradient_for_an_identical_teacher(tiny_config):
   cfg = config_lib.model_config(tiny_config)
   model = model_lib.Transformer(cfg)

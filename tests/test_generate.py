@@ -72,6 +72,7 @@ def _teacher_forced(cfg, params, kv_cache_dtype="auto"):
   return np.stack(expected), np.concatenate([np.asarray(first)[None], np.asarray(stepped)])
 
 
+@pytest.mark.fast_case("keep_ends-7-GQA")
 @pytest.mark.parametrize("attention", list(ATTENTION))
 @pytest.mark.parametrize("pattern, layers", PATTERN_LAYERS)
 def test_teacher_forced_prefill_and_decode_equal_full_forward(pattern, layers, attention):
@@ -81,6 +82,7 @@ def test_teacher_forced_prefill_and_decode_equal_full_forward(pattern, layers, a
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.fast_case("4-True")
 @pytest.mark.parametrize("scan_layers", [True, False])
 @pytest.mark.parametrize("block", [2, 4, 5])
 def test_cache_read_in_blocks_equals_full_forward(block, scan_layers, monkeypatch):
@@ -92,6 +94,7 @@ def test_cache_read_in_blocks_equals_full_forward(block, scan_layers, monkeypatc
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.fast_case("cla2")
 @pytest.mark.parametrize("pattern", ["none", "cla2", "keep_ends"])
 def test_int8_cache_stays_near_the_full_forward(pattern):
   # Every key and value is quantised when written: logits move by far less than they span.
@@ -110,6 +113,7 @@ def _nll(logits, targets):
   return -np.take_along_axis(logp, targets[..., None], -1).mean()
 
 
+@pytest.mark.slow
 def test_teacher_forced_perplexity_through_the_cache():
   cfg = small_config(pattern="cla2", num_layers=4, num_heads=4, num_kv_heads=1)
   params = random_params(cfg, seed=7, std=0.1)
@@ -139,6 +143,7 @@ def _decode_loop_bytes(cfg, batch, length):
   return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_decode_step_memory_is_the_cache_and_params_not_a_copy_of_a_group():
   # The README's tiny H128 rows: what one more sequence costs is its cache and a few blocks of scores,
   # not a copy of its group's [max_length, k, h] (as large as an MQA layer's cache), and a two-layer CLA
@@ -200,6 +205,7 @@ def test_cache_bytes_equal_describe_and_the_paper_ratios(pattern, ratio):
   assert {a.dtype for a in jax.tree.leaves(cache)} == {np.dtype("float32")}
 
 
+@pytest.mark.slow
 def test_eight_devices_generate_the_same_tokens_as_one():
   cfg = small_config(pattern="cla2", num_heads=4, num_kv_heads=2, vocab_size=64)
   params = random_params(cfg, seed=5)

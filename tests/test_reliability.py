@@ -94,6 +94,7 @@ def test_health_check_unit():
   assert off.problem(1e9, 0.0) is None and "inf" in off.problem(float("inf"), 1.0)
 
 
+@pytest.mark.slow
 def test_flipped_bytes_in_a_params_file_fall_back_with_one_warning(tmp_path, tiny_config, capfd):
   p1, p2 = (model_lib.init_params(config_lib.model_config(tiny_config), jax.random.key(s)) for s in (1, 2))
   checkpoint.save_params_only(tmp_path, p1, tiny_config, step=1)

@@ -62,7 +62,8 @@ def pytest_addoption(parser):
 
 
 def _record_skip(report) -> None:
-  if report.skipped and isinstance(report.longrepr, tuple):  # (path, line, "Skipped: reason"); not xfail
+  """Keeps a skip (longrepr: path, line, "Skipped: reason") whose reason is not one of EXPECTED_SKIPS."""
+  if report.skipped and not hasattr(report, "wasxfail") and isinstance(report.longrepr, tuple):
     reason = str(report.longrepr[2])
     if not any(expected in reason for expected in EXPECTED_SKIPS):
       _unexpected_skips.append(f"{report.nodeid}: {reason}")

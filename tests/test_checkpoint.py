@@ -28,6 +28,7 @@ def _assert_tree_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_params_only_roundtrip_and_fallback(tmp_path, tiny_config, capfd):
   workdir = tmp_path / "run"
   p0, p1 = _params(tiny_config, 0), _params(tiny_config, 1)

@@ -78,6 +78,7 @@ def gqa_dir(gqa_model, tmp_path_factory):
   return _save(gqa_model, tmp_path_factory.mktemp("hf_gqa"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "num_kv_heads,tie,sharded", [(4, False, False), (2, True, True)], ids=["mha-untied", "gqa-tied-sharded"]
 )
@@ -495,6 +496,7 @@ def calibration(gqa_model):
   return tokens, [h.double().numpy().reshape(-1, D_MODEL) for h in hidden[:LAYERS]]
 
 
+@pytest.mark.fast_case("lsq")
 @pytest.mark.parametrize("kv_init", ["first", "mean", "lsq"])
 def test_kv_init_shapes_and_report_errors_match_an_independent_reference(
     gqa_model, gqa_dir, tmp_path, calibration, kv_init

@@ -158,6 +158,7 @@ def test_split_loss_equals_numpy_reference(setup):
   assert result["split"] == config.data.eval_split and result["step"] == 7
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_agree(setup):
   workdir, _, _, wiki = setup
   assert jax.device_count() == 8

@@ -82,7 +82,7 @@ def test_teacher_forced_prefill_and_decode_equal_full_forward(pattern, layers, a
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.fast_case("4-True")
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [True, False])
 @pytest.mark.parametrize("block", [2, 4, 5])
 def test_cache_read_in_blocks_equals_full_forward(block, scan_layers, monkeypatch):
@@ -94,7 +94,7 @@ def test_cache_read_in_blocks_equals_full_forward(block, scan_layers, monkeypatc
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.fast_case("cla2")
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", ["none", "cla2", "keep_ends"])
 def test_int8_cache_stays_near_the_full_forward(pattern):
   # Every key and value is quantised when written: logits move by far less than they span.
@@ -160,6 +160,7 @@ def test_decode_step_memory_is_the_cache_and_params_not_a_copy_of_a_group():
   assert fixed["cla2"] <= fixed["none"], fixed
 
 
+@pytest.mark.slow
 def test_greedy_generate_equals_recomputing_the_full_forward():
   cfg = small_config(pattern="keep_ends", num_heads=4, num_kv_heads=1)
   params = random_params(cfg, seed=3)
@@ -250,6 +251,7 @@ def test_top_k_top_p_filter_equals_numpy_and_sampling_follows_it(top_k, top_p):
   np.testing.assert_allclose(np.bincount(draws, minlength=30) / draws.size, expected, atol=0.015)
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_per_seed():
   cfg = small_config(pattern="cla2")
   params = random_params(cfg, seed=3)
@@ -383,6 +385,7 @@ def test_cli_one_line_errors(workdir, flags, message):
   assert message in out.stderr
 
 
+@pytest.mark.slow
 def test_load_model_on_a_mesh_restores_shards_and_decodes_int8(workdir):
   import cla_jax  # pylint: disable=g-import-not-at-top
 

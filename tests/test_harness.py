@@ -214,6 +214,7 @@ def test_loglikelihood_rolling_equals_eval_py_plain_text(setup):
   assert got[2] == got[0] and got[1] < 0
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one(setup):
   from cla_jax import harness  # pylint: disable=g-import-not-at-top
 
@@ -304,6 +305,7 @@ def test_cli_gives_the_same_accuracy_and_one_line_errors(setup, tmp_path, monkey
   assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: no checkpoint for step 99")
 
 
+@pytest.mark.slow
 def test_generate_until_equals_greedy_full_forward_loop(setup):
   from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
 

@@ -143,7 +143,7 @@ def test_consumer_layer_gradients_reach_the_producer_kv():
   np.testing.assert_allclose(grads["value"][0, 3, 1, 2], numeric, rtol=1e-3, atol=1e-7)
 
 
-@pytest.mark.fast_case("save_qkv_ffn")
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "save_dots", "save_qkv_ffn", "auto"])
 def test_remat_changes_nothing_numerically(remat):
   cfg = small_config(pattern="keep_ends", remat="none")
@@ -212,7 +212,7 @@ def test_save_qkv_ffn_names_residuals_the_model_tags():
   assert set(model_lib.SAVED_QKV_FFN) <= names, sorted(names)
 
 
-@pytest.mark.fast_case("2-True-2")
+@pytest.mark.slow
 @pytest.mark.parametrize("blocks", [1, 2, 4])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])

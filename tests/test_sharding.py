@@ -122,6 +122,7 @@ def test_resume_on_a_different_mesh_continues_the_run(runs, tmp_path):
   np.testing.assert_allclose([got[3], got[4]], [want[3], want[4]], rtol=2e-6)
 
 
+@pytest.mark.slow
 def test_bf16_compute_reduces_gradients_across_devices_in_fp32():
   """The paper's recipe: bf16 matmuls, but the data-parallel gradient all-reduce carries fp32."""
   cfg = small_config(

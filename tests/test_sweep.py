@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -216,7 +217,7 @@ def test_sigterm_to_the_runner_reaches_its_worker_and_leaves_the_run_pending(tmp
   fake = tmp_path / "fake_python"
   fake.write_text(f"#!{sys.executable}\n{_FAKE_WORKER}")
   fake.chmod(0o755)
-  monkeypatch.setattr(sweep, "sys", type("FakeSys", (), {"executable": str(fake)}))
+  monkeypatch.setattr(sweep, "sys", types.SimpleNamespace(executable=str(fake)))  # the runner starts `fake`
   runs = [sweep.Run(row, "configs/default.py", {}, name=row) for row in ("A", "B")]
   runner = sweep.Runner(runs, str(tmp_path / "sweep"), {})
   first = tmp_path / "sweep" / runs[0].name

@@ -90,15 +90,19 @@ def test_family_names():
 
 
 def _families_drawn(png) -> set[str]:
-  """The families whose colour (sweep_report.FAMILY_COLORS) covers some pixels of a decoded 960x660 PNG."""
+  """The families whose colour (sweep_report.FAMILY_COLORS, at any opacity from 0.5 over white) covers some
+  pixels of a decoded 960x660 PNG."""
   from matplotlib import colors, image  # pylint: disable=g-import-not-at-top
 
-  pixels = np.round(image.imread(png)[..., :3] * 255).astype(int)
-  assert pixels.shape == (660, 960, 3)  # 8 x 5.5 inches at 120 dpi: the whole figure was drawn
+  ink = 1 - image.imread(png)[..., :3].astype(np.float64)  # how far each pixel is from white, per channel
+  assert ink.shape == (660, 960, 3)  # 8 x 5.5 inches at 120 dpi: the whole figure was drawn
   drawn = set()
   for family, name in sweep_report.FAMILY_COLORS.items():
-    rgb = np.round(np.array(colors.to_rgb(name)) * 255).astype(int)
-    if (np.abs(pixels - rgb).max(-1) <= 2).sum() >= 20:  # a marker's worth of pixels, not an antialiased edge
+    full = 1 - np.array(colors.to_rgb(name))  # the colour's own distance from white
+    used = full > 0.1  # channels that tell the opacity (tab:orange's red is all but white)
+    opacity = ink[..., used] / full[used]  # equal across those channels only for this colour
+    same = (np.ptp(opacity, axis=-1) < 0.04) & (opacity.mean(-1) >= 0.5) & (np.abs(ink[..., ~used]) < 0.1).all(-1)
+    if same.sum() >= 20:  # a marker's worth of pixels, not an antialiased edge
       drawn.add(family)
   return drawn
 

@@ -12,6 +12,7 @@ from cla_jax import aot, config_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_paper_1b_row_at_the_paper_batch_per_chip_stays_within_its_bound():
   config = config_lib.load("configs/paper_1b.py:H128-MQA-CLA2")
   # One CLA2 group (2 layers) at the row's width, vocabulary and sequence; the paper's 8 sequences per chip,
@@ -38,6 +39,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -55,6 +57,7 @@ def test_bad_input_is_one_error_line(args, message):
   assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_default_config_fits_a_v5e_2x2_with_tpu_choices_and_ends_with_the_json_line():
   # One compile of the train step and one of the eval step (the command as users run it), two layers: the
   # scan makes depth nearly free to compile, and the policy checks below do not depend on it.

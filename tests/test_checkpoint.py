@@ -29,6 +29,7 @@ def _assert_tree_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_params_only_roundtrip_and_fallback(tmp_path, tiny_config, capfd):
   workdir = tmp_path / "run"
   p0, p1 = _params(tiny_config, 0), _params(tiny_config, 1)
@@ -71,6 +72,7 @@ def test_clear_errors(tmp_path, tiny_config):
     workdir_lib.restore_params(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_trainer_resumes_past_a_corrupted_latest_checkpoint(tmp_path_factory, tiny_config):
   root = tmp_path_factory.mktemp("corrupt")
   th.enable_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache")

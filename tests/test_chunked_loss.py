@@ -4,9 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from cla_jax import model as model_lib
 from cla_jax import train_step
+from tests.model_helpers import small_config
 
 
 def test_loss_chunk_rule():
@@ -14,8 +16,9 @@ def test_loss_chunk_rule():
   assert train_step.loss_chunk(2048, 50304) == 256  # the paper: largest divisor of 2048 within 2^24 / 50304 = 333
 
 
+@pytest.mark.slow
 def test_chunked_loss_matches_whole_logits(monkeypatch):
-  cfg = model_lib.ModelConfig(num_layers=2, d_model=32, num_heads=2, head_dim=16, mlp_dim=64, vocab_size=96)
+  cfg = small_config(num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64, vocab_size=96)
   model = model_lib.Transformer(cfg)
   params = model_lib.init_params(cfg, jax.random.key(0))
   rng = np.random.default_rng(0)

@@ -79,6 +79,7 @@ def gqa_dir(gqa_model, tmp_path_factory):
   return _save(gqa_model, tmp_path_factory.mktemp("hf_gqa"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "num_kv_heads,tie,sharded", [(4, False, False), (2, True, True)], ids=["mha-untied", "gqa-tied-sharded"]
 )
@@ -291,7 +292,8 @@ def test_load_model_rejects_bad_tokens(gqa_dir, tmp_path):
 
 def _word_tokenizer(path: pathlib.Path, text: str) -> None:
   """A tiny word-level HF tokenizer.json covering `text`, with an end-of-text token."""
-  tokenizers = pytest.importorskip("tokenizers")
+  import tokenizers  # pylint: disable=g-import-not-at-top
+
   words = sorted(set(text.split()))
   vocab = {"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
@@ -338,6 +340,7 @@ def cli_workdir(gqa_model, tmp_path_factory):
   return root, result.stdout
 
 
+@pytest.mark.slow
 def test_cli_reports_dropped_kv_and_references_tokenizer(cli_workdir):
   root, stdout = cli_workdir
   assert "dropped K/V projections of layers [1, 3]" in stdout
@@ -363,6 +366,7 @@ def _convert_cli(*flags: str) -> subprocess.CompletedProcess:
   )
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line(gqa_dir, tmp_path):
   result = _convert_cli(f"--hf_dir={gqa_dir}", f"--workdir={tmp_path / 'w'}", "--pattern=bogus")
   assert result.returncode == 2
@@ -370,8 +374,9 @@ def test_cli_error_is_one_line(gqa_dir, tmp_path):
   assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_continued_training_from_converted_workdir(cli_workdir):
-  trainer = pytest.importorskip("cla_jax.trainer")
+  from cla_jax import trainer  # pylint: disable=g-import-not-at-top
 
   root, _ = cli_workdir
   workdir = root / "work"
@@ -409,6 +414,7 @@ def test_a_norm_tensor_that_is_not_floating_point_is_refused(gqa_dir, tmp_path, 
   assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.slow
 def test_truncated_safetensors_is_one_line_and_nan_weights_are_refused(gqa_dir, tmp_path):
   truncated = tmp_path / "truncated"
   shutil.copytree(gqa_dir, truncated)
@@ -441,10 +447,10 @@ def test_truncated_safetensors_is_one_line_and_nan_weights_are_refused(gqa_dir, 
   assert not (tmp_path / "w2").exists()
 
 
+@pytest.mark.slow
 def test_converted_workdir_continues_with_the_default_config(cli_workdir, tmp_path):
   """train.py --config=configs/default.py on a converted workdir: the model comes from its config.json."""
-  trainer = pytest.importorskip("cla_jax.trainer")
-  from cla_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from cla_jax import config_lib, trainer  # pylint: disable=g-import-not-at-top
 
   root, _ = cli_workdir
   workdir = tmp_path / "work"
@@ -494,6 +500,7 @@ def calibration(gqa_model):
   return tokens, [h.double().numpy().reshape(-1, D_MODEL) for h in hidden[:LAYERS]]
 
 
+@pytest.mark.fast_case("lsq")
 @pytest.mark.parametrize("kv_init", ["first", "mean", "lsq"])
 def test_kv_init_shapes_and_report_errors_match_an_independent_reference(
     gqa_model, gqa_dir, tmp_path, calibration, kv_init
@@ -560,6 +567,7 @@ def test_kv_init_with_pattern_none_keeps_the_function_and_singleton_groups_are_e
   assert min(errors[1]["key"]) > 0
 
 
+@pytest.mark.slow
 def test_bad_kv_init_inputs_are_one_line_errors(gqa_dir, tmp_path, calibration):
   with pytest.raises(UserError, match="kv_init='bogus' is not one of"):
     convert_hf.convert(gqa_dir, tmp_path / "a", pattern="cla2", kv_init="bogus")

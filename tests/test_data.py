@@ -526,6 +526,7 @@ prepare.prepare(config, sys.argv[1], docs_per_chunk=4, records_per_shard=5)
 
 # The nth os.replace: 1 tokenizer, 2 plan, then 2 per train chunk (9 chunks), then window shards.
 @pytest.mark.parametrize("die_at", [4, 25])  # in phase 1 (tokenizing), in phase 2 (writing window shards)
+@pytest.mark.slow
 def test_prepare_killed_midway_resumes_to_identical_shards(text_config, tmp_path, die_at):
   import subprocess
   import sys

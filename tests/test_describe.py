@@ -123,6 +123,7 @@ def _cli(*args, cwd=config_lib.REPO_ROOT):
   )
 
 
+@pytest.mark.slow
 def test_cli_prints_one_json_line_from_any_directory(tmp_path):
   """`configs/...` names the shipped config even where the working directory has no configs/."""
   out = _cli("--config=configs/paper_3b.py:H128-MQA-CLA2", cwd=tmp_path)
@@ -132,12 +133,14 @@ def test_cli_prints_one_json_line_from_any_directory(tmp_path):
   assert info["kv_layers"] == 16 and info["kv_bytes_per_token"] == 8192
 
 
+@pytest.mark.slow
 def test_cli_default_config_works_from_any_directory(tmp_path):
   out = _cli(cwd=tmp_path)
   assert out.returncode == 0, out.stderr
   assert json.loads(out.stdout.strip().splitlines()[-1])["groups"] == [[0, 1], [2, 3]]  # default: 4 layers, CLA2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,message",
     [

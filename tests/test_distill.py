@@ -44,6 +44,7 @@ def _batch(rng, vocab, b=2, t=12):
   return {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]), "weights": jnp.asarray(weights)}
 
 
+@pytest.mark.slow
 def test_objective_matches_numpy_and_is_zero_with_zero_gradient_for_an_identical_teacher(tiny_config):
   cfg = config_lib.model_config(tiny_config)
   model = model_lib.Transformer(cfg)
@@ -85,6 +86,7 @@ def test_objective_matches_numpy_and_is_zero_with_zero_gradient_for_an_identical
   assert all(float(jnp.max(jnp.abs(g))) == 0 for g in jax.tree.leaves(teacher_grads))
 
 
+@pytest.mark.slow
 def test_teacher_is_never_updated_nor_saved(tmp_path, corpus, teacher_dir):
   teacher_before, _, _ = workdir_lib.restore_params(teacher_dir)
   config = th.config_on(corpus, steps=6, teacher=str(teacher_dir), distill_weight=0.5, distill_temperature=2.0)
@@ -113,6 +115,7 @@ def test_teacher_is_never_updated_nor_saved(tmp_path, corpus, teacher_dir):
   assert last["loss"] == pytest.approx(0.5 * last["distill_lm_loss"] + 0.5 * 4.0 * last["distill_kl"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_killed_run_with_a_teacher_resumes_with_identical_losses(tmp_path, corpus, teacher_dir):
   config = th.config_on(corpus, steps=24, teacher=str(teacher_dir))
   config.checkpoint.update(every_steps=4)
@@ -131,7 +134,8 @@ def test_killed_run_with_a_teacher_resumes_with_identical_losses(tmp_path, corpu
 
 
 def _word_tokenizer(path):
-  tokenizers = pytest.importorskip("tokenizers")
+  import tokenizers  # pylint: disable=g-import-not-at-top
+
   vocab = {"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate("the a cat dog sees likes".split())}}
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
   tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
@@ -140,6 +144,7 @@ def _word_tokenizer(path):
   return str(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -171,6 +176,7 @@ def test_bad_teachers_and_settings_are_one_line_errors(tmp_path, corpus, teacher
   assert not (tmp_path / "student").exists()  # refused before the workdir was touched
 
 
+@pytest.mark.slow
 def test_missing_teacher_from_the_command_line_is_one_error_line(tmp_path, corpus):
   config = th.config_on(corpus, steps=2, teacher=str(tmp_path / "nowhere"))
   result = subprocess.run(

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from cla_jax import config_lib, evaluate
+from cla_jax import config_lib, evaluate, sharding
 from cla_jax import workdir as workdir_lib
 from cla_jax.data import batches as batches_lib
 from cla_jax.data import prepare
@@ -163,6 +163,7 @@ def test_split_loss_equals_numpy_reference(setup):
   assert result["split"] == config.data.eval_split and result["step"] == 7
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_agree(setup):
   workdir, _, _, wiki = setup
   assert jax.device_count() == 8
@@ -175,6 +176,31 @@ def test_one_and_eight_devices_agree(setup):
   one, sharded = run(max_tokens=150, num_devices=1), run(max_tokens=150, overrides={"mesh.fsdp": 2, "mesh.tensor": 2})
   assert one["tokens"] == sharded["tokens"] > 0
   np.testing.assert_allclose(sharded["loss"], one["loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "mesh, why",
+    [
+        ({"mesh.data": 4, "mesh.fsdp": 4, "mesh.num_devices": 16}, "mesh.num_devices=16 must be -1 (all) or between"),
+        ({"mesh.data": 1, "mesh.tensor": 8}, "model.num_heads=4 is not divisible by mesh.tensor=8"),
+    ],
+    ids=["more_devices_than_here", "model_does_not_divide"],
+)
+def test_a_mesh_that_does_not_fit_here_falls_back_to_data_parallelism(setup, capfd, monkeypatch, mesh, why):
+  """A checkpoint trained on a pod still evaluates on one host: data parallelism over every device, one note."""
+  workdir = setup[0]
+  run = lambda **kw: evaluate.run(workdir, batch_size=8, max_tokens=150, progress=False, write=False, **kw)  # noqa: E731
+  one = run(num_devices=1)
+  meshes = []
+  make_mesh = sharding.make_mesh
+  monkeypatch.setattr(sharding, "make_mesh", lambda *a, **kw: meshes.append(make_mesh(*a, **kw)) or meshes[-1])
+  capfd.readouterr()
+  got = run(overrides=mesh)
+  note = [line for line in capfd.readouterr().err.splitlines() if line.startswith("note: ")]
+  assert len(note) == 1 and why in note[0] and note[0].endswith("Evaluating with pure data parallelism instead."), note
+  assert dict(meshes[-1].shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert got["tokens"] == one["tokens"] > 0
+  np.testing.assert_allclose(got["loss"], one["loss"], rtol=1e-5)
 
 
 def test_bad_workdir_step_and_config_errors(setup, tmp_path):
@@ -198,6 +224,7 @@ def test_bad_workdir_step_and_config_errors(setup, tmp_path):
     evaluate.run(workdir)
 
 
+@pytest.mark.slow
 def test_cli_prints_table_then_json_and_one_line_errors(setup):
   workdir, _, _, wiki = setup
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}

@@ -16,10 +16,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import cla_jax  # noqa: E402
-from cla_jax import config_lib, convert_hf, decode, describe, export_hf  # noqa: E402
+from cla_jax import convert_hf, decode, describe, export_hf  # noqa: E402
 from cla_jax import model as model_lib  # noqa: E402
 from cla_jax import workdir as workdir_lib  # noqa: E402
 from cla_jax.errors import UserError  # noqa: E402
+from tests import train_helpers  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAYERS, D_MODEL, HEADS, HEAD_DIM, MLP, VOCAB, THETA = 6, 32, 4, 8, 48, 64, 500.0
@@ -31,22 +32,9 @@ KV_HEADS = {"MHA": 4, "GQA": 2, "MQA": 1}
 
 
 def _config(pattern: str, num_kv_heads: int, tie: bool = False, **model) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(config_lib.load("configs/default.py").to_dict())
-  config.model.update(
-      num_layers=LAYERS,
-      d_model=D_MODEL,
-      num_heads=HEADS,
-      num_kv_heads=num_kv_heads,
-      head_dim=HEAD_DIM,
-      mlp_dim=MLP,
-      vocab_size=VOCAB,
-      pattern=pattern,
-      rope_theta=THETA,
-      tie_embeddings=tie,
-      dtype="float32",
-      **model,
-  )
-  return config
+  shape = dict(num_layers=LAYERS, d_model=D_MODEL, num_heads=HEADS, head_dim=HEAD_DIM, mlp_dim=MLP, vocab_size=VOCAB)
+  fields = dict(num_kv_heads=num_kv_heads, pattern=pattern, rope_theta=THETA, tie_embeddings=tie, **model)
+  return train_helpers.tiny_config(model={**shape, **fields})
 
 
 def _workdir(
@@ -120,6 +108,7 @@ def _cache_bytes(cache) -> int:
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(KV_HEADS))
 def test_every_pattern_matches_cla_jax_in_transformers(kind, tmp_path):
   """Logits, cached greedy generation and the cache (num_groups entries, describe's bytes) for each pattern."""
@@ -234,7 +223,8 @@ def test_sharded_bf16_export_loads_and_its_cache_is_describes_bytes(tmp_path, ke
 
 def _word_tokenizer(path: pathlib.Path, words: list[str], bos: bool = False) -> None:
   """A word-level tokenizer.json; with `bos`, its post-processor prepends <s> (as Llama-3's does)."""
-  tokenizers = pytest.importorskip("tokenizers")
+  import tokenizers  # pylint: disable=g-import-not-at-top
+
   vocab = {"[UNK]": 0, "</s>": 1, "<s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
   tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
@@ -265,6 +255,7 @@ def real_text_sample() -> list[str]:
   return texts
 
 
+@pytest.mark.slow
 def test_tokenizers_export_and_encode_like_cla_jax(tmp_path, keep_ends_workdir):
   """AutoTokenizer on an export gives cla_jax's ids and text on whole real documents, for every tokenizer kind.
 
@@ -361,6 +352,7 @@ def test_errors_are_one_clear_line(tmp_path, keep_ends_workdir):
   assert not (tmp_path / "hf_corrupt").exists()
 
 
+@pytest.mark.slow
 def test_cli_writes_and_refuses_in_one_line(tmp_path, keep_ends_workdir):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   command = [
@@ -379,6 +371,7 @@ def test_cli_writes_and_refuses_in_one_line(tmp_path, keep_ends_workdir):
   assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_left_padded_batch_generates_like_cla_jax(tmp_path, keep_ends_workdir):
   """Batched generate with left padding (attention_mask zeros) gives cla_jax's greedy tokens for each ragged prompt."""
   export_hf.export(keep_ends_workdir, tmp_path / "hf", dtype="float32")
@@ -397,6 +390,7 @@ def test_left_padded_batch_generates_like_cla_jax(tmp_path, keep_ends_workdir):
     np.testing.assert_array_equal(greedy_reference(loaded, prompt[None], NEW_TOKENS)[0, -NEW_TOKENS:], new_ids)
 
 
+@pytest.mark.slow
 def test_unscanned_workdir_exports_the_same_model(tmp_path):
   """model.scan_layers=False workdirs (params per group, not stacked) export too."""
   work = _workdir(tmp_path / "work", "cla3", 2, seed=7, scan_layers=False)

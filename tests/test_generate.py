@@ -73,6 +73,7 @@ def _teacher_forced(cfg, params, kv_cache_dtype="auto"):
   return np.stack(expected), np.concatenate([np.asarray(first)[None], np.asarray(stepped)])
 
 
+@pytest.mark.fast_case("keep_ends-7-GQA")
 @pytest.mark.parametrize("attention", list(ATTENTION))
 @pytest.mark.parametrize("pattern, layers", PATTERN_LAYERS)
 def test_teacher_forced_prefill_and_decode_equal_full_forward(pattern, layers, attention):
@@ -82,6 +83,7 @@ def test_teacher_forced_prefill_and_decode_equal_full_forward(pattern, layers, a
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [True, False])
 @pytest.mark.parametrize("block", [2, 4, 5])
 def test_cache_read_in_blocks_equals_full_forward(block, scan_layers, monkeypatch):
@@ -93,6 +95,7 @@ def test_cache_read_in_blocks_equals_full_forward(block, scan_layers, monkeypatc
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", ["none", "cla2", "keep_ends"])
 def test_int8_cache_stays_near_the_full_forward(pattern):
   # Every key and value is quantised when written: logits move by far less than they span.
@@ -111,6 +114,7 @@ def _nll(logits, targets):
   return -np.take_along_axis(logp, targets[..., None], -1).mean()
 
 
+@pytest.mark.slow
 def test_teacher_forced_perplexity_through_the_cache():
   cfg = small_config(pattern="cla2", num_layers=4, num_heads=4, num_kv_heads=1)
   params = random_params(cfg, seed=7, std=0.1)
@@ -140,6 +144,7 @@ def _decode_loop_bytes(cfg, batch, length):
   return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_decode_step_memory_is_the_cache_and_params_not_a_copy_of_a_group():
   # The README's tiny H128 rows: what one more sequence costs is its cache and a few blocks of scores,
   # not a copy of its group's [max_length, k, h] (as large as an MQA layer's cache), and a two-layer CLA
@@ -156,6 +161,7 @@ def test_decode_step_memory_is_the_cache_and_params_not_a_copy_of_a_group():
   assert fixed["cla2"] <= fixed["none"], fixed
 
 
+@pytest.mark.slow
 def test_greedy_generate_equals_recomputing_the_full_forward():
   cfg = small_config(pattern="keep_ends", num_heads=4, num_kv_heads=1)
   params = random_params(cfg, seed=3)
@@ -201,6 +207,7 @@ def test_cache_bytes_equal_describe_and_the_paper_ratios(pattern, ratio):
   assert {a.dtype for a in jax.tree.leaves(cache)} == {np.dtype("float32")}
 
 
+@pytest.mark.slow
 def test_eight_devices_generate_the_same_tokens_as_one():
   cfg = small_config(pattern="cla2", num_heads=4, num_kv_heads=2, vocab_size=64)
   params = random_params(cfg, seed=5)
@@ -245,6 +252,7 @@ def test_top_k_top_p_filter_equals_numpy_and_sampling_follows_it(top_k, top_p):
   np.testing.assert_allclose(np.bincount(draws, minlength=30) / draws.size, expected, atol=0.015)
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_per_seed():
   cfg = small_config(pattern="cla2")
   params = random_params(cfg, seed=3)
@@ -334,6 +342,7 @@ def _cli(workdir, *flags):
   )
 
 
+@pytest.mark.slow
 def test_cli_prints_continuations(workdir, tmp_path):
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("the cat sat\n\nold dogs ran\n")  # blank lines are skipped
@@ -356,6 +365,7 @@ def test_cli_prints_continuations(workdir, tmp_path):
   assert text.returncode == 0 and text.stdout.startswith("[prompt 1]\ngreen hills"), text.stdout + text.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -376,6 +386,7 @@ def test_cli_one_line_errors(workdir, flags, message):
   assert message in out.stderr
 
 
+@pytest.mark.slow
 def test_load_model_on_a_mesh_restores_shards_and_decodes_int8(workdir):
   import cla_jax  # pylint: disable=g-import-not-at-top
 
@@ -395,6 +406,7 @@ def test_load_model_on_a_mesh_restores_shards_and_decodes_int8(workdir):
   assert model._sharded_params is model.params  # decoding uses the restored shards as they are
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -417,6 +429,7 @@ def test_decode_benchmark_one_line_errors(flags, message):
   assert message in out.stderr
 
 
+@pytest.mark.slow
 def test_cli_bad_workdir(tmp_path):
   out = _cli(tmp_path / "nothing", "--prompt=x")
   assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr

@@ -93,38 +93,40 @@ def setup(tmp_path_factory):
   """A params-only workdir of a random tiny model with its own small sentencepiece tokenizer, and local tasks."""
   from tests import train_helpers  # pylint: disable=g-import-not-at-top
 
-  for key, value in OFFLINE.items():
-    os.environ.setdefault(key, value)
-  tmp = tmp_path_factory.mktemp("harness")
-  rng = np.random.default_rng(0)
-  corpus = [" ".join(rng.choice(WORDS, 80)) + ".\n" for _ in range(60)] + [TEXT]
-  spm = tmp / "spm.model"
-  spm.write_bytes(tokenizer_lib.train_sentencepiece(corpus, 256))
-  config = train_helpers.tiny_config()
-  config.data.update(tokenizer=str(spm))
-  # The model's vocabulary is exactly the tokenizer's, so that every argmax decodes.
-  config.model.vocab_size = tokenizer_lib.get_tokenizer(config).vocab_size
-  config.eval.update(batch_size=8)
-  shapes = nn.meta.unbox(model_lib.abstract_params(config_lib.model_config(config)))
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, s: ((1.0 if "scale" in jax.tree_util.keystr(path) else 0.0) + rng.normal(0, 0.3, s.shape)).astype(
-          np.float32
-      ),
-      shapes,
-  )
-  workdir = str(tmp / "run")
-  workdir_lib.save_params_only(workdir, params, config, step=3)
-  from cla_jax import harness  # pylint: disable=g-import-not-at-top
+  # Offline for this module's tests only: a session-wide setting would hide a hub call in later modules.
+  with pytest.MonkeyPatch.context() as env:
+    for key, value in OFFLINE.items():
+      env.setenv(key, value)
+    tmp = tmp_path_factory.mktemp("harness")
+    rng = np.random.default_rng(0)
+    corpus = [" ".join(rng.choice(WORDS, 80)) + ".\n" for _ in range(60)] + [TEXT]
+    spm = tmp / "spm.model"
+    spm.write_bytes(tokenizer_lib.train_sentencepiece(corpus, 256))
+    config = train_helpers.tiny_config()
+    config.data.update(tokenizer=str(spm))
+    # The model's vocabulary is exactly the tokenizer's, so that every argmax decodes.
+    config.model.vocab_size = tokenizer_lib.get_tokenizer(config).vocab_size
+    config.eval.update(batch_size=8)
+    shapes = nn.meta.unbox(model_lib.abstract_params(config_lib.model_config(config)))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, s: ((1.0 if "scale" in jax.tree_util.keystr(path) else 0.0) + rng.normal(0, 0.3, s.shape)).astype(
+            np.float32
+        ),
+        shapes,
+    )
+    workdir = str(tmp / "run")
+    workdir_lib.save_params_only(workdir, params, config, step=3)
+    from cla_jax import harness  # pylint: disable=g-import-not-at-top
 
-  lm = harness.CLAHarnessLM(workdir=workdir, max_length=MAX_LENGTH, progress=False)
-  return {
-      "workdir": workdir,
-      "tmp": tmp,
-      "lm": lm,
-      "tokenizer": tokenizer_lib.get_tokenizer(config),
-      "model": cla_jax.load_model(workdir),
-      "tasks": _task_files(tmp / "tasks"),
-  }
+    lm = harness.CLAHarnessLM(workdir=workdir, max_length=MAX_LENGTH, progress=False)
+    yield {
+        "workdir": workdir,
+        "tmp": tmp,
+        "lm": lm,
+        "tokenizer": tokenizer_lib.get_tokenizer(config),
+        "model": cla_jax.load_model(workdir),
+        "tasks": _task_files(tmp / "tasks"),
+    }
 
 
 def _log_probs(model, ids) -> np.ndarray:
@@ -214,6 +216,7 @@ def test_loglikelihood_rolling_equals_eval_py_plain_text(setup):
   assert got[2] == got[0] and got[1] < 0
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one(setup):
   from cla_jax import harness  # pylint: disable=g-import-not-at-top
 
@@ -257,6 +260,7 @@ def test_local_tasks_through_simple_evaluate(setup, tmp_path):
     np.testing.assert_allclose(results["cla_local_text"][f"{metric},none"], by_eval_py[metric], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_gives_the_same_accuracy_and_one_line_errors(setup, tmp_path, monkeypatch, capsys):
   env = {**os.environ, **OFFLINE, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
   out = tmp_path / "out"
@@ -301,6 +305,7 @@ def test_cli_gives_the_same_accuracy_and_one_line_errors(setup, tmp_path, monkey
   assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: no checkpoint for step 99")
 
 
+@pytest.mark.slow
 def test_generate_until_equals_greedy_full_forward_loop(setup):
   from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
 

@@ -35,6 +35,7 @@ def _loop_bytes(decoder: decode.Decoder, batch: int, context: int) -> int:
   return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
+@pytest.mark.slow  # 4 x 2 TPU compiles of a 2-layer 1B-width decoder: about a minute
 @pytest.mark.parametrize(
     "row,kv_cache_dtype", [("H64-MQA", "int8"), ("H64-MQA", "auto"), ("H128-MQA-CLA2", "int8"), ("H128-GQA4", "auto")]
 )

@@ -41,6 +41,7 @@ def test_partial_or_inconsistent_launch_env_is_an_error(change, message):
     sharding.distributed_args(environ)
 
 
+@pytest.mark.slow
 def test_missing_process_id_is_one_error_line(tmp_path, tiny_config):
   env = {**th.env(), "JAX_COORDINATOR_ADDRESS": "localhost:1234", "JAX_NUM_PROCESSES": "2"}
   env.pop("JAX_PROCESS_ID", None)
@@ -113,6 +114,7 @@ def _drop_last_checkpoint(src, dst):
   shutil.rmtree(dst / "checkpoints" / "4")
 
 
+@pytest.mark.slow
 def test_two_processes_train_resume_and_eval_like_one(tmp_path_factory):
   from cla_jax import evaluate, trainer  # pylint: disable=g-import-not-at-top
 

@@ -40,6 +40,7 @@ def test_preservation_policy_keeps_the_verified_step_whatever_keep_says():
   assert [i.step for i, keep in zip(infos, policy.should_preserve(infos, context=None)) if keep] == [5, 6]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "lr, problem",
     [
@@ -68,6 +69,7 @@ def test_divergence_keeps_and_names_a_really_good_checkpoint(tmp_path, trained, 
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_dead_model_from_init_is_stopped(tmp_path, corpus):
   config = th.config_on(corpus, steps=4)
   config.model.init_std = 1e6
@@ -93,6 +95,7 @@ def test_health_check_unit():
   assert off.problem(1e9, 0.0) is None and "inf" in off.problem(float("inf"), 1.0)
 
 
+@pytest.mark.slow
 def test_flipped_bytes_in_a_params_file_fall_back_with_one_warning(tmp_path, tiny_config, capfd):
   p1, p2 = (model_lib.init_params(config_lib.model_config(tiny_config), jax.random.key(s)) for s in (1, 2))
   workdir_lib.save_params_only(tmp_path, p1, tiny_config, step=1)
@@ -135,6 +138,7 @@ def test_fingerprint_is_independent_of_sharding_and_sees_one_changed_element():
   assert len(values) == 3
 
 
+@pytest.mark.slow
 def test_second_trainer_on_a_live_workdir_refuses_and_a_dead_lock_does_not_block(tmp_path, corpus):
   config = th.config_on(corpus, steps=5000)
   config.checkpoint.update(every_steps=2)
@@ -193,6 +197,7 @@ def _small_disk(tmp_path: pathlib.Path, corpus) -> Iterator[tuple[pathlib.Path, 
     _umount(small)
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_and_keeps_earlier_checkpoints(tmp_path, corpus):
   with _small_disk(tmp_path, corpus) as (small, config):
     result = th.run(config, small / "run")
@@ -204,6 +209,7 @@ def test_disk_full_is_one_line_and_keeps_earlier_checkpoints(tmp_path, corpus):
     assert step == 1 and all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_eval_on_a_read_only_workdir_returns_the_result_and_warns(tmp_path, trained, capfd):
   from cla_jax import evaluate  # pylint: disable=g-import-not-at-top
 
@@ -264,6 +270,7 @@ def test_bad_config_values_are_refused_in_one_line(field, value):
   assert str(err.value).startswith(f"{field} must be ") and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_bad_command_lines_exit_2_with_one_line_and_no_side_effects(tmp_path, trained, corpus):
   """Each: exit 2, one stderr line naming the problem, no traceback, no file left in a workdir."""
   import concurrent.futures  # pylint: disable=g-import-not-at-top
@@ -364,6 +371,7 @@ def _python_cli(code: str, *args: str):
   )
 
 
+@pytest.mark.slow
 def test_disk_filling_during_a_save_is_one_error_and_no_library_traceback(tmp_path, corpus):
   with _small_disk(tmp_path, corpus) as (small, config):
     # The free-space check before each save passes (as when another writer fills the disk during the save),
@@ -382,6 +390,7 @@ def main(argv):
     assert step == 1 and all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_truncated_newest_checkpoint_falls_back_with_one_warning_line(tmp_path, trained):
   _, source = trained
   workdir = tmp_path / "run"

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cla_jax import model as model_lib
 from cla_jax import decode, sharding, train_step, trainer
+from cla_jax import model as model_lib
 from cla_jax import workdir as workdir_lib
 from tests import train_helpers as th
+from tests.model_helpers import small_config
 
 
 @pytest.mark.parametrize(
@@ -91,6 +92,7 @@ def runs(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 def test_mesh_222_with_accumulation_matches_single_device(runs):
   sharded, single = th.losses(runs["sharded"][1]), th.losses(runs["single"][1])
   assert sorted(sharded) == [1, 2, 3, 4]
@@ -98,6 +100,7 @@ def test_mesh_222_with_accumulation_matches_single_device(runs):
   assert sharded[4] < sharded[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_devices, shape", [(1, (1, 1, 1)), (4, (1, 2, 2))])
 def test_restore_onto_a_different_mesh(runs, num_devices, shape):
   params, config, step = workdir_lib.restore_params(
@@ -113,6 +116,7 @@ def test_restore_onto_a_different_mesh(runs, num_devices, shape):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=5e-5)
 
 
+@pytest.mark.slow
 def test_resume_on_a_different_mesh_continues_the_run(runs, tmp_path):
   """Trained 2 steps on 8 devices, resumed on 1 device: steps 3-4 match the 1-device run."""
   import shutil  # pylint: disable=g-import-not-at-top
@@ -130,9 +134,10 @@ def test_resume_on_a_different_mesh_continues_the_run(runs, tmp_path):
   np.testing.assert_allclose([got[3], got[4]], [want[3], want[4]], rtol=2e-6)
 
 
+@pytest.mark.slow
 def test_bf16_compute_reduces_gradients_across_devices_in_fp32():
   """The paper's recipe: bf16 matmuls, but the data-parallel gradient all-reduce carries fp32."""
-  cfg = model_lib.ModelConfig(
+  cfg = small_config(
       num_layers=2, d_model=64, num_heads=4, num_kv_heads=1, head_dim=16, mlp_dim=128, vocab_size=256, dtype="bfloat16"
   )
   mesh = jax.make_mesh((8, 1, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
@@ -189,6 +194,7 @@ print("COMPILED control", file=sys.stderr, flush=True)
 _REMAT = "Involuntary full rematerialization"
 
 
+@pytest.mark.slow
 def test_train_step_compiles_without_involuntary_full_rematerialization():
   meshes = ["8,1,1", "1,8,1", "2,2,2", "2,2,1", "1,2,4"]
   env = {**th.env(), "TF_CPP_MIN_LOG_LEVEL": "0"}  # 8 CPU devices, as in this process

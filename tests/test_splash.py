@@ -26,6 +26,7 @@ def _reference(query, key, value, segment_ids):
   return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=True, implementation="xla")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kv_heads, packed", [(1, False), (1, True), (2, True)])
 def test_splash_matches_the_library(kv_heads, packed):
   query, key, value, segment_ids = _inputs(kv_heads, packed)

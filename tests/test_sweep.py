@@ -7,15 +7,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
+import types
 
+import numpy as np
 import pytest
 
 from cla_jax import sweep, sweep_report
 from cla_jax.errors import UserError
 from tests import train_helpers
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
 
 # -- Pareto frontier and per-row statistics (hand-computed) ------------------------------------------------
 
@@ -88,6 +89,37 @@ def test_family_names():
   assert sweep.family(4, 4, "cla3") == "MHA+CLA3"
 
 
+def _families_drawn(png) -> set[str]:
+  """The families whose colour (sweep_report.FAMILY_COLORS, at any opacity from 0.5 over white) covers some
+  pixels of a decoded 960x660 PNG."""
+  from matplotlib import colors, image  # pylint: disable=g-import-not-at-top
+
+  ink = 1 - image.imread(png)[..., :3].astype(np.float64)  # how far each pixel is from white, per channel
+  assert ink.shape == (660, 960, 3)  # 8 x 5.5 inches at 120 dpi: the whole figure was drawn
+  drawn = set()
+  for family, name in sweep_report.FAMILY_COLORS.items():
+    full = 1 - np.array(colors.to_rgb(name))  # the colour's own distance from white
+    used = full > 0.1  # channels that tell the opacity (tab:orange's red is all but white)
+    opacity = ink[..., used] / full[used]  # equal across those channels only for this colour
+    same = (np.ptp(opacity, axis=-1) < 0.04) & (opacity.mean(-1) >= 0.5) & (np.abs(ink[..., ~used]) < 0.1).all(-1)
+    if same.sum() >= 20:  # a marker's worth of pixels, not an antialiased edge
+      drawn.add(family)
+  return drawn
+
+
+def test_plots_draw_each_family_in_its_colour_and_no_other_family(tmp_path):
+  """GQA and MHA have colours too, but no rows here: their colour must not appear."""
+  results = [
+      _result("H64-MQA", 2e-3, 0, 30.0, kv=256),
+      _result("H64-MQA", 4e-3, 0, 28.0, kv=256),
+      {**_result("H64-MQA-CLA2", 2e-3, 0, 29.0, kv=128), "family": "MQA+CLA2"},
+      {**_result("H64-MQA-CLA2", 4e-3, 0, 31.0, kv=128), "family": "MQA+CLA2"},
+  ]
+  sweep_report.write_all(results, tmp_path)
+  assert _families_drawn(tmp_path / "pareto.png") == {"MQA", "MQA+CLA2"}
+  assert _families_drawn(tmp_path / "lr_sweep.png") == {"MQA", "MQA+CLA2"}
+
+
 # -- Sweep files, overrides, flags --------------------------------------------------------------------------
 
 
@@ -104,6 +136,26 @@ def test_shipped_sweeps_list_their_runs():
   # The paper's Table 1: H128-MQA 10240 bytes/token, H64-MQA-CLA2 2560.
   assert rows["H128-MQA"]["kv_bytes_per_token"] == 10240 and rows["H64-MQA-CLA2"]["kv_bytes_per_token"] == 2560
   assert rows["H128-MQA"]["steps"] == 7153 and rows["H128-MQA"]["lr"] == 3e-4
+
+
+def _learning_rates(spec: str) -> list[str]:
+  """The sweep's learning rates, ascending, written as the docs write them ('3.375e-3')."""
+  lrs = sorted({run.overrides["train.lr"] for run in sweep.load_sweep(spec, seeds=1)})
+  return [f"{float(m):g}e{int(e)}" for m, e in (f"{lr:e}".split("e") for lr in lrs)]
+
+
+def test_the_docs_state_the_shipped_learning_rate_grids():
+  """docs/sweep.md and the README quote each shipped sweep's grid; a changed grid must change them too."""
+  docs = (train_helpers.REPO_ROOT / "docs" / "sweep.md").read_text()
+  readme = (train_helpers.REPO_ROOT / "README.md").read_text()
+  low, high = _learning_rates("configs/sweeps/tiny_pareto.py")
+  tiny = f"{low} and {high}"
+  assert f"Learning rates {tiny}, 3 seeds" in docs and f"learning rates {tiny} with 3 seeds" in readme, tiny
+  assert len(sweep.load_sweep("configs/sweeps/tiny_pareto.py", seeds=3)) == 48  # "48 runs" in both
+  paper = _learning_rates("configs/sweeps/paper_1b.py")
+  # x1.5 steps from 3e-4, rounded as the paper rounds them (1e-3, not 1.0125e-3).
+  np.testing.assert_allclose([float(lr) for lr in paper], [3e-4 * 1.5**i for i in range(7)], rtol=0.02)
+  assert f"({paper[0]} ... {paper[-1]})" in docs and f"({paper[0]} ... {paper[-1]})" in readme
 
 
 def test_bad_overrides_and_flags_are_one_line_errors():
@@ -145,6 +197,51 @@ def test_parallel_workers_split_the_gpus(monkeypatch):
 def test_last_error_line():
   assert sweep.last_error("I0 noise\nerror: need train.lr > 0.\n") == "need train.lr > 0."
   assert sweep.last_error("Traceback (most recent call last):\n  x\nValueError: boom\n") == "ValueError: boom"
+
+
+_FAKE_WORKER = """
+import pathlib, signal, sys, time
+run_dir = pathlib.Path(sys.argv[-1].split("=", 1)[1]).parent
+
+
+def saved_and_exit(signum, frame):  # what the real worker does on SIGTERM: save a checkpoint, exit 0
+  print("fake worker: SIGTERM", flush=True)
+  sys.exit(0)
+
+
+signal.signal(signal.SIGTERM, saved_and_exit)
+(run_dir / "started").touch()
+time.sleep(60)
+sys.exit(3)
+"""
+
+
+def test_sigterm_to_the_runner_reaches_its_worker_and_leaves_the_run_pending(tmp_path, monkeypatch):
+  """The runner forwards SIGTERM to the running worker, starts no further run and records no failure."""
+  fake = tmp_path / "fake_python"
+  fake.write_text(f"#!{sys.executable}\n{_FAKE_WORKER}")
+  fake.chmod(0o755)
+  monkeypatch.setattr(sweep, "sys", types.SimpleNamespace(executable=str(fake)))  # the runner starts `fake`
+  runs = [sweep.Run(row, "configs/default.py", {}, name=row) for row in ("A", "B")]
+  runner = sweep.Runner(runs, str(tmp_path / "sweep"), {})
+  first = tmp_path / "sweep" / runs[0].name
+
+  def terminate_once_started():
+    train_helpers.wait_for(lambda: (first / "started").exists(), timeout=60)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  before = signal.getsignal(signal.SIGTERM)
+  sender = threading.Thread(target=terminate_once_started, daemon=True)
+  started = time.time()
+  sender.start()
+  results = runner.run(log=lambda line: None)
+  sender.join()
+  assert time.time() - started < 30  # the worker exited on the forwarded signal, not after its 60 s sleep
+  assert "fake worker: SIGTERM" in (first / sweep.LOG_FILE).read_text()
+  assert not (tmp_path / "sweep" / runs[1].name / "started").exists()  # no run starts after the signal
+  assert [r["status"] for r in results] == ["pending", "pending"]  # resumed by the next sweep, not failed
+  assert not (first / "failed.json").exists()
+  assert signal.getsignal(signal.SIGTERM) is before  # the runner's handler is gone once it returns
 
 
 # -- The runner end to end ----------------------------------------------------------------------------------
@@ -203,6 +300,7 @@ def _worker_starts(run_dir):
     return f.read().count("sweep worker start")
 
 
+@pytest.mark.slow
 def test_sweep_trains_reports_skips_and_records_failures(tmp_path, corpus):
   base = _tiny_overrides(corpus)
   sweep_file = _write_sweep(
@@ -227,7 +325,7 @@ def test_sweep_trains_reports_skips_and_records_failures(tmp_path, corpus):
   with open(workdir / "results.jsonl") as f:
     assert [json.loads(line)["name"] for line in f] == list(rows)
   for png in ("pareto.png", "lr_sweep.png"):
-    assert (workdir / png).read_bytes()[:8] == PNG_MAGIC
+    assert {"MQA", "MQA+CLA2"} <= _families_drawn(workdir / png)
   table = (workdir / "results.md").read_text()
   assert "| T-MQA | 16 | 4 | 1 | 4 | 256 |" in table and "| T-MQA-CLA2 | 16 | 4 | 1 | 4 | 128 |" in table
 
@@ -239,6 +337,7 @@ def test_sweep_trains_reports_skips_and_records_failures(tmp_path, corpus):
   assert _rows(workdir)["T-MQA_lr0.003_s0"]["perplexity"] == rows["T-MQA_lr0.003_s0"]["perplexity"]
 
 
+@pytest.mark.slow
 def test_sweep_killed_mid_run_resumes_from_its_checkpoint(tmp_path, corpus):
   sweep_file = _write_sweep(tmp_path / "one.py", _tiny_overrides(corpus, steps=40), [("T-MQA", {})])
   workdir = tmp_path / "sweep"

@@ -13,16 +13,12 @@ from cla_jax import workdir as workdir_lib
 from tests import train_helpers as th
 
 
-def _tiny(tiny_config, corpus, **train):
-  config = th.use_corpus(tiny_config, corpus)
-  config.train.update(log_every=1, **train)
-  return config
-
-
+@pytest.mark.slow
 def test_loss_falls_on_default_config(tmp_path, corpus):
   config = th.use_corpus(config_lib.load("configs/default.py"), corpus)
   # The default model and optimizer; a smaller batch and run so that it takes seconds on CPU.
-  config.train.update(steps=16, batch_size=2, log_every=1, eval_every=16)
+  # A peak no CPU reaches: every logged MFU is then a real fraction, never the writer's "above 100%" nan.
+  config.train.update(steps=16, batch_size=2, log_every=1, eval_every=16, peak_flops_per_device=1e15)
   trainer.run(config, str(tmp_path))
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   losses = [r["loss"] for r in records]
@@ -33,13 +29,13 @@ def test_loss_falls_on_default_config(tmp_path, corpus):
   for key in ("step", "loss", "perplexity", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time", "eval_loss"):
     assert key in last
   assert last["perplexity"] == pytest.approx(math.exp(last["loss"]), rel=1e-6)
-  # MFU = model FLOPs per second / the peak (train_helpers fixes it at 1e10 FLOP/s per device), recomputed
-  # here from the logged throughput; one above 100% would mean a wrong peak and is logged as unknown.
+  # MFU = model FLOPs per second / the peak, recomputed here from the logged throughput and FLOPs per token
+  # (test_metrics checks that one above 100% is logged as unknown).
   peak = config.train.peak_flops_per_device * config.mesh.num_devices
   per_token = metrics.flops_per_token(config_lib.model_config(config), config.train.seq_len)
   for r in records:
-    expected = per_token * r["tokens_per_s"] / peak
-    assert (r["mfu"] == pytest.approx(expected, rel=1e-6)) if expected <= 1 else r["mfu"] == "nan", (r, expected)
+    assert isinstance(r["mfu"], float) and 0 < r["mfu"] < 1e-2, r
+    assert r["mfu"] == pytest.approx(per_token * r["tokens_per_s"] / peak, rel=1e-6), r
   assert last["eval_loss"] < losses[0] - 1.0
   assert os.listdir(tmp_path / "tensorboard")
   assert workdir_lib.read_config(tmp_path).train.steps == 16
@@ -48,13 +44,14 @@ def test_loss_falls_on_default_config(tmp_path, corpus):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus):
   """An uninterrupted in-process run whose per-step losses the interrupted runs must reproduce."""
-  config = _tiny(th.tiny_config(), corpus, steps=40)
+  config = th.config_on(corpus, steps=40)
   config.checkpoint.update(every_steps=5)
   workdir = tmp_path_factory.mktemp("reference") / "run"
   trainer.run(config, str(workdir))
   return config, th.losses(workdir)
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_with_identical_losses(tmp_path, reference):
   config, expected = reference
   workdir = tmp_path / "run"
@@ -68,6 +65,7 @@ def test_killed_process_resumes_with_identical_losses(tmp_path, reference):
   np.testing.assert_array_equal([got[s] for s in range(1, 41)], [expected[s] for s in range(1, 41)])
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resumes(tmp_path, reference):
   config, expected = reference
   workdir = tmp_path / "run"
@@ -93,8 +91,9 @@ def test_sigterm_checkpoints_and_resumes(tmp_path, reference):
   np.testing.assert_array_equal([got[s] for s in range(1, 41)], [expected[s] for s in range(1, 41)])
 
 
-def test_non_finite_loss_stops_and_keeps_no_unverified_checkpoint(tmp_path, tiny_config, corpus):
-  config = _tiny(tiny_config, corpus, steps=4, lr=1e30, warmup_frac=0.0)
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_no_unverified_checkpoint(tmp_path, corpus):
+  config = th.config_on(corpus, steps=4, lr=1e30, warmup_frac=0.0)
   config.checkpoint.update(every_steps=1, keep=100)
   with pytest.raises(trainer.NonFiniteLossError, match=r"(loss|gradient norm) is (nan|inf) at step (\d+)") as err:
     trainer.run(config, str(tmp_path))
@@ -130,6 +129,7 @@ def test_bad_values_are_one_line_errors_in_process(tmp_path, tiny_config, corpus
   assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_bad_mesh_from_the_command_line(tmp_path, tiny_config, corpus):
   config = th.use_corpus(tiny_config, corpus, num_devices=-1, mesh=(-1, 3, 1))
   result = th.run(config, tmp_path / "run")

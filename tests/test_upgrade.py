@@ -61,6 +61,7 @@ def test_data_code_reads_the_first_versions_config(tmp_path):
   np.testing.assert_array_equal(data.tokens(0, data.num_tokens), stream)
 
 
+@pytest.mark.slow
 def test_prepared_dataset_written_by_278c628_trains_and_evaluates():
   config = _on_test_corpus(config_lib.load(config_lib.DEFAULT_CONFIG))
   config.data.prepared_dir = str(OLD_PREPARED)

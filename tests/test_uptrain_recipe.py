@@ -13,6 +13,7 @@ recipe = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(recipe)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flag, message",
     [

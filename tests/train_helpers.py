@@ -37,8 +37,11 @@ def write_corpus(directory: pathlib.Path, num_docs: int = 10, sentences: int = 3
   return str(directory / "*.txt")
 
 
-def tiny_config():
-  """The default config shrunk to run in seconds (also conftest's `tiny_config` fixture)."""
+def tiny_config(**sections: dict):
+  """The default config shrunk to run in seconds (also conftest's `tiny_config` fixture), the one test config.
+
+  `sections` then update it: tiny_config(model=dict(pattern="none"), train=dict(lr=1e-3)).
+  """
   from cla_jax import config_lib  # pylint: disable=g-import-not-at-top
 
   config = config_lib.load("configs/default.py")
@@ -47,6 +50,8 @@ def tiny_config():
   )
   config.train.update(steps=20, batch_size=8, seq_len=32, log_every=5, eval_every=0)
   config.checkpoint.update(every_steps=10)
+  for section, fields in sections.items():
+    config[section].update(**fields)
   return config
 
 

@@ -291,7 +291,7 @@ def table(result: dict[str, Any]) -> str:
       ("model", f"remat={result['remat']} attention={result['attention']} dtype={result['dtype']}"),
       ("HBM per chip", _gb(result["hbm_per_chip_bytes"])),
   ]
-  if "total_bytes" in result:
+  if "flops_per_chip" in result:  # compiled; an out-of-memory compile has only XLA's byte counts
     rows += [
         ("arguments", _gb(result["argument_bytes"])),
         ("temporaries", _gb(result["temp_bytes"])),

@@ -93,3 +93,33 @@ def test_remat_search_walks_from_least_recomputation_and_stops_at_the_first_fit(
   assert "set --config.model.remat=save_qkv_ffn" in aot.advice({"remat": "none"}, found)
   fitting.clear()
   assert "grad_accum_steps" in aot.advice({"remat": "none"}, aot.cheapest_remat(config, "v5e:2x2", start="full"))
+
+
+def test_a_step_xla_refuses_for_memory_is_reported_in_the_table_with_what_it_needs():
+  # The shape of check()'s result when XLA's compile runs out of HBM and names the bytes it needed (3B rows on
+  # a v5p-128 at the paper's batch): a table, never a KeyError over FLOPs that were not computed.
+  result = {
+      "topology": "v5p-128",
+      "num_slices": 1,
+      "chips": 64,
+      "device_kind": "TPU v5",
+      "mesh": {"data": 1, "fsdp": 64, "tensor": 1},
+      "global_batch": 2048,
+      "seq_len": 2048,
+      "batch_per_chip": 32.0,
+      "grad_accum_steps": 1,
+      "remat": "save_qkv_ffn",
+      "attention": "splash",
+      "dtype": "bfloat16",
+      "hbm_per_chip_bytes": 102.0e9,
+      "fits": False,
+      "argument_bytes": 1.5e9,
+      "temp_bytes": 140.0e9,
+      "total_bytes": 141.5e9,
+      "usable_hbm_bytes": 101.0e9,
+      "largest_temporaries": [{"bytes": 20e9, "shape": "bf16[16,32,2048,8192]", "source": "gate"}],
+  }
+  text = aot.table(result)
+  assert "140.00 GB (XLA: does not fit; usable HBM 101.00 GB)" in text
+  assert "141.50 GB" in text and "bf16[16,32,2048,8192] gate" in text
+  assert text.splitlines()[-1].split() == ["fits", "NO", "(limit", "90%", "of", "HBM)"]

@@ -88,12 +88,12 @@ def bytes_per_token(cfg: Layout, kv_cache_dtype: str = "auto") -> int:
   return sum(int(np.prod(s.shape)) * jnp.dtype(s.dtype).itemsize for s in leaves) // per_row
 
 
-def _scatter(c: Array, new: Array, index: tuple[Array | int, ...], lanes: bool) -> Array:
-  """c with new written at index: one entry per dim of c, each broadcast against new's shape ([b, t, k], with a
-  trailing h when `lanes`: then the last index is where the h lanes start). Only the lanes are a window:
-  XLA:TPU lays a scatter's window dims out minor-most, so a KV-head window would transpose the whole cache.
+def _scatter(c: Array, new: Array, index: tuple[Array | int, ...]) -> Array:
+  """c with new written at index: one entry per dim of c, each broadcast against [b, t, k]; keys and values
+  (new [b, t, k, h]) are written as h lanes from the last index on. Only the lanes are a window: XLA:TPU lays
+  a scatter's window dims out minor-most, so a KV-head window would transpose the whole cache.
   Slots past the cache's end are dropped; decode.py refuses requests that would need them."""
-  points = new.shape[:3]
+  points, lanes = new.shape[:3], new.ndim == 4
   dnums = jax.lax.ScatterDimensionNumbers(
       update_window_dims=(3,) if lanes else (),
       inserted_window_dims=tuple(range(c.ndim - 1 if lanes else c.ndim)),
@@ -111,14 +111,14 @@ def write(cache: KVCache, key: Array, value: Array, positions: Array, group: Arr
   rows, heads, positions = jnp.arange(b)[:, None, None], jnp.arange(k)[None, None, :], positions[:, :, None]
   at = (group, rows, heads, positions // per_row, (positions % per_row) * h)  # [g, b, k, rows, lanes]
   if len(cache) == 2:
-    return tuple(_scatter(c, n, at, lanes=True) for c, n in zip(cache, (key, value)))
+    return tuple(_scatter(c, n, at) for c, n in zip(cache, (key, value)))
   (key_q, key_scale), (value_q, value_scale) = kv_quant.quantize(key), kv_quant.quantize(value)
   scale_at = (group, heads, rows, positions)  # [g, k, b, slots]
   return (
-      _scatter(cache[0], key_q, at, lanes=True),
-      _scatter(cache[1], value_q, at, lanes=True),
-      _scatter(cache[2], key_scale, scale_at, lanes=False),
-      _scatter(cache[3], value_scale, scale_at, lanes=False),
+      _scatter(cache[0], key_q, at),
+      _scatter(cache[1], value_q, at),
+      _scatter(cache[2], key_scale, scale_at),
+      _scatter(cache[3], value_scale, scale_at),
   )
 
 

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import flax.linen
 import jax
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from cla_jax import workdir as workdir_lib
 from cla_jax.data import tokenizer as tokenizer_lib
 from cla_jax.errors import UserError
 from cla_jax.model import ModelConfig
+from tests import model_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every named pattern, and an explicit list (at 4 layers: groups {0}, {1, 2}, {3}).
@@ -132,19 +132,10 @@ def test_teacher_forced_perplexity_through_the_cache():
 
 
 def _decode_loop_bytes(cfg, batch, length):
-  """Bytes of the compiled decode loop (arguments + outputs - aliases + temporaries) on one device."""
-  decoder = decode.Decoder(cfg, sharding.single_device_mesh())
-  abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
-  params = jax.tree.map(abstract, flax.linen.meta.unbox(model_lib.abstract_params(cfg)))
-  rows = jax.ShapeDtypeStruct((batch,), np.int32)
-  cache = jax.tree.map(abstract, kv_cache.shapes(cfg, batch, length))
-  with jax.set_mesh(decoder.mesh):
-    lowered = decoder.loop.lower(params, rows, rows, cache, jax.random.key(0), np.int32(-1), max_new_tokens=4)
-  m = lowered.compile().memory_analysis()
-  return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+  """Bytes of the compiled decode loop on one device."""
+  return model_helpers.decode_loop_bytes(decode.Decoder(cfg, sharding.single_device_mesh()), batch, length)
 
 
-@pytest.mark.slow
 def test_decode_step_memory_is_the_cache_and_params_not_a_copy_of_a_group():
   # The README's tiny H128 rows: what one more sequence costs is its cache and a few blocks of scores,
   # not a copy of its group's [max_length, k, h] (as large as an MQA layer's cache), and a two-layer CLA

@@ -45,13 +45,13 @@ def layer_inputs(params: Any, cfg: model_lib.ModelConfig, tokens: np.ndarray) ->
   """
   if any(size != 1 for size in cfg.group_sizes):
     raise ValueError(f"layer_inputs needs the unshared model (pattern 'none'), got pattern {cfg.pattern!r}.")
-  # Unscanned and without remat, each layer is its own module whose output is captured by name.
+  # Unscanned and unshared, each layer is its own group module whose output is captured by name.
   flat = dataclasses.replace(cfg, scan_layers=False, remat="none", dtype="float32")
   unstacked = model_lib.unstack_params(params, flat)
 
   def capture(p, t):
-    is_layer = lambda module, _: isinstance(module, model_lib.DecoderLayer)  # noqa: E731
-    _, state = model_lib.Transformer(flat).apply({"params": p}, t, capture_intermediates=is_layer, mutable=True)
+    is_group = lambda module, _: isinstance(module, model_lib.LayerGroup)  # noqa: E731
+    _, state = model_lib.Transformer(flat).apply({"params": p}, t, capture_intermediates=is_group, mutable=True)
     return state["intermediates"]
 
   captured = jax.jit(capture)(unstacked, jnp.asarray(tokens, jnp.int32))
@@ -59,7 +59,7 @@ def layer_inputs(params: Any, cfg: model_lib.ModelConfig, tokens: np.ndarray) ->
   inputs = [np.asarray(params["embed"], np.float32)[np.asarray(tokens)].reshape(-1, d)]
   for s, (_, num_groups) in enumerate(flat.segments):
     for g in range(num_groups):
-      (out,) = captured[model_lib.group_name(s, g)]["layer_0"]["__call__"]
+      (out,) = captured[model_lib.group_name(s, g)]["__call__"]
       inputs.append(np.asarray(out, np.float32).reshape(-1, d))
   return inputs[: cfg.num_layers]  # the last layer's output feeds no layer
 

@@ -26,10 +26,12 @@ from cla_jax.errors import UserError
 
 Array = jax.Array
 
-# Residuals the "save_qkv_ffn" policy keeps (named with checkpoint_name in the layers below, and the outputs of
-# a CLA group's inner layers); the rest of a layer's forward (norms, RoPE of the query, attention probabilities
-# and output, the SwiGLU product) is recomputed in the backward pass.
-SAVED_QKV_FFN = ("query", "key", "value", "attn_residual", "gate", "up", "group_inner")
+# Residuals the "save_qkv_ffn" policy keeps (named with checkpoint_name in the layers below; each layer's input
+# is its checkpoint's, always kept); the rest of a layer's forward (norms, RoPE of the query, attention and its
+# output projection, the SwiGLU product) is recomputed in the backward pass. Recomputing the output projection
+# costs 3% of a 1B step and frees one [b, t, d_model] activation a layer: what lets every 1B row fit a v5e-256
+# at the paper's batch (docs/training.md, "Will it fit?").
+SAVED_QKV_FFN = ("query", "key", "value", "gate", "up")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -280,7 +282,7 @@ class DecoderLayer(nn.Module):
       attended = causal_attention(query, key, value, segment_ids, cfg.resolved_attention_impl)  # [b, t, n, h]
     else:
       attended = kv_cache.attend(query, *cached)  # [b, t, n, h]
-    x = checkpoint_name(x + dense(attended, w_out.astype(dtype), contract=2), "attn_residual")  # [b, t, d]
+    x = x + dense(attended, w_out.astype(dtype), contract=2)  # [b, t, d]
 
     h = Norm(cfg, name="mlp_norm")(x)
     gate = checkpoint_name(dense(h, w_gate.astype(dtype)), "gate")  # [b, t, f]
@@ -294,6 +296,12 @@ class DecoderLayer(nn.Module):
 
 class LayerGroup(nn.Module):
   """A CLA group: one KV block computed from the group's input, then `group_size` consumer layers.
+
+  In training and evaluation (no `cache`) the KV block and each layer is its own checkpoint under the remat
+  policy, and in a group of two or more layers each layer's backward pass is held until the gradient of its
+  output exists (`_backward_after_cotangent`). A checkpoint around the whole group let XLA recompute both
+  layers' activations at the start of the group's backward and hold them together: CLA2 needed 2 GB a chip
+  more than MQA in a 4-layer 1B compile for a v5e-16 (docs/training.md, "Will it fit?").
 
   With `cache` (decoding: a segment's cache and the index `group` of this group's slice in it), the KV
   block writes the new positions into the group's one cache and every layer of the group attends to that
@@ -313,19 +321,86 @@ class LayerGroup(nn.Module):
       cache: kv_cache.KVCache | None = None,
       group: Array | int = 0,
   ) -> Array | tuple[Array, kv_cache.KVCache]:
-    key, value = KVBlock(self.cfg, name="kv")(x, rope)
-    cached = None
-    if cache is not None:
-      cache = kv_cache.write(cache, key, value, positions, group)
-      cached = (cache, group, positions)
+    cfg = self.cfg
+    # Decoding has no backward pass to save memory for: remat would only add work.
+    policy = REMAT_POLICIES[cfg.resolved_remat] if cache is None else None
+    # Inside a scan XLA cannot CSE the recomputation away; jax's guard against that is needed unrolled only.
+    prevent_cse = not cfg.scan_layers
+    kv_block = KVBlock if policy is None else nn.remat(KVBlock, policy=policy, prevent_cse=prevent_cse)
+    key, value = kv_block(cfg, name="kv")(x, rope)
+    if cache is not None or self.is_initializing():
+      cached = None
+      if cache is not None:
+        cache = kv_cache.write(cache, key, value, positions, group)
+        cached = (cache, group, positions)
+      for i in range(self.group_size):
+        x = DecoderLayer(cfg, name=f"layer_{i}")(x, key, value, rope, segment_ids, cached)
+      return x if cache is None else (x, cache)
+
+    def layer(x: Array, params: Any, key: Array, value: Array, rope: Rope) -> Array:
+      return DecoderLayer(cfg).apply({"params": params}, x, key, value, rope, segment_ids)
+
+    if policy is not None:
+      layer = jax.checkpoint(layer, policy=policy, prevent_cse=prevent_cse)
+    if self.group_size > 1:
+      layer = _backward_after_cotangent(layer)
     for i in range(self.group_size):
-      x = DecoderLayer(self.cfg, name=f"layer_{i}")(x, key, value, rope, segment_ids, cached)
-      if i < self.group_size - 1:
-        # A CLA group is checkpointed whole. Saving the inner layers' outputs lets its backward start each
-        # layer from its own input instead of recomputing the previous layer's down projection (a matmul,
-        # which a group of one never pays: its input is the scan's carry).
-        x = checkpoint_name(x, "group_inner")
-    return x if cache is None else (x, cache)
+      x = layer(x, nn.meta.unbox(self.variables["params"][f"layer_{i}"]), key, value, rope)
+    return x
+
+
+@jax.tree_util.register_pytree_node_class
+class _SplitResiduals:
+  """A pullback's residuals as the ones to hold behind a barrier and the rest; the layout is static."""
+
+  def __init__(self, held: list, rest: list, layout: tuple):
+    self.held, self.rest, self.layout = held, rest, layout
+
+  def tree_flatten(self):
+    return (self.held, self.rest), self.layout
+
+  @classmethod
+  def tree_unflatten(cls, layout, children):
+    return cls(*children, layout)
+
+  def pullback(self, held: list):
+    """The pullback rebuilt with `held` in place of the held residuals."""
+    treedef, mask = self.layout
+    held_it, rest_it = iter(held), iter(self.rest)
+    return jax.tree.unflatten(treedef, [next(held_it) if m else next(rest_it) for m in mask])
+
+
+def _backward_after_cotangent(f):
+  """f, whose backward pass (its recomputation included) cannot start before its output's gradient exists.
+
+  XLA schedules a loop body's operations in any order their data allows. In a CLA group's backward, the
+  recomputation of layer 0 needs only layer 0's saved residuals, so XLA may run it before layer 1's backward,
+  and hold both layers' recomputed activations at once. Here the residuals that are f's own inputs (the layer
+  input, its params, the group's K/V) pass through an optimization barrier together with the incoming
+  gradient, so layer i's recomputation waits for layer i+1's backward. The saved activations (gate, up, ...)
+  stay out of the barrier: XLA would copy each out of the scan's stacked residuals to pass it through.
+  Being a custom VJP, f supports reverse-mode differentiation only (all that training and eval use).
+  """
+
+  @jax.custom_vjp
+  def ordered(*args):
+    return f(*args)
+
+  def forward(*args):
+    out, pullback = jax.vjp(f, *args)
+    leaves, treedef = jax.tree.flatten(pullback)
+    inputs = {id(a) for a in jax.tree.leaves(args)}
+    mask = tuple(id(leaf) in inputs for leaf in leaves)
+    held = [leaf for leaf, m in zip(leaves, mask) if m]
+    rest = [leaf for leaf, m in zip(leaves, mask) if not m]
+    return out, _SplitResiduals(held, rest, (treedef, mask))
+
+  def backward(residuals: _SplitResiduals, cotangent: Array):
+    cotangent, held = jax.lax.optimization_barrier((cotangent, residuals.held))
+    return residuals.pullback(held)(cotangent)
+
+  ordered.defvjp(forward, backward)
+  return ordered
 
 
 class _ScannedGroup(LayerGroup):
@@ -439,13 +514,9 @@ class Transformer(nn.Module):
       # The params the training scan stacked, [num_groups, ...]; decode_segment loops over the groups.
       stacked = self.variables["params"][f"segment_{index}"]
       return decode_segment(cfg, group_size, stacked, x, positions, rope, cache)
-    policy = REMAT_POLICIES[cfg.resolved_remat]
-    # Decoding has no backward pass to save memory for: remat would only add work.
-    remat = policy is not None and cache is None
     if cfg.scan_layers:
-      group_cls = nn.remat(_ScannedGroup, policy=policy, prevent_cse=False) if remat else _ScannedGroup
       scanned = nn.scan(
-          group_cls,
+          _ScannedGroup,
           variable_axes={"params": 0},
           split_rngs={"params": True},
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
@@ -454,9 +525,8 @@ class Transformer(nn.Module):
       )
       x, _ = scanned(cfg, group_size, name=f"segment_{index}")(x, positions, rope, segment_ids)
       return x, None
-    group_cls = nn.remat(LayerGroup, policy=policy) if remat else LayerGroup
     for g in range(num_groups):
-      group = group_cls(cfg, group_size, name=group_name(index, g))
+      group = LayerGroup(cfg, group_size, name=group_name(index, g))
       if cache is None:
         x = group(x, positions, rope, segment_ids)
       else:

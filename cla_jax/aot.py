@@ -22,6 +22,7 @@ from cla_jax import metrics as metrics_lib
 from cla_jax import model as model_lib
 from cla_jax import train_step as train_step_lib
 
+MAX_BATCH_PER_CHIP = 4096  # where --max_batch stops looking
 FIT_FRACTION = 0.9  # fits: total HBM <= 90% of a chip (XLA and the runtime keep some for themselves)
 
 
@@ -241,34 +242,64 @@ def advice(result: dict[str, Any], search: dict[str, Any] | None) -> str | None:
 
 
 def max_batch(config: ml_collections.ConfigDict, topology_name: str, num_slices: int = 1) -> dict[str, Any]:
-  """The largest per-chip batch (micro-batch, i.e. batch / grad_accum_steps) that fits: bisection over compiles."""
+  """The largest per-chip batch (micro-batch, i.e. batch / grad_accum_steps) that fits, in a few compiles.
+
+  A step's memory grows about linearly in the batch (activations) over a fixed part (weights, optimizer
+  state), so each probe is where the line through the two measured points nearest the limit crosses it;
+  the answer is settled by compiles on both sides of the edge (fits at n, not at n + 1). A prediction
+  outside the bracket found so far, or a compile that names no bytes, falls back to doubling or bisection.
+  """
   target = topology.parse(topology_name, num_slices)
   ways = target.chips  # a batch must split over data*fsdp; the per-chip count is searched in whole sequences
   accum = config.train.grad_accum_steps
+  limit = FIT_FRACTION * target.hbm_per_chip_bytes
+  totals: dict[int, float] = {}
+  compiles = []
 
   def fits(per_chip: int) -> tuple[bool, dict[str, Any]]:
+    compiles.append(per_chip)
     trial = ml_collections.ConfigDict(config.to_dict())
     trial.train.batch_size = per_chip * ways * accum
     report = check(trial, topology_name, num_slices, eval_step=False)
+    if report.get("total_bytes"):
+      totals[per_chip] = float(report["total_bytes"])
     return bool(report["fits"]), report
 
-  low, best = 0, None
-  high = 1
-  while True:  # double until it does not fit
-    ok, report = fits(high)
-    if not ok:
-      break
-    low, best, high = high, report, high * 2
-    if high > 4096:
-      break
-  while high - low > 1:
-    mid = (low + high) // 2
-    ok, report = fits(mid)
+  low, high, best = 0, None, None  # low fits (0 trivially), high does not (None: not found yet)
+  probe = 1
+  for _ in range(40):
+    ok, report = fits(probe)
     if ok:
-      low, best = mid, report
+      low, best = probe, report
     else:
-      high = mid
-  return {"max_batch_per_chip": low, "report": best}
+      high = probe
+    if (high is not None and high - low <= 1) or low >= MAX_BATCH_PER_CHIP:
+      break
+    probe = _next_probe(totals, low, high, limit)
+  return {"max_batch_per_chip": low, "report": best, "compiles": compiles}
+
+
+def _next_probe(totals: dict[int, float], low: int, high: int | None, limit: float) -> int:
+  """The next batch to compile: where the line through two measured totals crosses `limit`.
+
+  The line runs through the bracket's ends once both are measured (else the two totals nearest the
+  limit). While the bracket is wider than 4, the probe stays in its middle half, so a curved memory line
+  cannot walk the bracket down one sequence at a time.
+  """
+  ends = [low, high] if low in totals and high in totals else sorted(totals, key=lambda b: abs(totals[b] - limit))[:2]
+  guess = None
+  if len(ends) == 2 and totals[ends[0]] != totals[ends[1]]:
+    (b1, t1), (b2, t2) = ((b, totals[b]) for b in ends)
+    slope = (t2 - t1) / (b2 - b1)
+    if slope > 0:
+      guess = int(b1 + (limit - t1) / slope)
+  if high is None:
+    return 2 * max(low, 1) if guess is None else min(max(guess, low + 1), MAX_BATCH_PER_CHIP)
+  width = high - low
+  if guess is None:
+    return low + width // 2
+  margin = width // 4 if width > 4 else 1
+  return min(max(guess, low + margin), high - margin)
 
 
 # ----------------------------------------------------------------------------- output

@@ -224,8 +224,16 @@ def _counter_step(body: list[Instruction], counter: int | None) -> int:
     return 1
   names = _operand_names(update.rest)
   steps = [constants[n] for n in names if n in constants]
-  reads_counter = any(_tuple_index(by_name.get(n)) == counter for n in names)
+  reads_counter = any(_tuple_index(_through_copies(by_name.get(n), by_name)) == counter for n in names)
   return steps[0] if reads_counter and len(steps) == 1 and steps[0] > 0 else 1
+
+
+def _through_copies(inst: Instruction | None, by_name: dict[str, Instruction]) -> Instruction | None:
+  """The instruction a chain of copies starts from (XLA:TPU copies a windowed loop's counter before adding)."""
+  while inst is not None and inst.op == "copy":
+    operands = _operand_names(inst.rest)
+    inst = by_name.get(operands[0]) if operands else None
+  return inst
 
 
 def _callees(inst: Instruction, computations: dict[str, list[Instruction]]) -> list[tuple[str, int]]:

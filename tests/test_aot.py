@@ -112,6 +112,37 @@ def test_remat_search_walks_from_least_recomputation_and_stops_at_the_first_fit(
   assert "grad_accum_steps" in aot.advice({"remat": "none"}, aot.cheapest_remat(config, "v5e:2x2", start="full"))
 
 
+@pytest.mark.parametrize(
+    "bytes_at, expected",
+    [
+        # Fixed 2 GB, 0.27 GB a sequence, with some scheduling wobble: 49 fit (49 is a multiple of 7), 50 do not.
+        (lambda b: 2e9 + 0.27e9 * b + (2e8 if b % 7 == 0 else 0), None),
+        # Memory that grows faster than the line through small batches predicts (and a knee).
+        (lambda b: 1e9 + 1e8 * b * b, None),
+        # A compiler that names no bytes for a failed compile: the line runs through the batches that fit.
+        (lambda b: 3e9 * b, 5),
+    ],
+)
+def test_max_batch_finds_the_edge_exactly_in_fewer_compiles_than_bisection(monkeypatch, bytes_at, expected):
+  limit = aot.FIT_FRACTION * 16 * 2**30  # a v5e chip, 90%
+  compiled = []
+
+  def fake_check(config, topology_name, num_slices=1, eval_step=True):
+    per_chip = config.train.batch_size // 4  # v5e:2x2, no accumulation
+    compiled.append(per_chip)
+    total = bytes_at(per_chip)
+    fits = total <= limit
+    return {"fits": fits, "total_bytes": total if fits or expected is None else None}
+
+  monkeypatch.setattr(aot, "check", fake_check)
+  found = aot.max_batch(config_lib.load("configs/default.py"), "v5e:2x2")
+  truth = max(b for b in range(1, 5000) if bytes_at(b) <= limit)
+  assert found["max_batch_per_chip"] == truth and found["compiles"] == compiled
+  assert expected is None or truth == expected
+  # Doubling then bisection needs about 2 log2(truth) compiles (12 for 48); the line needs a handful.
+  assert len(compiled) <= (8 if expected is None else 2 * truth.bit_length() + 1), compiled
+
+
 def test_a_step_xla_refuses_for_memory_is_reported_in_the_table_with_what_it_needs():
   # The shape of check()'s result when XLA's compile runs out of HBM and names the bytes it needed (3B rows on
   # a v5p-128 at the paper's batch): a table, never a KeyError over FLOPs that were not computed.

@@ -61,9 +61,11 @@ def main(argv: list[str]) -> None:
   if f.max_batch:
     found = aot.max_batch(f.config, f.topology, f.num_slices)
     result["max_batch_per_chip"] = found["max_batch_per_chip"]
+    result["max_batch_compiles"] = found["compiles"]
   print(aot.table(result))
   if "max_batch_per_chip" in result:
-    print(f"largest batch that fits: {result['max_batch_per_chip']} sequences per chip")
+    tried = ", ".join(map(str, result["max_batch_compiles"]))
+    print(f"largest batch that fits: {result['max_batch_per_chip']} sequences per chip (compiled at {tried})")
   if result.get("advice"):
     print(result["advice"])
   sys.stdout.flush()

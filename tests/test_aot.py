@@ -112,6 +112,29 @@ def test_remat_search_walks_from_least_recomputation_and_stops_at_the_first_fit(
   assert "grad_accum_steps" in aot.advice({"remat": "none"}, aot.cheapest_remat(config, "v5e:2x2", start="full"))
 
 
+def test_a_pattern_of_several_segments_is_tried_unrolled_before_a_costlier_policy(monkeypatch):
+  # DenseFront's case: save_qkv_ffn scanned does not fit, the same policy unrolled does (and full would).
+  compiled = []
+
+  def fake_check(config, topology_name, num_slices=1, eval_step=True):
+    compiled.append((config.model.remat, config.model.scan_layers))
+    fits = config.model.remat == "full" or (config.model.remat == "save_qkv_ffn" and not config.model.scan_layers)
+    return {"fits": fits, "total_bytes": 1, "recompute_ratio": 1.13}
+
+  monkeypatch.setattr(aot, "check", fake_check)
+  config = config_lib.load("configs/default.py")
+  config.model.pattern = "keep_ends"  # groups 1, 2, 1: three segments
+  found = aot.cheapest_remat(config, "v5e:2x2", start="save_qkv_ffn", skip_first=True)
+  assert compiled == [("save_qkv_ffn", False)] and (found["remat"], found["scan_layers"]) == ("save_qkv_ffn", False)
+  line = aot.advice({"remat": "save_qkv_ffn", "scan_layers": True}, found)
+  assert line.startswith("set --config.model.scan_layers=False (") and "remat=" not in line
+  # One segment: unrolling changes nothing XLA schedules, so it is never tried.
+  compiled.clear()
+  config.model.pattern = "cla2"
+  assert aot.cheapest_remat(config, "v5e:2x2", start="save_qkv_ffn", skip_first=True)["remat"] == "full"
+  assert compiled == [("full", True)]
+
+
 @pytest.mark.parametrize(
     "bytes_at, expected",
     [

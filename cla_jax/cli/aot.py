@@ -50,11 +50,10 @@ def main(argv: list[str]) -> None:
   search = None
   if f.remat_search:
     search = aot.cheapest_remat(f.config, f.topology, f.num_slices)
-  elif not result["fits"] and result["remat"] != aot.REMAT_ORDER[-1]:
-    # Only policies that recompute more than this one can fit where it does not.
-    search = aot.cheapest_remat(
-        f.config, f.topology, f.num_slices, aot.REMAT_ORDER[aot.REMAT_ORDER.index(result["remat"]) + 1]
-    )
+  elif not result["fits"]:
+    # Only this policy unrolled, or policies that recompute more, can fit where it does not.
+    search = aot.cheapest_remat(f.config, f.topology, f.num_slices, result["remat"], skip_first=True)
+    search = search if search["tried"] else None
   if search is not None:
     result["remat_search"] = search["tried"]
     result["advice"] = aot.advice(result, search)

@@ -269,6 +269,7 @@ def max_batch(config: ml_collections.ConfigDict, topology_name: str, num_slices:
   state), so each probe is where the line through the two measured points nearest the limit crosses it;
   the answer is settled by compiles on both sides of the edge (fits at n, not at n + 1). A prediction
   outside the bracket found so far, or a compile that names no bytes, falls back to doubling or bisection.
+  The first probe is the configured batch.
   """
   target = topology.parse(topology_name, num_slices)
   ways = target.chips  # a batch must split over data*fsdp; the per-chip count is searched in whole sequences
@@ -287,7 +288,7 @@ def max_batch(config: ml_collections.ConfigDict, topology_name: str, num_slices:
     return bool(report["fits"]), report
 
   low, high, best = 0, None, None  # low fits (0 trivially), high does not (None: not found yet)
-  probe = 1
+  probe = max(1, config.train.batch_size // (ways * accum))  # the configured batch: the first question asked
   for _ in range(40):
     ok, report = fits(probe)
     if ok:

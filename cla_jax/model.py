@@ -298,10 +298,11 @@ class LayerGroup(nn.Module):
   """A CLA group: one KV block computed from the group's input, then `group_size` consumer layers.
 
   In training and evaluation (no `cache`) the KV block and each layer is its own checkpoint under the remat
-  policy, and in a group of two or more layers each layer's backward pass is held until the gradient of its
-  output exists (`_backward_after_cotangent`). A checkpoint around the whole group let XLA recompute both
-  layers' activations at the start of the group's backward and hold them together: CLA2 needed 2 GB a chip
-  more than MQA in a 4-layer 1B compile for a v5e-16 (docs/training.md, "Will it fit?").
+  policy, and each layer's backward pass runs in order (`_backward_after_cotangent`): it starts once the
+  gradient of its output exists and ends with its weight gradients. A checkpoint around the whole group let
+  XLA recompute both layers' activations at the start of the group's backward and hold them together (CLA2
+  needed 2 GB a chip more than MQA in a 4-layer 1B compile for a v5e-16), and weight gradients left to XLA's
+  schedule were computed late, each holding its layer's activations (docs/training.md, "Will it fit?").
 
   With `cache` (decoding: a segment's cache and the index `group` of this group's slice in it), the KV
   block writes the new positions into the group's one cache and every layer of the group attends to that
@@ -342,8 +343,7 @@ class LayerGroup(nn.Module):
 
     if policy is not None:
       layer = jax.checkpoint(layer, policy=policy, prevent_cse=prevent_cse)
-    if self.group_size > 1:
-      layer = _backward_after_cotangent(layer)
+    layer = _backward_after_cotangent(layer)
     for i in range(self.group_size):
       x = layer(x, nn.meta.unbox(self.variables["params"][f"layer_{i}"]), key, value, rope)
     return x
@@ -371,14 +371,19 @@ class _SplitResiduals:
 
 
 def _backward_after_cotangent(f):
-  """f, whose backward pass (its recomputation included) cannot start before its output's gradient exists.
+  """f, whose backward pass starts only once its output's gradient exists and ends with all its gradients.
 
-  XLA schedules a loop body's operations in any order their data allows. In a CLA group's backward, the
-  recomputation of layer 0 needs only layer 0's saved residuals, so XLA may run it before layer 1's backward,
-  and hold both layers' recomputed activations at once. Here the residuals that are f's own inputs (the layer
-  input, its params, the group's K/V) pass through an optimization barrier together with the incoming
-  gradient, so layer i's recomputation waits for layer i+1's backward. The saved activations (gate, up, ...)
-  stay out of the barrier: XLA would copy each out of the scan's stacked residuals to pass it through.
+  XLA schedules a loop body's operations in any order their data allows, and two orders cost memory:
+  - Recomputing early. In a CLA group's backward, the recomputation of layer 0 needs only layer 0's saved
+    residuals, so XLA may run it before layer 1's backward and hold both layers' activations at once. Here
+    the residuals that are f's own inputs (the layer input, its params, the group's K/V) pass through an
+    optimization barrier together with the incoming gradient, so layer i's recomputation waits for layer
+    i+1's backward. The saved activations (gate, up, ...) stay out of the barrier: XLA would copy each out
+    of the scan's stacked residuals to pass it through.
+  - Weight gradients late. Nothing downstream waits for them, so XLA may compute them after the next
+    layer's (or the KV block's) backward, holding this layer's activations meanwhile: with CLA2 at 48
+    sequences a chip on a v5p-64, 6 GB a chip in a 4-layer compile. The gradients leave f's backward
+    through one barrier, so the input's gradient exists only once the weights' do.
   Being a custom VJP, f supports reverse-mode differentiation only (all that training and eval use).
   """
 
@@ -397,7 +402,8 @@ def _backward_after_cotangent(f):
 
   def backward(residuals: _SplitResiduals, cotangent: Array):
     cotangent, held = jax.lax.optimization_barrier((cotangent, residuals.held))
-    return residuals.pullback(held)(cotangent)
+    *grads, rope = residuals.pullback(held)(cotangent)  # rope's gradient is dead code, left for XLA to drop
+    return (*jax.lax.optimization_barrier(tuple(grads)), rope)
 
   ordered.defvjp(forward, backward)
   return ordered

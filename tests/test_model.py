@@ -201,11 +201,18 @@ def test_remat_puts_each_layer_and_kv_block_in_a_checkpoint_with_its_policy(rema
   expected = 0 if remat == "none" else (7 if scan_layers else 12)
   assert len(checkpoints) == expected
   assert all(e.params["policy"] is policy for e in checkpoints)
-  # Each layer of a 2-layer group holds its backward behind a barrier with its output's gradient.
+  # Each traced layer's backward starts behind a barrier with its output's gradient and ends behind one that
+  # releases its input's gradient only with its weights' (4 layers traced scanned, 7 unrolled).
   barriers = [e for e in _equations(jaxpr.jaxpr, []) if e.primitive.name == "optimization_barrier"]
-  assert len(barriers) == (2 if scan_layers else 4)
-  # ... and the barrier holds the layer's own inputs (its recomputation's start), not the gradient alone.
-  assert all(len(e.invars) > 1 for e in barriers)
+  assert len(barriers) == 2 * (4 if scan_layers else 7)
+  weights = 7  # query, out, gate, up, down and the two norm scales
+  # The end releases the gradients of x, of every weight, of K and of V together; the start holds the
+  # gradient and the layer's inputs that its backward reads (under remat: x, weights, K, V and the 2 RoPE
+  # tables, its recomputation's start), not the gradient alone.
+  ends = [e for e in barriers if len(e.invars) == 1 + weights + 2]
+  starts = [e for e in barriers if e not in ends]
+  assert len(starts) == len(ends) == len(barriers) // 2, [len(e.invars) for e in barriers]
+  assert all(len(e.invars) == (1 + 1 + weights + 2 + 2 if policy else 7) for e in starts)
 
 
 def test_auto_remat_is_save_qkv_ffn_for_a_scanned_stack_on_cpu_only():

@@ -212,6 +212,21 @@ def check(
 REMAT_ORDER = ("none", "save_dots", "save_qkv_ffn", "full")
 
 
+def unrolled(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+  """`config` with `scan_layers=False` when it scans a pattern of several segments, else None.
+
+  XLA schedules such a stack better unrolled (same FLOPs): DenseFront on a v5e-256 needs 17.16 GB a chip
+  scanned and 12.09 unrolled, and holds 32 sequences a chip on a v5p-64 scanned and 56 unrolled. With one
+  segment unrolling changes nothing XLA schedules.
+  """
+  cfg = model_lib.ModelConfig.from_config(config.model)
+  if not cfg.scan_layers or len(cfg.segments) == 1:
+    return None
+  trial = ml_collections.ConfigDict(config.to_dict())
+  trial.model.scan_layers = False
+  return trial
+
+
 def cheapest_remat(
     config: ml_collections.ConfigDict,
     topology_name: str,
@@ -230,7 +245,7 @@ def cheapest_remat(
   candidates = []
   for remat in REMAT_ORDER[REMAT_ORDER.index(start) :]:
     candidates.append((remat, cfg.scan_layers))
-    if cfg.scan_layers and len(cfg.segments) > 1:
+    if unrolled(config) is not None:
       candidates.append((remat, False))
   tried = []
   for remat, scan_layers in candidates[1 if skip_first else 0 :]:

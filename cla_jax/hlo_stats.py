@@ -282,20 +282,36 @@ class Module:
   def flops(self) -> float:
     return self._flops(self.entry)
 
-  def _walk(self, name: str, times: int, seen: tuple[str, ...] = ()):
-    """(instruction, how often it runs per step) over everything reachable from `name`."""
+  def _walk_owned(self, name: str, times: int, owner: tuple[str, ...] = ()):
+    """(instruction, how often it runs per step, the call path of loop bodies and calls it runs in): fusions
+    are not owners, so every instruction fused into one computation's fusions shares that computation's path."""
+    owner = (*owner, name)
     for inst in self.computations.get(name, []):
-      yield inst, times
+      yield inst, times, owner
       for callee, k in _callees(inst, self.computations):
-        if callee not in seen:
-          yield from self._walk(callee, times * k, (*seen, callee))
+        if callee not in owner:
+          if inst.op == "fusion":
+            for fused, fused_times, _ in self._walk_owned(callee, times * k, owner):
+              yield fused, fused_times, owner
+          else:
+            yield from self._walk_owned(callee, times * k, owner)
 
   def collectives(self) -> dict[str, dict[str, int]]:
-    """{kind: {count, bytes}} per step (loop bodies times their trip counts); bytes of each result."""
+    """{kind: {count, bytes}} per step (loop bodies times their trip counts); bytes of each result.
+
+    XLA:TPU's async collective fusions hold the same collective twice, in the start fusion and in the done
+    fusion (one channel_id): a collective is counted once per channel in the computation it runs in.
+    """
     out: dict[str, dict[str, int]] = {}
-    for inst, times in self._walk(self.entry, 1):
+    counted: set[tuple[tuple[str, ...], str]] = set()
+    for inst, times, owner in self._walk_owned(self.entry, 1):
       kind = inst.op.removesuffix("-start")
       if kind in COLLECTIVES and not inst.op.endswith("-done"):
+        channel = re.search(r"channel_id=(\d+)", inst.rest)
+        if channel:
+          if (owner, channel.group(1)) in counted:
+            continue
+          counted.add((owner, channel.group(1)))
         arrays = inst.arrays
         if inst.op.endswith("-start") and kind == "all-gather":
           arrays = arrays[len(arrays) // 2 :]  # (operands, results) tuple: count the gathered results

@@ -134,9 +134,12 @@ def test_a_pattern_of_several_segments_is_tried_unrolled_before_a_costlier_polic
   assert compiled == [("save_qkv_ffn", False)] and (found["remat"], found["scan_layers"]) == ("save_qkv_ffn", False)
   line = aot.advice({"remat": "save_qkv_ffn", "scan_layers": True}, found)
   assert line.startswith("set --config.model.scan_layers=False (") and "remat=" not in line
+  # The same rule picks the second --max_batch search: the config unrolled, the original left as it was.
+  assert aot.unrolled(config).model.scan_layers is False and config.model.scan_layers is True
   # One segment: unrolling changes nothing XLA schedules, so it is never tried.
   compiled.clear()
   config.model.pattern = "cla2"
+  assert aot.unrolled(config) is None
   assert aot.cheapest_remat(config, "v5e:2x2", start="save_qkv_ffn", skip_first=True)["remat"] == "full"
   assert compiled == [("full", True)]
 

@@ -61,3 +61,58 @@ def test_a_compiled_scan_counts_every_trip():
   in_loop = 6 * 2 * (2 * 32 * 64 * 48)  # c @ w and (.) @ w.T, each 2 * 32 * 64 * 48
   after = 2 * 32 * 64 * 48 + 2 * 32 * 48 * 16
   assert hlo_stats.step_flops(hlo) == in_loop + after
+
+
+# An all-gather as XLA:TPU writes an async collective fusion, inside a loop of 5 trips: the start fusion, a
+# continuation and the done fusion each hold the same all-gather (channel 7); one more (channel 8) is plain.
+_ASYNC_GATHER_LOOP = """
+%start_gather (a.1: bf16[8,64]) -> bf16[128,64] {
+  %a.1 = bf16[8,64]{1,0} parameter(0)
+  ROOT %all-gather.1 = bf16[128,64]{1,0} all-gather(%a.1), channel_id=7, replica_groups=[1,16]<=[16], dimensions={0}
+}
+
+%continue_gather (a.2: bf16[8,64]) -> bf16[128,64] {
+  %a.2 = bf16[8,64]{1,0} parameter(0)
+  ROOT %all-gather.2 = bf16[128,64]{1,0} all-gather(%a.2), channel_id=7, replica_groups=[1,16]<=[16], dimensions={0}
+}
+
+%done_gather (a.3: bf16[8,64], g.3: bf16[128,64]) -> bf16[128,64] {
+  %a.3 = bf16[8,64]{1,0} parameter(0)
+  %g.3 = bf16[128,64]{1,0} parameter(1)
+  ROOT %all-gather.3 = bf16[128,64]{1,0} all-gather(%a.3), channel_id=7, replica_groups=[1,16]<=[16], dimensions={0}
+}
+
+%body (p: (u32[], bf16[8,64])) -> (u32[], bf16[8,64]) {
+  %p = (u32[], bf16[8,64]) parameter(0)
+  %i = u32[] get-tuple-element(%p), index=0
+  %a = bf16[8,64]{1,0} get-tuple-element(%p), index=1
+  %async-collective-start = bf16[128,64]{1,0} fusion(%a), kind=kCustom, calls=%start_gather
+  %async_collective_fusion = bf16[128,64]{1,0} fusion(%a), kind=kCustom, calls=%continue_gather
+  %async-collective-done = bf16[128,64]{1,0} fusion(%a, %async-collective-start), kind=kCustom, calls=%done_gather
+  %all-gather.4 = bf16[128,64]{1,0} all-gather(%a), channel_id=8, replica_groups=[1,16]<=[16], dimensions={0}
+  %one = u32[] constant(1)
+  %next = u32[] add(%i, %one)
+  ROOT %out = (u32[], bf16[8,64]) tuple(%next, %a)
+}
+
+%cond (q: (u32[], bf16[8,64])) -> pred[] {
+  %q = (u32[], bf16[8,64]) parameter(0)
+  %j = u32[] get-tuple-element(%q), index=0
+  %bound = u32[] constant(5)
+  ROOT %lt = pred[] compare(%j, %bound), direction=LT
+}
+
+ENTRY %main (x: bf16[8,64]) -> bf16[8,64] {
+  %x = bf16[8,64]{1,0} parameter(0)
+  %zero = u32[] constant(0)
+  %t = (u32[], bf16[8,64]) tuple(%zero, %x)
+  %w = (u32[], bf16[8,64]) while(%t), condition=%cond, body=%body
+  ROOT %r = bf16[8,64]{1,0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_an_async_collective_fusion_counts_its_collective_once_per_trip():
+  # Each loop trip runs two all-gathers of a [128, 64] bf16 result (16 KiB): channel 7 (held by the start,
+  # continuation and done fusions) and channel 8. Counting each fused copy read 4 a trip.
+  assert hlo_stats.collectives(_ASYNC_GATHER_LOOP) == {"all-gather": {"count": 2 * 5, "bytes": 2 * 5 * 128 * 64 * 2}}

@@ -57,18 +57,30 @@ def main(argv: list[str]) -> None:
   if search is not None:
     result["remat_search"] = search["tried"]
     result["advice"] = aot.advice(result, search)
+  lines = []
   if f.max_batch:
     found = aot.max_batch(f.config, f.topology, f.num_slices)
     result["max_batch_per_chip"] = found["max_batch_per_chip"]
     result["max_batch_compiles"] = found["compiles"]
+    lines.append(_largest_line("largest batch that fits", found))
+    unrolled = aot.unrolled(f.config)
+    if unrolled is not None:  # several segments: unrolled may hold more, for the same FLOPs
+      found = aot.max_batch(unrolled, f.topology, f.num_slices)
+      result["max_batch_per_chip_unrolled"] = found["max_batch_per_chip"]
+      result["max_batch_compiles_unrolled"] = found["compiles"]
+      lines.append(_largest_line("with --config.model.scan_layers=False", found))
   print(aot.table(result))
-  if "max_batch_per_chip" in result:
-    tried = ", ".join(map(str, result["max_batch_compiles"]))
-    print(f"largest batch that fits: {result['max_batch_per_chip']} sequences per chip (compiled at {tried})")
+  for line in lines:
+    print(line)
   if result.get("advice"):
     print(result["advice"])
   sys.stdout.flush()
   print(json.dumps(jax.tree.map(_json_safe, result), sort_keys=True))
+
+
+def _largest_line(label: str, found: dict) -> str:
+  tried = ", ".join(map(str, found["compiles"]))
+  return f"{label}: {found['max_batch_per_chip']} sequences per chip (compiled at {tried})"
 
 
 def entry() -> None:

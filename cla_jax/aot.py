@@ -242,10 +242,11 @@ def cheapest_remat(
   `skip_first` skips the first setting (the config as given, already compiled).
   """
   cfg = model_lib.ModelConfig.from_config(config.model)
+  also_unrolled = unrolled(config) is not None
   candidates = []
   for remat in REMAT_ORDER[REMAT_ORDER.index(start) :]:
     candidates.append((remat, cfg.scan_layers))
-    if unrolled(config) is not None:
+    if also_unrolled:
       candidates.append((remat, False))
   tried = []
   for remat, scan_layers in candidates[1 if skip_first else 0 :]:

@@ -282,29 +282,24 @@ class Module:
   def flops(self) -> float:
     return self._flops(self.entry)
 
-  def _walk_owned(self, name: str, times: int, owner: tuple[str, ...] = ()):
-    """(instruction, how often it runs per step, the call path of loop bodies and calls it runs in): fusions
-    are not owners, so every instruction fused into one computation's fusions shares that computation's path."""
-    owner = (*owner, name)
+  def _walk(self, name: str, times: int, owner: tuple[str, ...]):
+    """(instruction, how often it runs per step, `owner`: the path of loop bodies and calls it runs in; a
+    fused computation runs in its caller's)."""
     for inst in self.computations.get(name, []):
       yield inst, times, owner
       for callee, k in _callees(inst, self.computations):
         if callee not in owner:
-          if inst.op == "fusion":
-            for fused, fused_times, _ in self._walk_owned(callee, times * k, owner):
-              yield fused, fused_times, owner
-          else:
-            yield from self._walk_owned(callee, times * k, owner)
+          yield from self._walk(callee, times * k, owner if inst.op == "fusion" else (*owner, callee))
 
   def collectives(self) -> dict[str, dict[str, int]]:
     """{kind: {count, bytes}} per step (loop bodies times their trip counts); bytes of each result.
 
-    XLA:TPU's async collective fusions hold the same collective twice, in the start fusion and in the done
-    fusion (one channel_id): a collective is counted once per channel in the computation it runs in.
+    XLA:TPU's async collective fusions hold the same collective in the start, continuation and done fusions
+    (one channel_id): a collective is counted once per channel in the computation it runs in.
     """
     out: dict[str, dict[str, int]] = {}
     counted: set[tuple[tuple[str, ...], str]] = set()
-    for inst, times, owner in self._walk_owned(self.entry, 1):
+    for inst, times, owner in self._walk(self.entry, 1, (self.entry,)):
       kind = inst.op.removesuffix("-start")
       if kind in COLLECTIVES and not inst.op.endswith("-done"):
         channel = re.search(r"channel_id=(\d+)", inst.rest)

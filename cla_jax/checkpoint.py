@@ -52,14 +52,28 @@ def _free_bytes(directory: epath.Path) -> int | None:
   return shutil.disk_usage(os.fspath(directory)).free
 
 
-def _disk_full(manager: ocp.CheckpointManager, step: int, needed: int) -> DiskFullError:
-  free = _free_bytes(epath.Path(manager.directory))
-  latest = [s for s in manager.all_steps() if s < step]
+def _disk_full(manager: ocp.CheckpointManager, step: int | None, needed: int | None) -> DiskFullError:
+  """The one-line error; `step=None`: an earlier (async) save ran out of space while it was being written."""
+  free = f"{(_free_bytes(epath.Path(manager.directory)) or 0) / 2**20:.1f} MiB free"
+  intact = sorted(s for s in manager.all_steps() if step is None or s < step)[-3:] or "none"
+  if step is None:
+    what = f"a checkpoint save to {manager.directory} ran out of space ({free} now)"
+  else:
+    what = f"{manager.directory} has {free} but checkpoint step {step} needs about {needed / 2**20:.1f} MiB"
   return DiskFullError(
-      f"disk full: {manager.directory} has {(free or 0) / 2**20:.1f} MiB free but checkpoint step {step} needs "
-      f"about {needed / 2**20:.1f} MiB; checkpoints {sorted(latest)[-3:] or 'none'} are intact. Free space (or "
-      f"lower checkpoint.keep) and rerun the same command to resume."
+      f"disk full: {what}; checkpoints {intact} are intact. Free space (or lower checkpoint.keep) and rerun the "
+      f"same command to resume."
   )
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Waits for the save in flight; DiskFullError (one line, naming the intact steps) if it ran out of space."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    if is_disk_full(e):
+      raise _disk_full(manager, None, None) from None
+    raise
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -112,7 +126,12 @@ class _OrbaxErrorFilter(logging.Filter):
     if orbax in record.pathname or orbax in str(record.msg):
       return False
     error = record.exc_info[1] if record.exc_info else None
-    return error is None or not any(orbax in f.filename for f in traceback.extract_tb(error.__traceback__))
+    if error is None:
+      return True
+    # A bare 'Future exception was never retrieved' holds only tensorstore's error, which names the file it
+    # was writing inside orbax's temporary directory.
+    in_orbax_tmp = record.name == "asyncio" and ".orbax-checkpoint-tmp" in str(error)
+    return not in_orbax_tmp and not any(orbax in f.filename for f in traceback.extract_tb(error.__traceback__))
 
 
 def _is_closed_loop_callback(error: BaseException | None) -> bool:
@@ -232,11 +251,11 @@ def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any 
   a save that runs out of space half way leaves only a temporary directory, but buries the cause.
   """
   needed = int(_tree_bytes(params, opt_state) * 1.05) + 2**16
+  # orbax's save waits for the one in flight first; waiting here names that save if it is the one that failed.
+  wait(manager)
   free = _free_bytes(epath.Path(manager.directory))
-  if free is not None and free < 2 * needed:
-    manager.wait_until_finished()  # an in-flight save may still be claiming space
-    if _free_bytes(epath.Path(manager.directory)) < needed:
-      raise _disk_full(manager, step, needed)
+  if free is not None and free < needed:
+    raise _disk_full(manager, step, needed)
   prints = {"params": fingerprints(params)}
   if opt_state is not None:
     prints["opt_state"] = fingerprints(opt_state)

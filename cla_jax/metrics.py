@@ -12,6 +12,7 @@ the full T x T square, i.e. twice our attention term.)
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
@@ -286,11 +287,23 @@ class MetricWriter:
       self._tb.flush()
 
   def close(self) -> None:
-    """Flushes and closes the files."""
-    if self._tb is not None:
-      self._tb.close()
-      self._jsonl.close()
-      self._tb = self._jsonl = None
+    """Flushes and closes the files; on a full disk TensorBoard's unwritten events are dropped, not raised."""
+    if self._tb is None:
+      return
+    tb, jsonl, self._tb, self._jsonl = self._tb, self._jsonl, None, None
+    jsonl.close()  # flushed after every record: nothing left to write
+    try:
+      tb.close()
+    except OSError as e:
+      if e.errno != errno.ENOSPC:
+        raise
+      # The run is already failing with a one-line disk-full error and metrics.jsonl holds every step. Left
+      # open, tensorboardX's exit hook would retry the flush and print a traceback after that line.
+      for writer in (tb.all_writers or {}).values():
+        events = writer.event_writer
+        if not events._closed:  # pylint: disable=protected-access
+          events._worker.stop()  # pylint: disable=protected-access
+          events._closed = True  # pylint: disable=protected-access
 
 
 def _ends_with_newline(path: str) -> bool:

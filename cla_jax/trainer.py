@@ -374,7 +374,7 @@ class Trainer:
             self.save(done, params, opt_state)
             saved_steps.add(done)
         if preempted:
-          self.manager.wait_until_finished()
+          checkpoint.wait(self.manager)
           self.writer.message(
               f"preempted (SIGTERM): saved checkpoint step {done}; rerun the same command " f"to resume."
           )
@@ -401,7 +401,7 @@ class Trainer:
 
   def _stop_diverged(self, problem: str, step: int, start: int) -> None:
     """Moves the checkpoints saved since the last verified one aside and raises DivergenceError."""
-    self.manager.wait_until_finished()
+    checkpoint.wait(self.manager)
     good = self.policy.verified
     suspect = [s for s in self.manager.all_steps() if s > max(start, -1 if good is None else good)]
     moved = checkpoint.set_aside(self.manager, suspect, workdir_lib.DIVERGED_DIR, "unverified") if suspect else ""
@@ -418,16 +418,7 @@ class Trainer:
     )
 
   def _close(self) -> None:
-    try:
-      self.manager.wait_until_finished()
-    except Exception as e:  # pylint: disable=broad-except
-      if checkpoint.is_disk_full(e):
-        raise checkpoint.DiskFullError(
-            f"disk full while saving to {self.manager.directory}; free space and "
-            f"rerun the same command to resume from the newest complete checkpoint "
-            f"{self.manager.latest_step()}."
-        ) from None
-      raise
+    checkpoint.wait(self.manager)
     self._record_verified()
     self.manager.close()
     self.writer.close()
@@ -444,4 +435,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, explicit_model_fields: 
   try:
     trainer.run()
   finally:
+    trainer.writer.close()  # also on an error: its buffered events must not surface after the error line
     trainer.lock.release()

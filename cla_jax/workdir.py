@@ -199,7 +199,7 @@ def save_params_only(workdir: str | os.PathLike, params: Any, config: ml_collect
           f"{os.fspath(workdir)} already has a checkpoint at step {step}; use a new workdir."
       )
     checkpoint.save(manager, step, params, None, {"source": "params_only"})
-    manager.wait_until_finished()
+    checkpoint.wait(manager)
   finally:
     manager.close()
 

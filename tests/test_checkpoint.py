@@ -99,3 +99,25 @@ def test_relative_workdir_restores(tmp_path, tiny_config, monkeypatch):
   restored, _, step = workdir_lib.restore_params("runs/rel")
   assert step == 3
   _assert_tree_equal(restored, params)
+
+
+def test_an_abandoned_orbax_write_future_is_not_logged_but_other_lost_futures_are(caplog):
+  """asyncio logs a Future whose error nobody read when it is collected; orbax's failed writes leave such."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import gc  # pylint: disable=g-import-not-at-top
+
+  checkpoint._quiet_orbax_errors()
+  loop = asyncio.new_event_loop()
+  try:
+    for message in (
+        'RESOURCE_EXHAUSTED: Error writing "w/0" at "/x/run/checkpoints/2.orbax-checkpoint-tmp/d/1": No space left',
+        "an unrelated failure",
+    ):
+      future = loop.create_future()
+      future.set_exception(ValueError(message))
+      del future
+      gc.collect()
+  finally:
+    loop.close()
+  lost = [r.getMessage() for r in caplog.records if "exception was never retrieved" in r.getMessage()]
+  assert len(lost) == 1 and "an unrelated failure" in lost[0], lost

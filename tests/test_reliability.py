@@ -384,7 +384,9 @@ def main(argv):
 """
     result = _python_cli(code, str(small / "run"))
     assert result.returncode == 2, result.stderr[-3000:]
-    (line,) = result.stderr.strip().splitlines()  # no orbax log, asyncio task or callback traceback before it
+    lines = result.stderr.strip().splitlines()  # no orbax log, asyncio task or callback traceback before it
+    assert len(lines) == 1, result.stderr[-3000:]
+    line = lines[0]
     assert line.startswith("error: disk full") and "checkpoints [1] are intact" in line, line
     params, _, step = workdir_lib.restore_params(small / "run")
     assert step == 1 and all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))

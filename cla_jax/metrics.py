@@ -298,10 +298,11 @@ class MetricWriter:
       if e.errno != errno.ENOSPC:
         raise
       # The run is already failing with a one-line disk-full error and metrics.jsonl holds every step. Left
-      # open, tensorboardX's exit hook would retry the flush and print a traceback after that line.
-      for writer in (tb.all_writers or {}).values():
-        events = writer.event_writer
-        if not events._closed:  # pylint: disable=protected-access
+      # open, tensorboardX's exit hook would retry the flush and print a traceback after that line. (Private
+      # attributes of the pinned tensorboardX; another version without them gets that traceback, not a crash.)
+      for writer in (getattr(tb, "all_writers", None) or {}).values():
+        events = getattr(writer, "event_writer", None)
+        if events is not None and getattr(events, "_closed", True) is False and hasattr(events, "_worker"):
           events._worker.stop()  # pylint: disable=protected-access
           events._closed = True  # pylint: disable=protected-access
 

@@ -421,7 +421,6 @@ class Trainer:
     checkpoint.wait(self.manager)
     self._record_verified()
     self.manager.close()
-    self.writer.close()
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, explicit_model_fields: Collection[str] | None = None) -> None:
@@ -435,5 +434,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, explicit_model_fields: 
   try:
     trainer.run()
   finally:
-    trainer.writer.close()  # also on an error: its buffered events must not surface after the error line
+    trainer.writer.close()  # here, not in _close: on an error too, its buffered events must not follow the error line
     trainer.lock.release()
